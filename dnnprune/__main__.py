@@ -1,0 +1,3 @@
+from dnnprune.cli import main
+
+main()

@@ -1,0 +1,90 @@
+"""The Typer app and what every command shares: options, error handling, outputs."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from dnnprune.checkpoint import check_output_path
+from dnnprune.errors import DnnpruneError
+from dnnprune.recipe import Recipe, load_recipe
+from dnnprune.report import default_report_path, write_report
+
+app = typer.Typer(
+    name="dnnprune",
+    help="Make trained PyTorch networks smaller and faster while keeping their accuracy.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; options override its values.")]
+OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")]
+ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path [default: next to the output].")]
+ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (never the input).")]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
+DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the dataset files.")]
+DatasetOption = Annotated[str | None, typer.Option("--dataset", help="Dataset name (fashion-mnist, mnist, cifar10, ...).")]
+DownloadOption = Annotated[bool | None, typer.Option("--download/--no-download", help="Let torchvision download the dataset.")]
+
+
+def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command whose domain errors print one red line and exit with code 2."""
+
+    def decorator(function: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(function)
+        def wrapper(*args: Any, **inner: Any) -> Any:
+            try:
+                return function(*args, **inner)
+            except DnnpruneError as exc:
+                fail(str(exc))
+
+        return app.command(name, **kwargs)(wrapper)
+
+    return decorator
+
+
+def fail(message: str) -> None:
+    err_console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())))
+    raise typer.Exit(2)
+
+
+def recipe_with(path: Path | None, overrides: dict[str, Any]) -> Recipe:
+    return load_recipe(path, overrides)
+
+
+def common_overrides(device: str | None, data_root: Path | None, dataset: str | None = None,
+                     download: bool | None = None) -> dict[str, Any]:
+    if device is not None and device not in ("auto", "cpu", "cuda"):
+        raise DnnpruneError(f"--device must be auto, cpu or cuda, not {device!r}")
+    return {"device": device, "data.root": str(data_root) if data_root else None, "data.dataset": dataset,
+            "data.download": download}
+
+
+def prepare_output(output: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse a bad output before any work is done."""
+    if output.suffix != ".safetensors":
+        raise DnnpruneError(f"output {output} must end in .safetensors")
+    check_output_path(output, force=force, protect=inputs)
+
+
+def finish_report(report: dict[str, Any], output: Path | None, report_path: Path | None, suffix: str = ".json") -> Path:
+    path = report_path or default_report_path(output, suffix)  # type: ignore[arg-type]
+    write_report(path, report)
+    return path
+
+
+def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise DnnpruneError(f"{option} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None

@@ -1,0 +1,635 @@
+"""Dataset registry and seeded train/val/test splits, adapted to the input a model expects.
+
+Every split is built the same way: the official training set is cut into train and val by a
+seeded, class-stratified draw (so val never touches the official test set), and the samples are
+converted to the model's `InputSpec` (channels, size, normalisation) on the way out.
+
+Where data lives (first hit wins): `--data-root DIR` (only that, when given), then
+`$DNNPRUNE_DATA`, then the standard places (`/usr/share/datasets/<name>` for the Debian packages,
+then the cache). The cache is `$DNNPRUNE_CACHE` or `~/.cache/dnnprune/datasets`; `--download`
+writes there unless a data root is given.
+
+Tabular (csv) samples are float32 tensors of shape (1, 1, F): one "row image" of F features,
+so `InputSpec.shape` is (1, 1, F) and flattening gives the F features back.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data.dataloader import default_collate
+
+from dnnprune.errors import DatasetError
+
+Kind = Literal["image", "tabular"]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects to be fed; stored in checkpoints so data can be adapted to it."""
+
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        shape, mean, std = _spec_fields(self.shape, self.mean, self.std)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "mean", mean)
+        object.__setattr__(self, "std", std)
+
+    def to_dict(self) -> dict[str, list[int] | list[float]]:
+        """JSON-ready form for checkpoint metadata."""
+        return {"shape": list(self.shape), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """Inverse of `to_dict`; unknown or missing keys are reported, not ignored."""
+        if not isinstance(d, dict) or set(d) != {"shape", "mean", "std"}:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise DatasetError(f"input spec needs exactly the keys shape, mean, std; got {got}")
+        return cls(shape=d["shape"], mean=d["mean"], std=d["std"])
+
+
+def _spec_fields(shape: Any, mean: Any, std: Any) -> tuple[tuple[int, int, int], tuple[float, ...], tuple[float, ...]]:
+    """Normalise lists to tuples and reject specs no model could use."""
+    try:
+        shape_t = tuple(int(s) for s in shape)
+        mean_t = tuple(float(m) for m in mean)
+        std_t = tuple(float(s) for s in std)
+    except (TypeError, ValueError):
+        raise DatasetError(f"input spec must hold numbers: shape={shape!r} mean={mean!r} std={std!r}") from None
+    if len(shape_t) != 3 or min(shape_t) < 1:
+        raise DatasetError(f"input shape must be three positive sizes C,H,W; got {shape_t}")
+    if len(mean_t) != shape_t[0] or len(std_t) != shape_t[0]:
+        raise DatasetError(
+            f"input spec has {shape_t[0]} channel(s) but {len(mean_t)} mean(s) and {len(std_t)} std(s);"
+            " give one per channel"
+        )
+    if min(std_t) <= 0:
+        raise DatasetError(f"input std must be positive; got {std_t}")
+    return shape_t, mean_t, std_t  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Registry entry; `default_spec`/`classes` are None where the files decide (csv, imagefolder)."""
+
+    name: str
+    default_spec: InputSpec | None
+    classes: list[str] | None
+    kind: Kind
+
+
+@dataclass
+class Splits:
+    """The three splits plus what a model built for them must know."""
+
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    classes: list[str]
+    spec: InputSpec
+    num_features: int | None = None
+
+
+_IMAGENET = InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_FASHION_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"
+]
+_MNIST_CLASSES = [f"{i} - {w}" for i, w in enumerate("zero one two three four five six seven eight nine".split())]
+_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_CIFAR100_CLASSES = (
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle "
+    "caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant "
+    "flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man "
+    "maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree "
+    "plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper "
+    "snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor "
+    "train trout tulip turtle wardrobe whale willow_tree wolf woman worm"
+).split()
+
+DATASETS: dict[str, DatasetInfo] = {
+    "fashion-mnist": DatasetInfo(
+        "fashion-mnist", InputSpec((1, 28, 28), (0.2860,), (0.3530,)), _FASHION_CLASSES, "image"
+    ),
+    "mnist": DatasetInfo("mnist", InputSpec((1, 28, 28), (0.1307,), (0.3081,)), _MNIST_CLASSES, "image"),
+    "cifar10": DatasetInfo(
+        "cifar10", InputSpec((3, 32, 32), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)), _CIFAR10_CLASSES, "image"
+    ),
+    "cifar100": DatasetInfo(
+        "cifar100",
+        InputSpec((3, 32, 32), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+        _CIFAR100_CLASSES,
+        "image",
+    ),
+    "imagefolder": DatasetInfo("imagefolder", _IMAGENET, None, "image"),
+    "csv": DatasetInfo("csv", None, None, "tabular"),
+}
+
+_IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # name -> torchvision class (and folder) name
+_CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
+_IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+_SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"), "mnist": Path("/usr/share/datasets/mnist")}
+_INSTALL_HINTS = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
+_DEFAULT_TEST_FRACTION = 0.15
+
+
+def _info(name: str) -> DatasetInfo:
+    """Registry lookup that names the choices on a miss."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def default_spec(name: str) -> InputSpec:
+    """The input a model trained from scratch on `name` gets."""
+    spec = _info(name).default_spec
+    if spec is None:
+        raise DatasetError(
+            f"{name!r} has no fixed input shape; load_splits({name!r}, None, ...) infers it from the file"
+        )
+    return spec
+
+
+def tabular_spec(num_features: int) -> InputSpec:
+    """Spec for F standardised features laid out as one (1, 1, F) row."""
+    return InputSpec((1, 1, num_features), (0.0,), (1.0,))
+
+
+# ---------------------------------------------------------------- locations
+
+
+def cache_dir() -> Path:
+    """Where bridged and downloaded data go; $DNNPRUNE_CACHE lets CI and tests keep $HOME clean."""
+    env = os.environ.get("DNNPRUNE_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dnnprune" / "datasets"
+
+
+def _search_bases(name: str, data_root: Path | None) -> list[Path]:
+    """Explicit root alone when given (a silent fallback would train on other data), else env + standard."""
+    if data_root is not None:
+        return [Path(data_root).expanduser()]
+    bases = [Path(os.environ["DNNPRUNE_DATA"]).expanduser()] if os.environ.get("DNNPRUNE_DATA") else []
+    if name in _SYSTEM_DIRS:
+        bases.append(_SYSTEM_DIRS[name])
+    bases.append(cache_dir())
+    return bases
+
+
+def _has_idx(d: Path) -> bool:
+    return all((d / f).is_file() or (d / f"{f}.gz").is_file() for f in _IDX_FILES)
+
+
+def _find_in(name: str, base: Path) -> Path | None:
+    """The dataset's location under one base, in the layouts people actually have."""
+    if name in _IDX:
+        cands = [base, base / name, base / _IDX[name] / "raw", base / name / _IDX[name] / "raw"]
+        return next((c for c in cands if _has_idx(c)), None)
+    if name in _CIFAR:
+        folder = _CIFAR[name][1]
+        if base.name == folder and base.is_dir():
+            return base.parent
+        return next((c for c in (base, base / name) if (c / folder).is_dir()), None)
+    if name == "csv":
+        return _find_csv(base)
+    return base if base.is_dir() else None
+
+
+def _find_csv(base: Path) -> Path | None:
+    """A CSV path, or the single CSV inside a directory (several is ambiguous, so it is an error)."""
+    if base.is_file():
+        return base
+    found = sorted(base.glob("*.csv")) if base.is_dir() else []
+    if len(found) > 1:
+        raise DatasetError(f"{base} holds several CSV files ({', '.join(p.name for p in found)}); pass the file itself")
+    return found[0] if found else None
+
+
+def resolve_root(name: str, data_root: Path | None) -> Path:
+    """Find where `name` lives (a directory; for csv, the file) or say where we looked and how to get it."""
+    _info(name)
+    if name in ("imagefolder", "csv") and data_root is None:
+        raise DatasetError(f"{name} needs a location: pass --data-root {'FILE.csv' if name == 'csv' else 'DIR'}")
+    bases = _search_bases(name, data_root)
+    for base in bases:
+        found = _find_in(name, base)
+        if found is not None:
+            return found
+    raise DatasetError(f"{name} not found; looked in {', '.join(map(str, bases))}; {_how_to_get(name)}")
+
+
+def _how_to_get(name: str) -> str:
+    if name in ("imagefolder", "csv"):
+        return "to fix: pass --data-root with an existing " + ("CSV file" if name == "csv" else "directory")
+    ways = [_INSTALL_HINTS[name]] if name in _INSTALL_HINTS else []
+    ways += ["pass --data-root DIR (or set DNNPRUNE_DATA)", "add --download"]
+    return "to fix: " + ", or ".join(ways)
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _allocate(counts: np.ndarray, total: int) -> np.ndarray:
+    """Largest-remainder share of `total` across classes: exact total, each class within one of its quota."""
+    quota = counts * (total / max(int(counts.sum()), 1))
+    take = np.floor(quota).astype(np.int64)
+    short = total - int(take.sum())
+    if short > 0:  # ties go to the lower class index, so the result is reproducible
+        take[np.argsort(take - quota, kind="stable")[:short]] += 1
+    return np.minimum(take, counts)
+
+
+def _stratified_parts(targets: torch.Tensor, sizes: Sequence[int], seed: int) -> list[torch.Tensor]:
+    """Cut indices into len(sizes)+1 parts (the last gets the rest), each keeping the class mix.
+
+    Vectorised numpy: it runs on every load of 60k-sample sets, and torch's threaded sort
+    can be 100x slower than numpy's on a busy 2-core machine.
+    """
+    y = targets.numpy()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)).numpy()
+    order = perm[np.argsort(y[perm], kind="stable")]  # grouped by class, shuffled within
+    counts = np.unique(y, return_counts=True)[1]
+    cls_of = np.repeat(np.arange(len(counts)), counts)
+    rank = np.arange(len(order)) - (np.cumsum(counts) - counts)[cls_of]  # position within its class
+    used = np.zeros_like(counts)
+    parts = []
+    for size in sizes:
+        take = _allocate(counts - used, size)
+        parts.append(order[(rank >= used[cls_of]) & (rank < (used + take)[cls_of])])
+        used += take
+    parts.append(order[rank >= used[cls_of]])
+    return [torch.from_numpy(np.sort(p)) for p in parts]
+
+
+def _check_fraction(what: str, value: float) -> None:
+    if not 0.0 < value < 1.0:
+        raise DatasetError(f"{what} must be between 0 and 1 (exclusive); got {value}")
+
+
+def _carve_val(ds: Dataset, val_fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """Train and val from the official training set; the test set is never touched."""
+    _check_fraction("val_fraction", val_fraction)
+    n_val = round(len(ds) * val_fraction)
+    if not 0 < n_val < len(ds):
+        raise DatasetError(f"val_fraction {val_fraction} of {len(ds)} samples leaves an empty train or val split")
+    val, train = _stratified_parts(dataset_targets(ds), [n_val], seed)
+    return Subset(ds, train.tolist()), Subset(ds, val.tolist())
+
+
+def _three_way_indices(targets: torch.Tensor, val_fraction: float, test_fraction: float, seed: int) -> list[list[int]]:
+    """Seeded stratified [train, val, test] indices when the data has no official test split."""
+    _check_fraction("val_fraction", val_fraction)
+    _check_fraction("test_fraction", test_fraction)
+    n = len(targets)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    if min(n_test, n_val, n - n_test - n_val) < 1:
+        raise DatasetError(
+            f"{n} samples cannot be split into train/val/test"
+            f" at val_fraction {val_fraction}, test_fraction {test_fraction}"
+        )
+    test, val, train = _stratified_parts(targets, [n_test, n_val], seed)
+    return [train.tolist(), val.tolist(), test.tolist()]
+
+
+def stratified_subset(ds: Dataset, n: int, seed: int) -> Dataset:
+    """A fixed, class-balanced sample (for quick analysis/scoring) that is the same for the same seed."""
+    if n < 1 or n > len(ds):
+        raise DatasetError(f"asked for {n} samples but the dataset has {len(ds)}; use a number from 1 to {len(ds)}")
+    pick = _stratified_parts(dataset_targets(ds), [n], seed)[0].tolist()
+    if isinstance(ds, Subset):  # stay one level deep so targets and batched fetches stay cheap
+        return Subset(ds.dataset, [ds.indices[i] for i in pick])
+    return Subset(ds, pick)
+
+
+def dataset_targets(ds: Dataset) -> torch.Tensor:
+    """Labels as int64 without decoding images wherever the dataset keeps them aside."""
+    if isinstance(ds, Subset):
+        return dataset_targets(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+    if isinstance(ds, ConcatDataset):
+        return torch.cat([dataset_targets(d) for d in ds.datasets])
+    if isinstance(ds, TensorDataset):
+        return ds.tensors[1].long()
+    targets = getattr(ds, "targets", None)
+    if targets is not None:
+        return torch.as_tensor(targets, dtype=torch.long)
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))], dtype=torch.long)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- in-memory datasets
+
+
+class _Adapter:
+    """uint8 (B,C0,H0,W0) -> normalised float (B,C,H,W) for the spec; vectorised over the batch."""
+
+    def __init__(self, spec: InputSpec, channels: int) -> None:
+        c = spec.shape[0]
+        if (channels, c) not in ((1, 1), (3, 3), (1, 3), (3, 1)):
+            raise DatasetError(f"cannot adapt {channels}-channel images to a {c}-channel model input")
+        self.gray = channels == 3 and c == 1
+        self.size = spec.shape[1:]
+        self.mean = torch.tensor(spec.mean).view(1, c, 1, 1)
+        self.std = torch.tensor(spec.std).view(1, c, 1, 1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().div_(255)
+        if self.gray:
+            x = (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.mean).div_(self.std)  # broadcasting also turns 1 channel into 3
+
+
+class _Batch(list):
+    """A batch fetched in one go: still a list of samples, but carries the stacked tensors for `_collate`."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        super().__init__(zip(x.unbind(0), y.tolist()))
+        self.x, self.y = x, y
+
+
+def _collate(batch: list[Any]) -> Any:
+    """Skip re-stacking batches that `_InMemory` already built."""
+    if isinstance(batch, _Batch):
+        return [batch.x, batch.y]
+    return default_collate(batch)
+
+
+class _InMemory(Dataset):
+    """A whole split in one tensor: a batch is one indexing op, not B PIL round trips (2-core machines)."""
+
+    def __init__(self, samples: torch.Tensor, targets: torch.Tensor, adapt: _Adapter | None = None) -> None:
+        self.samples, self.targets, self.adapt = samples, targets.long(), adapt
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapt(x) if self.adapt is not None else x
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self._prepare(self.samples[i].unsqueeze(0))[0], int(self.targets[i])
+
+    def __getitems__(self, indices: list[int]) -> _Batch:
+        idx = torch.as_tensor(indices, dtype=torch.long)  # index_select: x[idx] is ~500x slower on busy cores
+        return _Batch(self._prepare(self.samples.index_select(0, idx)), self.targets.index_select(0, idx))
+
+
+def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, workers: int = 0) -> DataLoader:
+    """A loader whose shuffle order depends only on `seed`, so runs repeat exactly."""
+    if batch_size < 1:
+        raise DatasetError(f"batch size must be at least 1; got {batch_size}")
+    if workers < 0:
+        raise DatasetError(f"workers must be 0 or more; got {workers}")
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        collate_fn=_collate,
+    )
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _read_error(name: str, where: Path, exc: BaseException, fetch: bool = False) -> DatasetError:
+    if fetch:
+        return DatasetError(f"cannot download {name} into {where}: {exc}; check the network or fetch it by hand")
+    return DatasetError(f"cannot read {name} from {where}: {exc}; re-download it or point --data-root elsewhere")
+
+
+_READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError, KeyError, AssertionError)
+
+
+def _download_root(data_root: Path | None) -> Path:
+    if data_root is not None:
+        return Path(data_root).expanduser()
+    env = os.environ.get("DNNPRUNE_DATA")
+    return Path(env).expanduser() if env else cache_dir()
+
+
+def _locate(name: str, data_root: Path | None, download: bool) -> tuple[Path, bool]:
+    """(root, needs_download): found data wins; --download only fills a gap."""
+    try:
+        return resolve_root(name, data_root), False
+    except DatasetError:
+        if not download:
+            raise
+    return _download_root(data_root), True
+
+
+def _idx_torchvision_root(name: str, found: Path) -> Path:
+    """torchvision wants ROOT/<Class>/raw/<uncompressed files>; bridge other layouts via the cache."""
+    cls = _IDX[name]
+    if found.name == "raw" and found.parent.name == cls and all((found / f).is_file() for f in _IDX_FILES):
+        return found.parent.parent
+    return _bridge_idx(name, found)
+
+
+def _bridge_idx(name: str, src: Path) -> Path:
+    """Decompress (or copy) once into a cache dir keyed by the source, published by an atomic rename."""
+    sources = [src / f if (src / f).is_file() else src / f"{f}.gz" for f in _IDX_FILES]
+    stamp = [str(src.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in sources]
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
+    parent = cache_dir() / "idx"
+    dest = parent / f"{name}-{key}"
+    raw = Path(_IDX[name]) / "raw"
+    if all((dest / raw / f).is_file() for f in _IDX_FILES):
+        return dest
+    tmp = parent / f".{name}-{key}.{uuid.uuid4().hex}.tmp"
+    try:
+        (tmp / raw).mkdir(parents=True)
+    except OSError as exc:
+        msg = f"cannot write the dataset cache {parent}: {exc}; set DNNPRUNE_CACHE to a writable dir"
+        raise DatasetError(msg) from None
+    try:
+        for source, target in zip(sources, _IDX_FILES):
+            _unpack(source, tmp / raw / target)
+        shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover; a complete one returned above
+        os.replace(tmp, dest)
+    except (OSError, EOFError) as exc:
+        if not all((dest / raw / f).is_file() for f in _IDX_FILES):  # a concurrent run may have won the rename
+            raise _read_error(name, src, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _unpack(source: Path, target: Path) -> None:
+    opener: Callable[..., Any] = gzip.open if source.suffix == ".gz" else open
+    with opener(source, "rb") as fin, open(target, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+
+def _load_torchvision(
+    name: str, spec: InputSpec, data_root: Path | None, download: bool
+) -> tuple[Dataset, Dataset, list[str]]:
+    """MNIST family and CIFAR through torchvision's own readers, then held in memory as uint8 NCHW."""
+    from torchvision import datasets
+
+    cls = getattr(datasets, _IDX[name] if name in _IDX else _CIFAR[name][0])
+    root, fetch = _locate(name, data_root, download)
+    tv_root = _idx_torchvision_root(name, root) if name in _IDX and not fetch else root
+    try:
+        train = cls(str(tv_root), train=True, download=fetch)
+        test = cls(str(tv_root), train=False)
+    except _READ_ERRORS as exc:
+        raise _read_error(name, root, exc, fetch) from None
+    adapt = _Adapter(spec, 1 if name in _IDX else 3)
+    return _in_memory(train, adapt), _in_memory(test, adapt), list(train.classes)
+
+
+def _in_memory(ds: Any, adapt: _Adapter) -> _InMemory:
+    """torchvision keeps MNIST as an (N,H,W) tensor and CIFAR as (N,H,W,3) numpy; both become NCHW."""
+    images = torch.as_tensor(ds.data)
+    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    return _InMemory(images, torch.as_tensor(ds.targets), adapt)
+
+
+def _pil_transform(spec: InputSpec) -> Callable[[Any], torch.Tensor]:
+    """Per-image path for folders of files: keep aspect (resize + centre crop), then normalise."""
+    from torchvision import transforms as T
+
+    c, h, w = spec.shape
+    if c not in (1, 3):
+        raise DatasetError(f"image folders give 1 or 3 channels; the model wants {c}")
+    steps = [T.Grayscale(1)] if c == 1 else []
+    steps += [T.Resize(max(h, w)), T.CenterCrop((h, w)), T.ToTensor(), T.Normalize(spec.mean, spec.std)]
+    return T.Compose(steps)
+
+
+def _image_folder(path: Path, spec: InputSpec) -> Dataset:
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(str(path), transform=_pil_transform(spec))
+    except _READ_ERRORS as exc:
+        raise _read_error("imagefolder", path, exc) from None
+
+
+def _load_imagefolder(root: Path, spec: InputSpec, val_fraction: float, test_fraction: float, seed: int) -> Splits:
+    """root/train + root/test (or root/val) when present, else a seeded three-way split of root."""
+    held_out = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+    if (root / "train").is_dir() and held_out is not None:
+        full, test = _image_folder(root / "train", spec), _image_folder(held_out, spec)
+        if full.classes != test.classes:
+            msg = f"class folders differ between {root / 'train'} and {held_out}: {full.classes} vs {test.classes}"
+            raise DatasetError(msg)
+        train, val = _carve_val(full, val_fraction, seed)
+    else:
+        full = _image_folder(root, spec)
+        parts = _three_way_indices(dataset_targets(full), val_fraction, test_fraction, seed)
+        train, val, test = (Subset(full, p) for p in parts)
+    return Splits(train, val, test, list(full.classes), spec)
+
+
+def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(feature names, float64 features, raw label strings); numpy's C parser, no pandas."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            header = next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _read_error("csv", path, exc) from None
+    if label_column not in header:
+        raise DatasetError(f"{path} has no label column {label_column!r}; columns are {', '.join(header) or '(none)'}")
+    li = header.index(label_column)
+    cols = [i for i in range(len(header)) if i != li]
+    if not cols:
+        raise DatasetError(f"{path} has no feature columns besides {label_column!r}")
+    opts = dict(delimiter=",", skiprows=1, quotechar='"', encoding="utf-8-sig", ndmin=2)
+    try:
+        x = np.loadtxt(path, usecols=cols, dtype=np.float64, **opts)
+        y = np.loadtxt(path, usecols=[li], dtype=str, **opts)[:, 0]
+    except ValueError as exc:
+        raise DatasetError(f"{path}: every column except {label_column!r} must be numeric: {exc}") from None
+    if len(y) == 0:
+        raise DatasetError(f"{path} has a header but no rows")
+    return [header[i] for i in cols], x, list(y)
+
+
+def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
+    """Class names sorted numerically when they are numbers ('0','1',... so 'Class' 1 stays class 1)."""
+    def norm(v: str) -> str:
+        try:
+            f = float(v)
+            return str(int(f)) if f.is_integer() else v
+        except ValueError:
+            return v
+    labels = [norm(v.strip()) for v in raw]
+    uniq = set(labels)
+    numeric = all(u.lstrip("-").isdigit() for u in uniq)
+    classes = sorted(uniq, key=(lambda u: int(u)) if numeric else None)
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, torch.tensor([index[v] for v in labels], dtype=torch.long)
+
+
+def _load_csv(
+    path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int
+) -> Splits:
+    """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test)."""
+    names, x, raw = _read_csv(path, label_column)
+    classes, y = _label_names(raw)
+    spec = spec or tabular_spec(len(names))
+    if spec.shape != (1, 1, len(names)):
+        raise DatasetError(
+            f"{path} has {len(names)} feature columns but the model input is {spec.shape};"
+            f" expected (1, 1, {len(names)})"
+        )
+    parts = _three_way_indices(y, val_fraction, test_fraction, seed)
+    mu, sd = x[parts[0]].mean(0), x[parts[0]].std(0)
+    sd[sd == 0] = 1.0
+    z = ((x - mu) / sd - spec.mean[0]) / spec.std[0]
+    full = _InMemory(torch.from_numpy(z.astype(np.float32)).view(len(y), 1, 1, len(names)), y)
+    train, val, test = (Subset(full, p) for p in parts)
+    return Splits(train, val, test, classes, spec, num_features=len(names))
+
+
+def load_splits(
+    name: str,
+    spec: InputSpec | None = None,
+    *,
+    data_root: Path | None = None,
+    download: bool = False,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    label_column: str = "Class",
+    path: Path | None = None,
+    train_limit: int | None = None,
+    test_fraction: float = _DEFAULT_TEST_FRACTION,
+) -> Splits:
+    """Seeded train/val/test adapted to `spec` (None: the dataset's default, or inferred for csv).
+
+    `test_fraction` is used only where the data has no official test split (csv, a single folder).
+    """
+    info = _info(name)
+    if spec is None and info.kind == "image":
+        spec = default_spec(name)
+    if name == "csv":
+        splits = _load_csv(resolve_root(name, path or data_root), spec, label_column, val_fraction, test_fraction, seed)
+    elif name == "imagefolder":
+        root = resolve_root(name, path or data_root)
+        splits = _load_imagefolder(root, spec, val_fraction, test_fraction, seed)  # type: ignore[arg-type]
+    else:
+        full, test, classes = _load_torchvision(name, spec, data_root, download)  # type: ignore[arg-type]
+        train, val = _carve_val(full, val_fraction, seed)
+        splits = Splits(train, val, test, classes, spec)  # type: ignore[arg-type]
+    if train_limit is not None:
+        splits.train = stratified_subset(splits.train, train_limit, seed)
+    return splits

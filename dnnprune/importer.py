@@ -1,0 +1,133 @@
+"""`import`: a plain state dict from elsewhere becomes a self-describing checkpoint.
+
+This is the only place that reads PyTorch's pickle format, and only with
+`torch.load(weights_only=True)`, which refuses arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from dnnprune.checkpoint import CheckpointMeta, attach_meta
+from dnnprune.data import DATASETS, InputSpec, default_spec
+from dnnprune.errors import CheckpointError, DnnpruneError
+from dnnprune.models import create_model
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+def import_weights(weights: Path, arch: str, *, num_classes: int | None = None,
+                   input_shape: tuple[int, int, int] | None = None, mean: tuple[float, ...] | None = None,
+                   std: tuple[float, ...] | None = None, dataset: str | None = None,
+                   arch_args: dict[str, Any] | None = None) -> nn.Module:
+    state = read_state_dict(weights)
+    spec = _input_spec(dataset, input_shape, mean, std)
+    args = {"num_classes": num_classes or _classes_count(dataset) or _infer_classes(state), "in_channels": spec.shape[0],
+            **(arch_args or {})}
+    model = create_model(arch, **args)
+    _load_strict(model, state, weights, arch)
+    classes = list(DATASETS[dataset].classes) if dataset and DATASETS[dataset].classes else None
+    meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=spec.shape, mean=spec.mean, std=spec.std,
+                          dataset=dataset, classes=classes)
+    meta.file_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return attach_meta(model.eval(), meta)
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} not found; check the path")
+    payload = path.read_bytes()
+    state = _read_safetensors(payload) if path.suffix == ".safetensors" else _read_torch(path)
+    return _unwrap(state, path)
+
+
+def _read_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
+    try:
+        return st_load(payload)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"cannot read safetensors weights ({str(exc).splitlines()[0]}); the file may be truncated") from None
+
+
+def _read_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{path} holds objects other than tensors ({str(exc).splitlines()[0][:120]}); save a plain state_dict "
+            f"with torch.save(model.state_dict(), ...) and import that"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {path} as PyTorch weights ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    """Accept common wrappers ({'state_dict': ...}) and DataParallel's 'module.' prefix."""
+    if isinstance(state, nn.Module):
+        raise CheckpointError(f"{path} is a whole pickled model; save model.state_dict() instead")
+    for key in _WRAPPER_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} is not a state dict of tensors; save model.state_dict() and import that")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = []
+        if missing:
+            detail.append(f"missing {missing[:3]}")
+        if unexpected:
+            detail.append(f"unexpected {unexpected[:3]}")
+        if wrong:
+            k = wrong[0]
+            detail.append(f"shape of {k} is {tuple(state[k].shape)} in the file, {tuple(own[k].shape)} in {arch}")
+        raise CheckpointError(f"{path} does not fit --arch {arch}: {'; '.join(detail)}; check --arch, --num-classes and --input-shape")
+    model.load_state_dict(state, strict=True)
+
+
+def _input_spec(dataset: str | None, shape: tuple[int, int, int] | None, mean: tuple[float, ...] | None,
+                std: tuple[float, ...] | None) -> InputSpec:
+    base = default_spec(dataset) if dataset else InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    shape = shape or base.shape
+    mean = mean or _fit_channels(base.mean, shape[0])
+    std = std or _fit_channels(base.std, shape[0])
+    if len(mean) != shape[0] or len(std) != shape[0]:
+        raise DnnpruneError(f"--mean and --std need {shape[0]} values, one per input channel")
+    return InputSpec(shape, tuple(mean), tuple(std))
+
+
+def _fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    if len(values) == channels:
+        return values
+    average = sum(values) / len(values)
+    return (average,) * channels
+
+
+def _classes_count(dataset: str | None) -> int | None:
+    if dataset and DATASETS[dataset].classes:
+        return len(DATASETS[dataset].classes)
+    return None
+
+
+def _infer_classes(state: dict[str, torch.Tensor]) -> int:
+    """The last 2-D weight is the classifier; its rows are the classes."""
+    matrices = [v for v in state.values() if v.ndim == 2]
+    if not matrices:
+        raise CheckpointError("cannot infer the number of classes from the weights; pass --num-classes")
+    return int(matrices[-1].shape[0])

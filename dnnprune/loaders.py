@@ -1,0 +1,53 @@
+"""Data for a checkpoint: its dataset, adapted to its input spec, loaded once per process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from torch.utils.data import DataLoader, Dataset
+
+from dnnprune.checkpoint import CheckpointMeta
+from dnnprune.data import InputSpec, Splits, load_splits, make_loader, stratified_subset
+from dnnprune.errors import DatasetError
+from dnnprune.recipe import DataSection
+
+SplitName = str
+
+
+def spec_for(meta: CheckpointMeta) -> InputSpec:
+    return InputSpec(tuple(meta.input_shape), tuple(meta.mean), tuple(meta.std))
+
+
+def dataset_name(meta: CheckpointMeta, section: DataSection) -> str:
+    name = section.dataset or meta.dataset
+    if not name:
+        raise DatasetError("no dataset known for this checkpoint; set data.dataset in the recipe or pass --dataset")
+    return name
+
+
+def splits_for(meta: CheckpointMeta, section: DataSection) -> Splits:
+    return _cached_splits(dataset_name(meta, section), spec_for(meta), section.root, section.path, section.download,
+                          section.val_fraction, section.split_seed, section.label_column, section.train_limit)
+
+
+@lru_cache(maxsize=4)
+def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | None, download: bool,
+                   val_fraction: float, seed: int, label_column: str, train_limit: int | None) -> Splits:
+    return load_splits(name, spec, data_root=root, download=download, val_fraction=val_fraction, seed=seed,
+                       label_column=label_column, path=path, train_limit=train_limit)
+
+
+def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, samples: int | None = None,
+                  seed: int = 0) -> Dataset:
+    dataset = getattr(splits_for(meta, section), split)
+    return stratified_subset(dataset, samples, seed) if samples else dataset
+
+
+def eval_loader(meta: CheckpointMeta, section: DataSection, split: SplitName = "test", samples: int | None = None,
+                seed: int = 0) -> DataLoader:
+    return make_loader(split_dataset(meta, section, split, samples, seed), section.batch_size, workers=section.workers)
+
+
+def train_loader(meta: CheckpointMeta, section: DataSection, batch_size: int, seed: int) -> DataLoader:
+    return make_loader(splits_for(meta, section).train, batch_size, shuffle=True, seed=seed, workers=section.workers)

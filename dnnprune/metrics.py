@@ -1,0 +1,114 @@
+"""Size and speed: parameters, MACs, bytes, CPU latency, NetScore."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero_parameters(model: nn.Module) -> int:
+    return sum(int(torch.count_nonzero(p).item()) for p in model.parameters())
+
+
+def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
+    """Multiply-accumulates per conv/linear layer for one sample (batch 1)."""
+    macs: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            hooks.append(module.register_forward_hook(_mac_hook(name, macs)))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return macs
+
+
+def _mac_hook(name: str, macs: dict[str, int]) -> Any:
+    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Linear):
+            count = output.numel() * module.in_features
+        else:
+            kernel = math.prod(module.kernel_size)
+            count = output.numel() * (module.in_channels // module.groups) * kernel
+        macs[name] = macs.get(name, 0) + int(count)
+
+    return hook
+
+
+def netscore(top1_percent: float, params_m: float, macs_m: float, alpha: float = 2.0, beta: float = 0.5,
+             gamma: float = 0.5) -> float:
+    """Wong 2019: 20·log10(a^α / (p^β · m^γ)), a in %, p and m in millions."""
+    if top1_percent <= 0 or params_m <= 0 or macs_m <= 0:
+        return float("-inf")
+    return 20.0 * (alpha * math.log10(top1_percent) - beta * math.log10(params_m) - gamma * math.log10(macs_m))
+
+
+@dataclass
+class Latency:
+    batch_size: int
+    median_ms: float
+    p10_ms: float
+    p90_ms: float
+    repeats: int
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"batch_size": self.batch_size, "median_ms": self.median_ms, "p10_ms": self.p10_ms,
+                "p90_ms": self.p90_ms, "repeats": self.repeats,
+                "per_sample_ms": self.median_ms / self.batch_size}
+
+
+def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, *, warmup: int = 3,
+                    repeats: int = 15, threads: int | None = None) -> Latency:
+    """Median wall time of a forward pass on the CPU, after warm-up."""
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    model = model.to("cpu").eval()
+    sample = torch.randn(batch_size, *input_shape)
+    timings = []
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                model(sample)
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model(sample)
+                timings.append((time.perf_counter() - start) * 1000.0)
+    finally:
+        torch.set_num_threads(previous_threads)
+    timings.sort()
+    return Latency(batch_size, statistics.median(timings), _quantile(timings, 0.1), _quantile(timings, 0.9), repeats)
+
+
+def _quantile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+def size_summary(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, Any]:
+    per_layer = count_macs(model, input_shape)
+    params = count_parameters(model)
+    return {
+        "params": params,
+        "nonzero_params": count_nonzero_parameters(model),
+        "macs": sum(per_layer.values()),
+        "macs_per_layer": per_layer,
+        "fp32_bytes": params * 4,
+    }

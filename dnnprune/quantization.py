@@ -1,0 +1,1 @@
+"""Weight quantization (linear and k-means weight sharing) and its checkpoint codecs."""

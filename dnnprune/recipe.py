@@ -1,0 +1,245 @@
+"""Typed recipes: one YAML file, one section per command, unknown keys rejected."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from dnnprune.errors import RecipeError
+
+Device = Literal["auto", "cpu", "cuda"]
+Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The architecture `train` builds when it starts from scratch."""
+
+    arch: str | None = None
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataSection(Section):
+    dataset: str | None = None
+    root: Path | None = None
+    path: Path | None = Field(None, description="CSV file for the csv dataset")
+    label_column: str = "Class"
+    download: bool = False
+    input_shape: tuple[int, int, int] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = 0
+    train_limit: int | None = Field(None, gt=0, description="use only this many training samples")
+    batch_size: int = Field(256, gt=0, description="batch size for evaluation")
+    workers: int = Field(0, ge=0)
+
+
+class TrainSection(Section):
+    epochs: float = Field(1.0, gt=0.0, description="may be fractional")
+    max_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = Field(0.05, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["constant", "cosine", "multistep", "onecycle"] = "cosine"
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75])
+    gamma: float = Field(0.1, gt=0.0, le=1.0)
+    warmup_steps: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    bn_l1: float = Field(0.0, ge=0.0, description="network-slimming L1 penalty on BatchNorm scales")
+    seed: int = 0
+    eval_every_epoch: bool = True
+
+    @field_validator("milestones")
+    @classmethod
+    def _fractions(cls, value: list[float]) -> list[float]:
+        if any(not 0.0 < m < 1.0 for m in value):
+            raise ValueError("milestones are fractions of training, each in (0, 1)")
+        return value
+
+
+class LatencySection(Section):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    warmup: int = Field(3, ge=0)
+    repeats: int = Field(15, gt=0)
+    threads: int | None = Field(None, gt=0)
+
+
+class NetScoreSection(Section):
+    alpha: float = 2.0
+    beta: float = 0.5
+    gamma: float = 0.5
+
+
+class ScoreSection(Section):
+    samples: int | None = Field(None, gt=0, description="score on a stratified test subset")
+    latency: bool = True
+    latency_config: LatencySection = Field(default_factory=LatencySection)
+    netscore: NetScoreSection = Field(default_factory=NetScoreSection)
+
+
+class FineTuneSection(Section):
+    epochs: float = Field(0.0, ge=0.0)
+    max_steps: int | None = Field(None, gt=0)
+    lr: float = Field(0.01, gt=0.0)
+    batch_size: int = Field(128, gt=0)
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    weight_decay: float = Field(5e-4, ge=0.0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+
+
+class AnalyzeSection(Section):
+    ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
+    criterion: Criterion = "l1"
+    samples: int | None = Field(2000, gt=0)
+    granularity: Literal["filter", "layer"] = "filter"
+    budget: float = Field(0.01, ge=0.0, le=1.0, description="accuracy drop allowed for suggested ratios")
+    layers: list[str] = Field(default_factory=list, description="name patterns; empty = all prunable")
+    exclude: list[str] = Field(default_factory=list)
+    seed: int = 0
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, value: list[float]) -> list[float]:
+        if not value:
+            raise ValueError("the ratio grid is empty; give at least one ratio in (0, 1)")
+        if any(not 0.0 < r < 1.0 for r in value):
+            raise ValueError("every ratio must be in (0, 1)")
+        return sorted(set(value))
+
+
+class PruneSection(Section):
+    criterion: Criterion = "l1"
+    ratio: float | None = Field(None, ge=0.0, lt=1.0, description="uniform ratio of channels to remove")
+    ratios: dict[str, float] = Field(default_factory=dict, description="name pattern -> ratio")
+    global_threshold: bool = False
+    target: Literal["params", "macs", "bytes"] | None = None
+    target_factor: float | None = Field(None, gt=1.0, description="e.g. 3 for 3x fewer MACs")
+    order: Literal["sequential", "reverse", "sensitivity", "random"] = "sequential"
+    analysis: Path | None = None
+    min_channels: int = Field(1, ge=1)
+    min_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_ratio: float = Field(0.95, gt=0.0, lt=1.0)
+    exclude: list[str] = Field(default_factory=list)
+    accuracy_aware: bool = False
+    max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
+    step: float = Field(0.1, gt=0.0, lt=1.0, description="ratio added per accuracy-aware step")
+    val_samples: int | None = Field(None, gt=0)
+    taylor_batches: int = Field(4, gt=0)
+    step_finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+    seed: int = 0
+
+    @field_validator("ratios")
+    @classmethod
+    def _pattern_ratios(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, ratio in value.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"ratio for {pattern!r} must be in [0, 1), got {ratio}")
+        return value
+
+
+class QuantizeSection(Section):
+    method: Literal["linear", "kmeans"] = "kmeans"
+    bits: int = Field(5, ge=2, le=8)
+    layers: list[str] = Field(default_factory=lambda: ["type:Linear"])
+    layer_bits: dict[str, int] = Field(default_factory=dict, description="name pattern -> bits")
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+    int8_execution: bool = False
+
+    @field_validator("layer_bits")
+    @classmethod
+    def _bits(cls, value: dict[str, int]) -> dict[str, int]:
+        for pattern, bits in value.items():
+            if not 2 <= bits <= 8:
+                raise ValueError(f"bits for {pattern!r} must be in 2..8, got {bits}")
+        return value
+
+
+class DoublePruneSection(Section):
+    slimming_ratio: float = Field(0.5, ge=0.0, lt=1.0)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: DataSection = Field(default_factory=DataSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    score: ScoreSection = Field(default_factory=ScoreSection)
+    analyze: AnalyzeSection = Field(default_factory=AnalyzeSection)
+    prune: PruneSection = Field(default_factory=PruneSection)
+    quantize: QuantizeSection = Field(default_factory=QuantizeSection)
+    double_prune: DoublePruneSection = Field(default_factory=DoublePruneSection)
+    device: Device = "auto"
+
+
+def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read YAML, apply `section.key` overrides (None means 'not given'), validate once."""
+    raw = _read_yaml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, dotted, value)
+    return validate_recipe(raw, source=str(path) if path else "options")
+
+
+def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """Every problem on one line as `key.path: reason`."""
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        reason = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{key}: {reason}")
+    return "; ".join(parts)
+
+
+def recipe_sha256(recipe: Recipe) -> str:
+    return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=True)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; pass an existing YAML file with -r")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RecipeError(f"recipe {path} is not valid YAML ({first}); fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of sections (train:, prune:, ...)")
+    return raw
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        if not isinstance(child, dict):
+            child = {}
+            node[key] = child
+        node = child
+    node[leaf] = value

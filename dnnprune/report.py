@@ -1,0 +1,61 @@
+"""The JSON report every command writes: same envelope, command-specific body."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dnnprune import __version__
+from dnnprune.checkpoint import atomic_write_bytes
+
+
+def envelope(command: str, body: dict[str, Any], *, inputs: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "command": command,
+        "dnnprune_version": __version__,
+        "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_description(),
+        "inputs": inputs or {},
+        **body,
+    }
+
+
+def machine_description() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def write_report(path: Path, report: dict[str, Any]) -> Path:
+    text = json.dumps(_clean(report), indent=2, sort_keys=False) + "\n"
+    atomic_write_bytes(path, text.encode())
+    return path
+
+
+def default_report_path(output: Path, suffix: str = ".json") -> Path:
+    """Next to the output: model.safetensors -> model.json."""
+    return output.with_suffix(suffix) if output.suffix else output.with_name(output.name + suffix)
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf or Paths; make the report strictly valid."""
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return _clean(value.tolist())
+    return value

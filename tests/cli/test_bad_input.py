@@ -1,0 +1,138 @@
+"""Bad input: one line naming the problem and the fix, exit code 2, no traceback, nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from dnnprune.cli import app
+from dnnprune.models import create_model
+
+
+def _assert_clean_failure(result, *fragments: str) -> None:
+    text = result.output
+    assert result.exit_code == 2, text
+    assert "Traceback" not in text
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    assert lines[0].startswith("error:"), text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+@pytest.fixture
+def pickle_file(tmp_path: Path) -> Path:
+    path = tmp_path / "model.pth"
+    torch.save(create_model("lenet5").state_dict(), path)
+    return path
+
+
+def test_missing_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["score", str(tmp_path / "nope.safetensors")])
+    _assert_clean_failure(result, "not found")
+
+
+def test_truncated_checkpoint(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes(lenet_checkpoint.read_bytes()[:5000])
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["train", str(truncated), "-o", str(out)])
+    _assert_clean_failure(result, "truncated")
+    assert not out.exists()
+
+
+def test_not_safetensors(runner: CliRunner, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("hello, I am a text file")
+    result = runner.invoke(app, ["score", str(junk)])
+    _assert_clean_failure(result, "not a safetensors")
+
+
+def test_pickle_given_as_checkpoint(runner: CliRunner, pickle_file: Path) -> None:
+    result = runner.invoke(app, ["score", str(pickle_file)])
+    _assert_clean_failure(result, "pickle", "dnnprune import")
+
+
+def test_safetensors_without_metadata_says_how_to_import(runner: CliRunner, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.safetensors"
+    save_file(create_model("lenet5").state_dict(), str(plain))
+    result = runner.invoke(app, ["score", str(plain)])
+    _assert_clean_failure(result, "without dnnprune metadata", "dnnprune import")
+
+
+@pytest.mark.parametrize(
+    "recipe_text, fragments",
+    [
+        ("train:\n  epoch: 3\n", ("train.epoch", "unknown key")),
+        ("train:\n  lr: fast\n", ("train.lr",)),
+        ("train:\n  lr: -1\n", ("train.lr", "greater than 0")),
+        ("trian:\n  lr: 0.1\n", ("trian", "unknown key")),
+        ("train: [1, 2\n", ("not valid YAML",)),
+    ],
+)
+def test_bad_recipe(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path, recipe_text: str, fragments: tuple[str, ...]) -> None:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text)
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["train", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out)])
+    _assert_clean_failure(result, *fragments)
+    assert not out.exists()
+
+
+def test_missing_recipe_file(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    result = runner.invoke(app, ["score", str(lenet_checkpoint), "-r", str(tmp_path / "none.yaml")])
+    _assert_clean_failure(result, "recipe", "not found")
+
+
+def test_dataset_not_there(runner: CliRunner, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["train", "lenet5", "--dataset", "mnist", "--data-root", str(empty), "-o", str(out)],
+                           env={"DNNPRUNE_DATA": str(empty)})
+    _assert_clean_failure(result, "mnist")
+    assert not out.exists()
+
+
+def test_unknown_architecture(runner: CliRunner, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "vgg17", "--dataset", "fashion-mnist", "-o", str(tmp_path / "o.safetensors")])
+    _assert_clean_failure(result, "vgg17")
+
+
+def test_existing_output_needs_force(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    result = runner.invoke(app, ["train", str(lenet_checkpoint), "-o", str(out)])
+    _assert_clean_failure(result, "--force")
+    assert out.read_bytes() == b"keep me"
+
+
+def test_input_is_never_overwritten(runner: CliRunner, lenet_checkpoint: Path) -> None:
+    before = lenet_checkpoint.read_bytes()
+    result = runner.invoke(app, ["train", str(lenet_checkpoint), "-o", str(lenet_checkpoint), "--force"])
+    _assert_clean_failure(result, "input")
+    assert lenet_checkpoint.read_bytes() == before
+
+
+def test_import_rejects_mismatched_arch(runner: CliRunner, tmp_path: Path, pickle_file: Path) -> None:
+    out = tmp_path / "o.safetensors"
+    result = runner.invoke(app, ["import", str(pickle_file), "--arch", "vgg11", "-o", str(out)])
+    _assert_clean_failure(result, "does not fit --arch vgg11")
+    assert not out.exists()
+
+
+def test_import_refuses_arbitrary_pickled_objects(runner: CliRunner, tmp_path: Path) -> None:
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": create_model("lenet5").state_dict(), "hook": print}, evil)
+    result = runner.invoke(app, ["import", str(evil), "--arch", "lenet5", "-o", str(tmp_path / "o.safetensors")])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bad_device_option(runner: CliRunner, lenet_checkpoint: Path) -> None:
+    result = runner.invoke(app, ["score", str(lenet_checkpoint), "--device", "tpu"])
+    _assert_clean_failure(result, "--device")

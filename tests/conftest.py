@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny checkpoints, the CLI runner, and the Fashion-MNIST skip."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests share one dataset cache per session but never the user's home."""
+    cache = tmp_path_factory.getbasetemp() / "dnnprune-cache"
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(cache))
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def make_checkpoint(path: Path, arch: str = "lenet5", **args: object) -> Path:
+    """A real, untrained dnnprune checkpoint of a registered model."""
+    from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
+    from dnnprune.data import DATASETS, default_spec
+    from dnnprune.models import create_model
+
+    spec = default_spec("fashion-mnist")
+    shape = tuple(args.pop("input_shape", spec.shape))  # type: ignore[arg-type]
+    arch_args = {"num_classes": 10, "in_channels": shape[0], **args}
+    model = create_model(arch, **arch_args)
+    meta = CheckpointMeta(arch=arch, arch_args=arch_args, input_shape=shape, mean=spec.mean * shape[0] if len(spec.mean) != shape[0] else spec.mean,
+                          std=spec.std * shape[0] if len(spec.std) != shape[0] else spec.std,
+                          dataset="fashion-mnist", classes=list(DATASETS["fashion-mnist"].classes))
+    save(attach_meta(model, meta), path)
+    return path
+
+
+@pytest.fixture
+def lenet_checkpoint(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "lenet5.safetensors")
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
