@@ -6,8 +6,9 @@ converted to the model's `InputSpec` (channels, size, normalisation) on the way 
 
 Where data lives (first hit wins): `--data-root DIR` (only that, when given), then
 `$DNNPRUNE_DATA`, then the standard places (`/usr/share/datasets/<name>` for the Debian packages,
-then the cache). The cache is `$DNNPRUNE_CACHE` or `~/.cache/dnnprune/datasets`; `--download`
-writes there unless a data root is given.
+then the cache). The cache is `$DNNPRUNE_CACHE` or `~/.cache/dnnprune/datasets`; it also holds
+the uncompressed copies torchvision needs of flat `.gz` IDX files (`idx/<name>-<source hash>/`).
+`--download` only fills a gap: it writes to the data root, else `$DNNPRUNE_DATA`, else the cache.
 
 Tabular (csv) samples are float32 tensors of shape (1, 1, F): one "row image" of F features,
 so `InputSpec.shape` is (1, 1, F) and flattening gives the F features back.
@@ -319,7 +320,7 @@ def stratified_subset(ds: Dataset, n: int, seed: int) -> Dataset:
 def dataset_targets(ds: Dataset) -> torch.Tensor:
     """Labels as int64 without decoding images wherever the dataset keeps them aside."""
     if isinstance(ds, Subset):
-        return dataset_targets(ds.dataset)[torch.as_tensor(ds.indices, dtype=torch.long)]
+        return dataset_targets(ds.dataset).index_select(0, torch.as_tensor(ds.indices, dtype=torch.long))
     if isinstance(ds, ConcatDataset):
         return torch.cat([dataset_targets(d) for d in ds.datasets])
     if isinstance(ds, TensorDataset):
@@ -344,11 +345,12 @@ class _Adapter:
         self.size = spec.shape[1:]
         self.mean = torch.tensor(spec.mean).view(1, c, 1, 1)
         self.std = torch.tensor(spec.std).view(1, c, 1, 1)
+        self.luma = torch.tensor(_LUMA).view(1, 3, 1, 1)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float().div_(255)
         if self.gray:
-            x = (x * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            x = (x * self.luma).sum(1, keepdim=True)
         if tuple(x.shape[-2:]) != self.size:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.mean).div_(self.std)  # broadcasting also turns 1 channel into 3
@@ -451,7 +453,7 @@ def _bridge_idx(name: str, src: Path) -> Path:
     parent = cache_dir() / "idx"
     dest = parent / f"{name}-{key}"
     raw = Path(_IDX[name]) / "raw"
-    if all((dest / raw / f).is_file() for f in _IDX_FILES):
+    if _bridged(dest, raw):
         return dest
     tmp = parent / f".{name}-{key}.{uuid.uuid4().hex}.tmp"
     try:
@@ -462,14 +464,21 @@ def _bridge_idx(name: str, src: Path) -> Path:
     try:
         for source, target in zip(sources, _IDX_FILES):
             _unpack(source, tmp / raw / target)
-        shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover; a complete one returned above
+        if dest.exists() and not _bridged(dest, raw):  # a broken leftover: move it aside atomically, then drop it
+            stale = parent / f".{name}-{key}.{uuid.uuid4().hex}.stale"
+            os.replace(dest, stale)
+            shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, dest)
     except (OSError, EOFError) as exc:
-        if not all((dest / raw / f).is_file() for f in _IDX_FILES):  # a concurrent run may have won the rename
+        if not _bridged(dest, raw):  # a concurrent run may have won the rename
             raise _read_error(name, src, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def _bridged(dest: Path, raw: Path) -> bool:
+    return all((dest / raw / f).is_file() for f in _IDX_FILES)
 
 
 def _unpack(source: Path, target: Path) -> None:

@@ -50,7 +50,11 @@ def encode_state(
         if spec is None:
             stored[name] = tensor
             continue
-        for part, value in get_codec(spec["codec"]).encode(tensor, spec).items():
+        try:
+            parts = get_codec(spec["codec"]).encode(tensor, spec)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{name}: {exc}") from None
+        for part, value in parts.items():
             stored[f"{name}{SEPARATOR}{part}"] = value
     return stored
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dnnprune.errors import RecipeError
 
@@ -151,11 +151,25 @@ class PruneSection(Section):
 
 class QuantizeSection(Section):
     method: Literal["linear", "kmeans"] = "kmeans"
-    bits: int = Field(5, ge=2, le=8)
-    layers: list[str] = Field(default_factory=lambda: ["type:Linear"])
-    layer_bits: dict[str, int] = Field(default_factory=dict, description="name pattern -> bits")
-    finetune: FineTuneSection = Field(default_factory=FineTuneSection)
-    int8_execution: bool = False
+    bits: int = Field(5, ge=2, le=8, description="bits per weight (linear: symmetric per output channel; kmeans: 2^bits centroids)")
+    layers: list[str] = Field(default_factory=lambda: ["type:Linear"],
+                              description="layer patterns (glob on module names, or type:NAME)")
+    layer_bits: dict[str, int] = Field(default_factory=dict,
+                                       description="pattern -> bits; its layers are quantized too (the last matching pattern wins)")
+    iterations: int = Field(50, gt=0, description="k-means iterations at most (stops earlier when assignments settle)")
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection,
+                                      description="train with codes frozen: kmeans centroids (gradients summed per cluster) or linear scales")
+    samples: int | None = Field(None, gt=0, description="accuracy before/after on a stratified test subset of this size")
+    evaluate: bool = Field(True, description="measure accuracy before and after (needs the dataset)")
+    int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU")
+    seed: int = 0
+
+    @field_validator("layers")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        if any(not p.strip() for p in value):
+            raise ValueError("layer patterns must be non-empty, e.g. type:Linear or classifier.*")
+        return value
 
     @field_validator("layer_bits")
     @classmethod
@@ -164,6 +178,12 @@ class QuantizeSection(Section):
             if not 2 <= bits <= 8:
                 raise ValueError(f"bits for {pattern!r} must be in 2..8, got {bits}")
         return value
+
+    @model_validator(mode="after")
+    def _something(self) -> "QuantizeSection":
+        if not self.layers and not self.layer_bits:
+            raise ValueError("no layers to quantize: give layers (e.g. [type:Linear]) or layer_bits")
+        return self
 
 
 class DoublePruneSection(Section):

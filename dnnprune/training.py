@@ -87,7 +87,8 @@ def total_steps(config: TrainSection | FineTuneSection, steps_per_epoch: int) ->
 def train(model: nn.Module, train_loader: DataLoader, config: TrainSection | FineTuneSection, *,
           device: torch.device, val_loader: DataLoader | None = None, progress: Progress | None = None,
           description: str = "train", seed: int | None = None,
-          after_step: Callable[[nn.Module], None] | None = None) -> TrainHistory:
+          after_step: Callable[[nn.Module], None] | None = None,
+          log: Callable[[str], None] | None = None) -> TrainHistory:
     """SGD/Adam training with an optional L1 penalty on BN scales (network slimming).
 
     `after_step` runs after every optimizer step; pruning uses it to keep masked weights at zero.
@@ -129,6 +130,8 @@ def train(model: nn.Module, train_loader: DataLoader, config: TrainSection | Fin
             if step >= steps:
                 break
         history.epochs.append(_epoch_row(model, epoch, step, running, optimizer, val_loader, device, config))
+        if log is not None:
+            log(_format_row(history.epochs[-1], time.perf_counter() - start))
     history.steps = step
     history.seconds = time.perf_counter() - start
     model.eval()
@@ -144,6 +147,11 @@ def _epoch_row(model: nn.Module, epoch: int, step: int, running: "_Running", opt
         row.update(val_top1=result.top1, val_loss=result.loss)
         model.train()
     return row
+
+
+def _format_row(row: dict[str, Any], seconds: float) -> str:
+    val = f" val_top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
+    return f"epoch {row['epoch']} step {row['step']} loss {row['train_loss']:.4f} top1 {row['train_top1']:.4f}{val} ({seconds:.0f} s)"
 
 
 class _Running:
@@ -237,7 +245,7 @@ def build_model(source: str, recipe: Recipe) -> nn.Module:
 
 def _fresh_model(arch: str, recipe: Recipe) -> nn.Module:
     from dnnprune.checkpoint import CheckpointMeta, attach_meta
-    from dnnprune.data import DATASETS, default_spec
+    from dnnprune.data import DATASETS
     from dnnprune.errors import DatasetError, ModelError
     from dnnprune.models import create_model
     from dnnprune.models.registry import accepts_argument
@@ -247,7 +255,7 @@ def _fresh_model(arch: str, recipe: Recipe) -> nn.Module:
         raise DatasetError("training from scratch needs a dataset: set data.dataset in the recipe or pass --dataset")
     if dataset not in DATASETS:
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
-    base = default_spec(dataset)
+    base = _base_spec(dataset, recipe)
     shape = tuple(recipe.data.input_shape or base.shape)
     mean = tuple(recipe.data.mean or _fit(base.mean, shape[0]))
     std = tuple(recipe.data.std or _fit(base.std, shape[0]))
@@ -257,17 +265,30 @@ def _fresh_model(arch: str, recipe: Recipe) -> nn.Module:
         args["input_size"] = shape[-1]
     if recipe.model.arch and recipe.model.arch != arch:
         raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {recipe.model.arch!r}; make them agree")
+    seed_everything(recipe.train.seed)
     model = create_model(arch, **args)
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
                           classes=classes or None)
     return attach_meta(model, meta)
 
 
+def _base_spec(dataset: str, recipe: Recipe) -> "InputSpec":
+    """Tabular data's input shape comes from the file, images' from the dataset's defaults."""
+    from dnnprune.data import DATASETS, default_spec, load_splits
+
+    if DATASETS[dataset].kind == "tabular":
+        section = recipe.data
+        return load_splits(dataset, None, data_root=section.root, path=section.path, label_column=section.label_column,
+                           val_fraction=section.val_fraction, seed=section.split_seed).spec
+    return default_spec(dataset)
+
+
 def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     return values if len(values) == channels else (sum(values) / len(values),) * channels
 
 
-def fit(model: nn.Module, recipe: Recipe, *, device: torch.device, progress: Progress | None = None) -> dict[str, Any]:
+def fit(model: nn.Module, recipe: Recipe, *, device: torch.device, progress: Progress | None = None,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train or fine-tune per the recipe's train section, then measure on the test split."""
     from dnnprune.checkpoint import meta_of
     from dnnprune.loaders import eval_loader, train_loader
@@ -278,7 +299,7 @@ def fit(model: nn.Module, recipe: Recipe, *, device: torch.device, progress: Pro
     seed_everything(config.seed)
     loader = train_loader(meta, recipe.data, config.batch_size, config.seed)
     val = eval_loader(meta, recipe.data, split="val")
-    history = train(model, loader, config, device=device, val_loader=val, progress=progress, description="train")
+    history = train(model, loader, config, device=device, val_loader=val, progress=progress, description="train", log=log)
     test = evaluate(model, eval_loader(meta, recipe.data, split="test"), device)
     model.to("cpu")
     metrics = {"test_top1": test.top1, "test_loss": test.loss, "steps": history.steps}

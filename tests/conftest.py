@@ -56,3 +56,8 @@ def cli_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("PYTHONHASHSEED", "0")
     return env
+
+
+# Two threads are pathologically slow on a 2-core machine when anything else runs; tests are small.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

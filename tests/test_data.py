@@ -26,6 +26,7 @@ from dnnprune.data import (
     stratified_subset,
 )
 from dnnprune.errors import DatasetError
+from tests.fakedata import idx_bytes as _idx, write_mnist as _write_mnist
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -49,25 +50,6 @@ def fashion_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # ---------------------------------------------------------------- file writers (official formats)
-
-
-def _idx(arr: np.ndarray) -> bytes:
-    """IDX: big-endian magic (0x08 = uint8, then rank), sizes, raw bytes."""
-    return struct.pack(">I", 0x0800 | arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
-
-
-def _write_mnist(folder: Path, n_train: int = 50, n_test: int = 20, gz: bool = False) -> np.ndarray:
-    """Write the four MNIST files; returns the training images for comparison."""
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        arrays[f"{split}-images-idx3-ubyte"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}-labels-idx1-ubyte"] = np.arange(n, dtype=np.uint8) % 10
-    for fname, arr in arrays.items():
-        blob = _idx(arr)
-        (folder / (fname + ".gz" if gz else fname)).write_bytes(gzip.compress(blob) if gz else blob)
-    return arrays["train-images-idx3-ubyte"]
 
 
 def _write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 20) -> None:
@@ -134,7 +116,9 @@ def test_fashion_mnist_official_sizes_and_seeded_split(fashion_cache: str, monke
 
 @needs_fashion
 @pytest.mark.parametrize("shape", [(1, 32, 32), (3, 32, 32)])
-def test_fashion_mnist_adapts_to_model_input(shape: tuple[int, int, int], fashion_cache: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fashion_mnist_adapts_to_model_input(
+    shape: tuple[int, int, int], fashion_cache: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("DNNPRUNE_CACHE", fashion_cache)
     c = shape[0]
     spec = InputSpec(shape, (0.5,) * c, (0.25,) * c)
@@ -191,12 +175,50 @@ def test_missing_dataset_says_where_it_looked(tmp_path: Path) -> None:
         resolve_root("fashion-mnist", tmp_path / "nowhere")
 
 
+def test_download_fills_the_cache_and_is_found_later(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network here: stand in for torchvision's download with one that writes the official files."""
+    from torchvision.datasets import MNIST
+
+    calls = []
+
+    def fake_download(self: MNIST) -> None:
+        calls.append(self.raw_folder)
+        _write_mnist(Path(self.raw_folder))
+
+    monkeypatch.setattr(MNIST, "download", fake_download)
+    s = load_splits("mnist", None, download=True)
+    assert len(s.test) == 20 and calls == [str(tmp_path / "cache" / "MNIST" / "raw")]
+    assert resolve_root("mnist", None) == tmp_path / "cache" / "MNIST" / "raw"
+    load_splits("mnist", None, download=True)
+    assert len(calls) == 1  # found data wins; --download only fills a gap
+
+
+def test_failed_download_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.datasets import MNIST
+
+    def offline(self: MNIST) -> None:
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(MNIST, "download", offline)
+    with pytest.raises(DatasetError, match="cannot download mnist"):
+        load_splits("mnist", None, download=True)
+
+
 def test_corrupt_idx_file_is_a_dataset_error(tmp_path: Path) -> None:
     raw = tmp_path / "MNIST" / "raw"
     _write_mnist(raw)
     (raw / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
     with pytest.raises(DatasetError, match="cannot read mnist"):
         load_splits("mnist", None, data_root=tmp_path)
+
+
+def test_truncated_gz_leaves_no_half_written_cache(tmp_path: Path) -> None:
+    _write_mnist(tmp_path / "flat", gz=True)
+    blob = (tmp_path / "flat" / "train-images-idx3-ubyte.gz").read_bytes()
+    (tmp_path / "flat" / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DatasetError, match="cannot read mnist"):
+        load_splits("mnist", None, data_root=tmp_path / "flat")
+    assert list((tmp_path / "cache" / "idx").iterdir()) == []
 
 
 # ---------------------------------------------------------------- CIFAR-10 (generated batches)
@@ -218,7 +240,8 @@ def test_cifar10_official_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_imagefolder_single_folder_three_way(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "imgs", ("cat", "dog"), per_class=10)
-    s = load_splits("imagefolder", InputSpec((1, 8, 8), (0.5,), (0.5,)), data_root=tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2)
+    spec = InputSpec((1, 8, 8), (0.5,), (0.5,))
+    s = load_splits("imagefolder", spec, data_root=tmp_path / "imgs", val_fraction=0.2, test_fraction=0.2)
     assert (len(s.train), len(s.val), len(s.test)) == (12, 4, 4) and s.classes == ["cat", "dog"]
     assert torch.bincount(dataset_targets(s.test)).tolist() == [2, 2]
     assert s.train[0][0].shape == (1, 8, 8)
@@ -229,7 +252,8 @@ def test_imagefolder_single_folder_three_way(tmp_path: Path) -> None:
 def test_imagefolder_train_test_subfolders(tmp_path: Path) -> None:
     _write_pngs(tmp_path / "train", ("a", "b", "c"), per_class=4)
     _write_pngs(tmp_path / "val", ("a", "b", "c"), per_class=2)
-    s = load_splits("imagefolder", InputSpec((3, 16, 16), (0.5,) * 3, (0.5,) * 3), data_root=tmp_path, val_fraction=0.25)
+    spec = InputSpec((3, 16, 16), (0.5,) * 3, (0.5,) * 3)
+    s = load_splits("imagefolder", spec, data_root=tmp_path, val_fraction=0.25)
     assert (len(s.train), len(s.val), len(s.test)) == (9, 3, 6)
     xb, _ = next(iter(make_loader(s.test, 6)))
     assert xb.shape == (6, 3, 16, 16)

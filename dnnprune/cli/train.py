@@ -42,7 +42,7 @@ def train_command(
     prepare_output(output, force=force, inputs=(source_path,) if source_path.exists() else ())
     model = build_model(source, config)
     with progress_bar() as progress:
-        result = fit(model, config, device=resolve_device(config.device), progress=progress)
+        result = fit(model, config, device=resolve_device(config.device), progress=progress, log=progress.console.print)
     save(model, output, force=force, protect=(source_path,))
     path = finish_report(envelope("train", result, inputs={"source": source, "recipe": recipe}), output, report)
     _print_summary(result, output, path)

@@ -1,0 +1,103 @@
+"""`dnnprune quantize CKPT -o OUT`: linear or k-means weight quantization, stored packed."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dnnprune.checkpoint import load, save
+from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
+                               RecipeOption, ReportOption, command, common_overrides, console, finish_report,
+                               prepare_output, recipe_with)
+from dnnprune.errors import DnnpruneError
+from dnnprune.quantization import quantize_checkpoint, with_file_sizes
+from dnnprune.report import envelope
+from dnnprune.training import progress_bar, resolve_device
+
+
+@command("quantize")
+def quantize_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A dnnprune checkpoint (.safetensors), pruned or not.")],
+    output: OutputOption,
+    recipe: RecipeOption = None,
+    report: ReportOption = None,
+    bits: Annotated[int | None, typer.Option(help="Bits per weight, 2..8.")] = None,
+    method: Annotated[str | None, typer.Option(help="linear (symmetric, per output channel) or kmeans (weight sharing).")] = None,
+    layers: Annotated[list[str] | None, typer.Option("--layers", help="Layer pattern (glob on names, or type:Linear); repeatable.")] = None,
+    layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="PATTERN=BITS, e.g. type:Conv2d=8; repeatable; replaces the recipe's layer_bits.")] = None,
+    finetune_epochs: Annotated[float | None, typer.Option(help="Fine-tune centroids (kmeans) or scales (linear) with codes frozen.")] = None,
+    finetune_steps: Annotated[int | None, typer.Option(help="Stop fine-tuning after this many steps.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Measure accuracy on a class-stratified test subset of this size.")] = None,
+    evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure accuracy before and after.")] = None,
+    int8_execution: Annotated[bool | None, typer.Option("--int8-execution/--no-int8-execution", help="Also time torch's int8 Linear execution on the CPU.")] = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = None,
+    device: DeviceOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Quantize the selected layers' weights; the checkpoint stores them packed and reloads them exactly."""
+    overrides = {"quantize.bits": bits, "quantize.method": method, "quantize.layers": list(layers) if layers else None,
+                 "quantize.layer_bits": _parse_layer_bits(layer_bits), "quantize.finetune.epochs": finetune_epochs,
+                 "quantize.finetune.max_steps": finetune_steps, "quantize.samples": samples, "quantize.evaluate": evaluate,
+                 "quantize.int8_execution": int8_execution, **common_overrides(device, data_root, dataset, download)}
+    config = recipe_with(recipe, overrides)
+    prepare_output(output, force=force, inputs=(checkpoint,))
+    model = load(checkpoint)
+    with progress_bar(transient=True) as progress:
+        body = quantize_checkpoint(model, config, device=resolve_device(config.device), source=checkpoint, progress=progress)
+    save(model, output, force=force, protect=(checkpoint,))
+    body = with_file_sizes(body, output)
+    inputs = {"checkpoint": str(checkpoint), "recipe": recipe}
+    path = finish_report(envelope("quantize", body, inputs=inputs), output, report)
+    console.print(_table(body))
+    console.print(_summary(body, output, path))
+
+
+def _parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
+    if not items:
+        return None
+    parsed: dict[str, int] = {}
+    for item in items:
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern or not value.strip().lstrip("-").isdigit():
+            raise DnnpruneError(f"--layer-bits takes PATTERN=BITS, e.g. type:Conv2d=8; got {item!r}")
+        parsed[pattern] = int(value)
+    return parsed
+
+
+def _table(body: dict[str, Any]) -> Table:
+    table = Table(title=f"quantize ({body['method']})")
+    for column, justify in (("layer", "left"), ("type", "left"), ("bits", "right"), ("params", "right"),
+                            ("MSE", "right"), ("SQNR dB", "right"), ("bytes", "right"), ("ratio", "right")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for row in body["layers"]:
+        sqnr = row["sqnr_db"]
+        table.add_row(row["name"], row["type"], str(row["bits"]), f"{row['params']:,}", f"{row['mse']:.2e}",
+                      "exact" if math.isinf(sqnr) else f"{sqnr:.1f}",
+                      f"{row['bytes_before']:,} -> {row['bytes_after']:,}", f"{row['bytes_before'] / row['bytes_after']:.1f}x")
+    return table
+
+
+def _summary(body: dict[str, Any], output: Path, report_path: Path) -> str:
+    totals = body["totals"]
+    lines = []
+    before = totals["disk_bytes_before"]
+    lines.append(f"file {before:,} -> {totals['disk_bytes_after']:,} bytes ({totals['compression']:.2f}x), "
+                 f"{totals['effective_bits_per_weight']:.2f} bits per weight, predicted {totals['predicted_file_bytes']:,}")
+    acc = body["accuracy"]
+    if acc["before"] and acc["after"]:
+        lines.append(f"test top-1 {acc['before']['top1']:.4f} -> {acc['after']['top1']:.4f} on {acc['after']['samples']} samples")
+    int8 = body["int8_execution"]
+    if int8 is not None:
+        if int8["available"]:
+            lines += [f"int8 Linear execution, batch {r['batch_size']}: {r['fp32_median_ms']:.2f} ms -> {r['int8_median_ms']:.2f} ms"
+                      for r in int8["latency"]]
+        else:
+            lines.append(f"int8 execution not measured: {int8['reason']}")
+    lines.append(f"-> {output}  (report {report_path})")
+    return "\n".join(lines)
