@@ -29,7 +29,7 @@ dataset:
 demo: install dataset
 	@mkdir -p $(RUNS)/demo
 	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(RUNS)/demo/lenet5.safetensors --force
-	$(BIN)/dnnprune score $(RUNS)/demo/lenet5.safetensors
+	$(BIN)/dnnprune score $(RUNS)/demo/lenet5.safetensors -r recipes/demo-lenet5.yaml
 
 test: install dataset
 	$(BIN)/python -m pytest -q -m "not slow"

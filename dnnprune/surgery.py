@@ -9,48 +9,70 @@ channels they remove. Everything else in dnnprune speaks in these names.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
+from torch_pruning.dependency import index_mapping as _index_mapping
 
 from dnnprune.errors import PruningError
 from dnnprune.patterns import select_layers
 
 Criterion = str
 _PRUNABLE_ROOTS = (nn.modules.conv._ConvNd, nn.Linear)
+_RECOVERABLE = (IndexError, ValueError, ZeroDivisionError, AssertionError, KeyError)
 
 
 @dataclass(frozen=True)
 class ChannelGroup:
+    """Coupled channels, named by the first layer (in forward order) whose filters they remove.
+
+    `outputs` are the conv/linear layers that lose filters; the other members only lose inputs (or are
+    BatchNorms and friends). `divisor` > 1 when a grouped convolution needs its channel blocks to
+    shrink equally: remove the same positions in each of the `divisor` blocks (`ChannelGraph.choose`).
+    """
+
     name: str
     layer_type: str
     width: int
     members: tuple[str, ...]
+    outputs: tuple[str, ...] = ()
+    divisor: int = 1
 
 
 class ChannelGraph:
-    """Channel coupling of one model instance; prunes that instance in place."""
+    """Channel coupling of one model instance; prunes that instance in place.
+
+    `all_groups` lists every prunable group (the output layer aside) in forward order; `groups` is the
+    subset left after `exclude`/`include`. `locked` maps groups that cannot be pruned safely to why
+    (e.g. channels that pass through a channel shuffle).
+    """
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], *, exclude: Iterable[str] = (),
                  include: Iterable[str] = ()) -> None:
         self.model = model
         self.input_shape = tuple(input_shape)
         self._names = {module: name for name, module in model.named_modules()}
-        self.output_layers = output_layers(model, self.input_shape)
-        excluded = set(self.output_layers) | set(select_layers(model, exclude, what="exclude pattern") if exclude else ())
-        self._ignored = [model.get_submodule(n) for n in excluded]
+        self.order = execution_order(model, self.input_shape)
+        self.output_layers = self.order[-1:]
+        self.locked: dict[str, str] = {}
+        excluded = set(select_layers(model, exclude, what="exclude pattern")) if exclude else set()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        self._example = torch.zeros(1, *self.input_shape, device=device)
         was_training = model.training
         model.eval()
-        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=self._example, verbose=False)
+        with _tolerant_reshapes():
+            self.graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=torch.zeros(1, *self.input_shape, device=device), verbose=False)
         model.train(was_training)
         self._roots: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
-        self.groups = self._collect_groups()
+        self.all_groups = self._collect_groups()
+        self.groups = [g for g in self.all_groups if not self._excluded(g, excluded)]
         if include:
             wanted = set(select_layers(model, include, within=[g.name for g in self.groups], what="layer pattern"))
             self.groups = [g for g in self.groups if g.name in wanted]
@@ -58,16 +80,63 @@ class ChannelGraph:
     # -- inspection ----------------------------------------------------------------------
 
     def _collect_groups(self) -> list[ChannelGroup]:
+        position = {name: i for i, name in enumerate(self.order)}
+        ignored = {self.model.get_submodule(n) for n in self.output_layers}
+        covered: set[nn.Module] = set()
         groups = []
-        for group in self.graph.get_all_groups(ignored_layers=self._ignored, root_module_types=_PRUNABLE_ROOTS):
-            root = group[0].dep.target.module
-            name = self._names.get(root)
-            if name is None or name in self._roots:
-                continue
-            self._roots[name] = (root, group[0].dep.handler)
-            members = tuple(dict.fromkeys(self._names[d.target.module] for d, _ in group if d.target.module in self._names))
-            groups.append(ChannelGroup(name, type(root).__name__, self.width(name), members))
-        return groups
+        with _tolerant_reshapes(), _index_mapping_frozen(self.graph):
+            for module in list(self.graph.module2node):
+                if module in covered or module not in self._names or not isinstance(module, _PRUNABLE_ROOTS):
+                    continue
+                group = self._full_group(module)
+                if group is None:
+                    covered.add(module)
+                    continue
+                outputs = self._outputs(group, position)
+                covered.update(self.model.get_submodule(n) for n in outputs)
+                covered.add(module)
+                if ignored & {self.model.get_submodule(n) for n in outputs}:
+                    continue
+                groups.append(self._describe(module, group, outputs))
+        groups = [g for g in groups if g.name not in self.locked]
+        return sorted(groups, key=lambda g: position.get(g.name, len(position)))
+
+    def _full_group(self, module: nn.Module) -> Any:
+        name = self._names[module]
+        pruner = self.graph.get_pruner_of_module(module)
+        width = pruner.get_out_channels(module) if pruner is not None else None
+        if width is None:
+            return None
+        try:
+            group = self.graph.get_pruning_group(module, pruner.prune_out_channels, list(range(width)))
+        except _RECOVERABLE as exc:
+            self.locked[name] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
+            return None
+        mixer = next((_op_name(d.target) for d, _ in group if _mixes_channels(d.target)), None)
+        if mixer is not None:
+            self.locked[name] = f"its channels pass through {mixer} (a reshape that reorders channels, e.g. a channel shuffle)"
+            return None
+        return group
+
+    def _outputs(self, group: Any, position: dict[str, int]) -> list[str]:
+        names = [self._names[d.target.module] for d, _ in group
+                 if isinstance(d.target.module, _PRUNABLE_ROOTS) and d.target.module in self._names
+                 and self.graph.is_out_channel_pruning_fn(d.handler)]
+        return sorted(dict.fromkeys(names), key=lambda n: position.get(n, len(position)))
+
+    def _describe(self, module: nn.Module, group: Any, outputs: list[str]) -> ChannelGroup:
+        width = int(self.graph.get_out_channels(module))
+        root = next((self.model.get_submodule(n) for n in outputs
+                     if int(self.graph.get_out_channels(self.model.get_submodule(n))) == width), module)
+        name = self._names[root]
+        self._roots[name] = (root, self.graph.get_pruner_of_module(root).prune_out_channels)
+        members = tuple(dict.fromkeys(self._names[d.target.module] for d, _ in group if d.target.module in self._names))
+        return ChannelGroup(name, type(root).__name__, width, members, tuple(outputs), _divisor(group))
+
+    def _excluded(self, group: ChannelGroup, excluded: set[str]) -> bool:
+        """Excluding a layer keeps its filters (and a BatchNorm its channels): such groups are left alone."""
+        hits = excluded & set(group.members)
+        return any(n in group.outputs or not isinstance(self.model.get_submodule(n), _PRUNABLE_ROOTS) for n in hits)
 
     def group(self, name: str) -> ChannelGroup:
         for group in self.groups:
@@ -79,9 +148,14 @@ class ChannelGraph:
         root, _ = self._roots[name]
         return int(self.graph.get_out_channels(root))
 
+    def widths(self) -> dict[str, int]:
+        """Current width of every group, in forward order."""
+        return {g.name: self.width(g.name) for g in self.all_groups}
+
     def _tp_group(self, name: str, idxs: Sequence[int]) -> Any:
         root, handler = self._roots[name]
-        return self.graph.get_pruning_group(root, handler, list(idxs))
+        with _tolerant_reshapes():
+            return self.graph.get_pruning_group(root, handler, list(idxs))
 
     # -- scoring -------------------------------------------------------------------------
 
@@ -98,6 +172,22 @@ class ChannelGraph:
             raise PruningError(f"criterion {criterion!r} cannot score layer {name!r} (e.g. bn_scale on a layer without BatchNorm); choose l1 or l2")
         return scores.detach().float().cpu()
 
+    def choose(self, name: str, scores: torch.Tensor, count: int) -> list[int]:
+        """The `count` lowest-scoring channels, as whole positions of the group's blocks.
+
+        For a group without grouped convolutions this is `lowest(scores, count)`; otherwise `count` is
+        rounded down to a multiple of the divisor and the same positions go in every block.
+        """
+        divisor = self._divisor(name)
+        if divisor == 1:
+            return lowest(scores, count)
+        block = scores.numel() // divisor
+        positions = lowest(scores.reshape(divisor, block).mean(dim=0), count // divisor)
+        return sorted(p + b * block for b in range(divisor) for p in positions)
+
+    def _divisor(self, name: str) -> int:
+        return next((g.divisor for g in self.all_groups if g.name == name), 1)
+
     # -- surgery -------------------------------------------------------------------------
 
     def prune(self, plan: dict[str, Sequence[int]]) -> None:
@@ -106,10 +196,31 @@ class ChannelGraph:
             idxs = sorted(set(int(i) for i in idxs))
             if not idxs:
                 continue
+            if name not in self._roots:
+                raise PruningError(f"layer {name!r} is not a prunable channel group of this model")
             width = self.width(name)
             if len(idxs) >= width:
                 raise PruningError(f"pruning {len(idxs)} of {width} channels would empty layer {name!r}; keep at least one")
+            self._check_blocks(name, idxs, width)
             self._tp_group(name, idxs).prune()
+        self.all_groups = [replace(g, width=self.width(g.name)) for g in self.all_groups]
+        self.groups = [replace(g, width=self.width(g.name)) for g in self.groups]
+
+    def _check_blocks(self, name: str, idxs: list[int], width: int) -> None:
+        divisor = self._divisor(name)
+        if divisor == 1:
+            return
+        block = width // divisor
+        per_block = [{i - b * block for i in idxs if b * block <= i < (b + 1) * block} for b in range(divisor)]
+        if any(part != per_block[0] for part in per_block) or len(per_block[0]) == block:
+            raise PruningError(f"layer {name!r} feeds a grouped convolution: remove the same positions in each of its "
+                               f"{divisor} blocks of {block} channels (ChannelGraph.choose does this)")
+
+
+def model_fingerprint(arch: str, graph: ChannelGraph) -> str:
+    """Identifies a model's prunable structure, so an analysis is never applied to another model."""
+    text = json.dumps([arch, [[g.name, g.width] for g in graph.all_groups]])
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def channels_to_keep(width: int, ratio: float, *, min_channels: int = 1, min_fraction: float = 0.0,
@@ -130,8 +241,13 @@ def lowest(scores: torch.Tensor, count: int) -> list[int]:
 
 def output_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """The last conv/linear to run produces the logits; its outputs are never pruned."""
-    executed: list[str] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, _o, name=n: executed.append(name))
+    return execution_order(model, input_shape)[-1:]
+
+
+def execution_order(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
+    """Conv/linear layer names in the order a forward pass first runs them."""
+    executed: dict[str, None] = {}
+    hooks = [m.register_forward_hook(lambda mod, _i, _o, name=n: executed.setdefault(name))
              for n, m in model.named_modules() if isinstance(m, _PRUNABLE_ROOTS)]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     was_training = model.training
@@ -143,7 +259,78 @@ def output_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
         for hook in hooks:
             hook.remove()
         model.train(was_training)
-    return executed[-1:]
+    return list(executed)
+
+
+def _divisor(group: Any) -> int:
+    """Grouped (not depthwise) convolutions need equal-size channel blocks: lcm of their group counts."""
+    divisor = 1
+    for dep, _ in group:
+        module = dep.target.module
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and not _depthwise(module):
+            divisor = math.lcm(divisor, module.groups)
+    return divisor
+
+
+def _depthwise(conv: nn.Module) -> bool:
+    return conv.groups == conv.in_channels == conv.out_channels
+
+
+def _op_name(node: Any) -> str:
+    grad_fn = getattr(node, "grad_fn", None)
+    return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else type(node.module).__name__
+
+
+def _mixes_channels(node: Any) -> bool:
+    """A transpose/permute involving the channel dim, or a view of a tensor that is not 2-D or 4-D."""
+    grad_fn = getattr(node, "grad_fn", None)
+    if grad_fn is None or not hasattr(grad_fn, "name"):
+        return False
+    kind = grad_fn.name()
+    if kind.startswith("TransposeBackward"):
+        dims = {getattr(grad_fn, "_saved_dim0", 1), getattr(grad_fn, "_saved_dim1", 1)}
+        return any(d < 2 for d in dims)
+    if kind.startswith("PermuteBackward"):
+        dims = tuple(getattr(grad_fn, "_saved_dims", (0, 2)))
+        return len(dims) < 2 or dims[1] != 1
+    if kind.startswith(("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward")):
+        size = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
+        return size is not None and len(size) not in (2, 4)
+    return False
+
+
+@contextmanager
+def _tolerant_reshapes() -> Iterator[None]:
+    """Torch-Pruning divides by zero on reshapes that are not flattens (channel shuffle); skip their mapping.
+
+    The groups whose channels cross such a reshape are then locked by `_mixes_channels`, so the skipped
+    mapping is never used for surgery.
+    """
+    original = _index_mapping.update_reshape_index_mapping
+
+    def guarded(graph: Any, node: Any) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            pass
+
+    _index_mapping.update_reshape_index_mapping = guarded
+    try:
+        yield
+    finally:
+        _index_mapping.update_reshape_index_mapping = original
+
+
+@contextmanager
+def _index_mapping_frozen(graph: Any) -> Iterator[None]:
+    """While nothing is pruned the index mappings cannot change; recomputing them per group is O(n^2)."""
+    original = _index_mapping.update_index_mapping
+    original(graph)
+    _index_mapping.update_index_mapping = lambda _graph: None
+    try:
+        yield
+    finally:
+        _index_mapping.update_index_mapping = original
 
 
 def _importance(criterion: Criterion, seed: int) -> Callable[[Any], torch.Tensor]:

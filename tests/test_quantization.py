@@ -1,0 +1,304 @@
+"""Quantization: packing, the two methods, exact reload in a new process, true file sizes, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, TensorDataset
+
+import dnnprune
+from dnnprune import quantization as q
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
+from dnnprune.errors import CheckpointError, DnnpruneError, RecipeError
+from dnnprune.models import create_model
+from dnnprune.patterns import select_layers
+from dnnprune.recipe import FineTuneSection, QuantizeSection
+
+_RELOAD_SCRIPT = """
+import json, sys, torch
+from safetensors.torch import load_file
+import dnnprune
+results = {}
+for item in json.loads(sys.argv[1]):
+    model = dnnprune.load(item["checkpoint"])
+    data = load_file(item["io"])
+    with torch.inference_mode():
+        out = model(data["input"])
+    results[item["checkpoint"]] = bool(torch.equal(out, data["output"]))
+print(json.dumps(results))
+"""
+_SHAPE = (1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(2, 8), count=st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
+def test_pack_unpack_round_trip(bits: int, count: int, seed: int) -> None:
+    codes = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(seed))
+    packed = q.pack_bits(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.numel() == (count * bits + 7) // 8
+    assert torch.equal(q.unpack_bits(packed, bits, count), codes)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_packing_across_chunks(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(q, "_CHUNK", 16)
+    codes = torch.randint(0, 1 << bits, (16 * 5 + 3,))
+    assert torch.equal(q.unpack_bits(q.pack_bits(codes, bits), bits, codes.numel()), codes)
+
+
+def test_packing_rejects_codes_out_of_range() -> None:
+    with pytest.raises(ValueError):
+        q.pack_bits(torch.tensor([0, 8]), 3)
+    with pytest.raises(CheckpointError, match="corrupt"):
+        q.unpack_bits(torch.zeros(2, dtype=torch.uint8), 5, 10)
+
+
+# ----------------------------------------------------------------------------- the methods
+
+
+@pytest.mark.parametrize("bits", [2, 5, 8])
+def test_kmeans_keeps_a_tensor_with_few_distinct_values(bits: int) -> None:
+    values = torch.tensor([-0.3, -0.01, 0.0, 0.2, 0.7])[: min(5, 1 << bits)]
+    weight = values[torch.randint(0, values.numel(), (12, 7))]
+    assert torch.equal(q.kmeans_grid(weight, bits, iterations=20), weight)
+
+
+def test_kmeans_beats_the_linear_grid_and_keeps_zeros() -> None:
+    weight = torch.randn(64, 128) * 0.05
+    kmeans = q.kmeans_grid(weight, 4, iterations=50)
+    assert torch.unique(kmeans).numel() <= 16
+    assert (kmeans - weight).pow(2).mean() < (q.linear_grid(weight, 4) - weight).pow(2).mean()
+    sparse = weight * (weight.abs() > 0.04)
+    shared = q.kmeans_grid(sparse, 3, iterations=50)
+    assert torch.equal(shared == 0, sparse == 0)  # pruned weights stay pruned, survivors stay non-zero
+    assert torch.unique(shared).numel() <= 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_linear_error_is_at_most_half_a_step_per_channel(bits: int) -> None:
+    weight = torch.randn(32, 3, 3, 3)
+    weight[5] = 0.0  # an empty (pruned) filter must not divide by zero
+    grid = q.linear_grid(weight, bits)
+    qmax = 2 ** (bits - 1) - 1
+    step = weight.reshape(32, -1).abs().amax(1) / qmax
+    error = (grid - weight).reshape(32, -1).abs().amax(1)
+    assert bool((error <= step * 0.5 * (1 + 1e-3) + 1e-12).all())
+    assert torch.equal(grid[5], torch.zeros_like(grid[5]))
+    codes, scales = q.linear_codes(grid, bits)
+    assert codes.abs().max() <= qmax and torch.equal(codes * scales[:, None], grid.reshape(32, -1))
+    if bits == 8:
+        signal, noise = weight.pow(2).sum(), (grid - weight).pow(2).sum()
+        assert 10 * torch.log10(signal / noise) > 35
+
+
+@pytest.mark.parametrize("method", ["linear", "kmeans"])
+def test_codec_is_exact_and_survives_channel_removal_but_not_training(method: str) -> None:
+    spec = {"codec": method, "bits": 4}
+    weight = torch.randn(20, 30)
+    grid = q.on_grid(q.linear_grid(weight, 4) if method == "linear" else q.kmeans_grid(weight, 4, 30), spec)
+    assert torch.equal(q.on_grid(grid, spec), grid)
+    sliced = grid[3:15, 7:19].contiguous()  # pruning removed outputs and inputs after quantization
+    assert torch.equal(q.on_grid(sliced, spec), sliced)
+    with pytest.raises(CheckpointError, match="changed after quantization"):
+        q.CODECS[method].encode(grid + 1e-3 * torch.randn_like(grid), spec)
+
+
+# ----------------------------------------------------------------------------- layer selection
+
+
+class _Mixed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_select_layers_globs_types_and_containers() -> None:
+    model = _Mixed()
+    assert select_layers(model, ["type:Linear"]) == ["head.1"]
+    assert select_layers(model, ["head.*"]) == ["head.1"]  # Flatten has no weights: skipped
+    assert select_layers(model, ["features"]) == ["features.0", "features.1"]
+    assert select_layers(model, ["features"], supported=q.SUPPORTED) == ["features.0"]
+    with pytest.raises(RecipeError, match="'type:LSTM' matches no layer"):
+        select_layers(model, ["type:Linear", "type:LSTM"])
+    with pytest.raises(RecipeError, match=r"'features.1' is a BatchNorm2d"):
+        select_layers(model, ["features.*"], supported=q.SUPPORTED)
+
+
+@pytest.mark.parametrize("pattern, fragment", [("embed", "'embed' is a Embedding"), ("type:BatchNorm2d", "BatchNorm2d"),
+                                               ("classifier.*", "matches no layer")])
+def test_quantize_refuses_what_it_cannot_take(pattern: str, fragment: str) -> None:
+    model = _Mixed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RecipeError, match=fragment):
+        q.quantize(model, QuantizeSection(layers=[pattern]))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_layer_bits_add_layers_and_the_last_pattern_wins() -> None:
+    model = create_model("lenet5")
+    config = QuantizeSection(bits=5, layers=["type:Linear"], layer_bits={"type:Conv2d": 8, "features.0": 6})
+    assert q.plan_layers(model, config) == {"features.0": 6, "features.3": 8, "classifier.1": 5, "classifier.3": 5,
+                                            "classifier.5": 5}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def _model(arch: str, **args: object) -> nn.Module:
+    arch_args = {"num_classes": 10, "in_channels": 1, **args}
+    meta = CheckpointMeta(arch=arch, arch_args=arch_args, input_shape=_SHAPE, mean=(0.3,), std=(0.35,))
+    return attach_meta(create_model(arch, **arch_args).eval(), meta)
+
+
+def _shrink(model: nn.Module, first: str, second: str, keep: int) -> None:
+    """Channel removal the way pruning does it: first's outputs and second's matching inputs."""
+    a, b = model.get_submodule(first), model.get_submodule(second)
+    a.weight = nn.Parameter(a.weight.data[:keep].clone())
+    a.bias = nn.Parameter(a.bias.data[:keep].clone())
+    b.weight = nn.Parameter(b.weight.data[:, :keep].clone())
+    if isinstance(a, nn.Conv2d):
+        a.out_channels, b.in_channels = keep, keep
+    else:
+        a.out_features, b.in_features = keep, keep
+
+
+def _save_and_record(model: nn.Module, path: Path) -> dict[str, str | int]:
+    meta = dnnprune.meta_of(model)
+    meta.lineage_entry("quantize", None, {})
+    predicted = q.predicted_file_bytes(model, meta)
+    save(model, path)
+    sample = torch.randn(3, *_SHAPE)
+    with torch.inference_mode():
+        output = model(sample)
+    io = path.with_suffix(".io.safetensors")
+    save_file({"input": sample, "output": output}, str(io))
+    return {"checkpoint": str(path), "io": str(io), "predicted": predicted}
+
+
+def test_quantized_checkpoints_reload_identically_in_a_new_process_at_the_predicted_size(tmp_path: Path) -> None:
+    items, sizes = [], {}
+    cases = [
+        ("mlp", {"hidden": [96, 48]}, QuantizeSection(method="kmeans", bits=5)),
+        ("mlp", {"hidden": [96, 48]}, QuantizeSection(method="linear", bits=8)),
+        ("lenet5", {}, QuantizeSection(method="linear", bits=4, layer_bits={"type:Conv2d": 8})),
+        ("lenet5", {}, QuantizeSection(method="kmeans", bits=3, layer_bits={"type:Conv2d": 8})),
+    ]
+    for index, (arch, args, config) in enumerate(cases):
+        model = _model(arch, **args)
+        plain = save(model, tmp_path / f"plain{index}.safetensors")
+        result = q.quantize(model, config)
+        assert {r.name for r in result.layers} == set(q.plan_layers(_model(arch, **args), config))
+        item = _save_and_record(model, tmp_path / f"{arch}{index}.safetensors")
+        items.append(item)
+        sizes[item["checkpoint"]] = (plain.stat().st_size, Path(item["checkpoint"]).stat().st_size, item["predicted"], result)
+    assert all(_reload(items).values())
+    for before, after, predicted, result in sizes.values():
+        assert abs(after - predicted) / after < 0.02
+        weights = sum(r.bytes_before - r.bytes_after for r in result.layers)
+        assert before - after == pytest.approx(weights, rel=0.1)  # the file shrinks by what the layers report
+    kmeans_mlp = next(iter(sizes.values()))
+    assert kmeans_mlp[1] < kmeans_mlp[0] / 4
+
+
+def test_int8_and_packed_codes_are_what_the_file_holds(tmp_path: Path) -> None:
+    model = _model("mlp", hidden=[40])
+    q.quantize(model, QuantizeSection(method="linear", bits=8, layers=["classifier.1"], layer_bits={"classifier.3": 3}))
+    path = save(model, tmp_path / "m.safetensors")
+    with safe_open(str(path), "pt") as handle:
+        dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
+    assert dtypes["classifier.1.weight::codes"] == "I8"
+    assert dtypes["classifier.3.weight::codes"] == "U8" and dtypes["classifier.3.weight::scales"] == "F32"
+    assert "classifier.1.weight" not in dtypes
+
+
+def test_pruned_model_quantizes_and_quantized_model_can_be_pruned(tmp_path: Path) -> None:
+    pruned = _model("lenet5")
+    _shrink(pruned, "features.0", "features.3", keep=4)
+    _shrink(pruned, "classifier.1", "classifier.3", keep=50)
+    q.quantize(pruned, QuantizeSection(method="kmeans", bits=4, layers=["type:Conv2d", "type:Linear"]))
+    then_pruned = _model("lenet5")
+    q.quantize(then_pruned, QuantizeSection(method="linear", bits=4))
+    _shrink(then_pruned, "classifier.3", "classifier.5", keep=30)  # encoding survives removing channels
+    items = [_save_and_record(pruned, tmp_path / "pruned.safetensors"),
+             _save_and_record(then_pruned, tmp_path / "then_pruned.safetensors")]
+    assert all(_reload(items).values())
+    reloaded = dnnprune.load(tmp_path / "pruned.safetensors")
+    assert reloaded.features[0].out_channels == 4 and set(dnnprune.meta_of(reloaded).encodings) >= {"features.0.weight"}
+
+
+def test_changed_quantized_weights_refuse_to_save_with_the_tensor_named(tmp_path: Path) -> None:
+    model = _model("mlp", hidden=[32])
+    q.quantize(model, QuantizeSection(method="kmeans", bits=2))
+    with torch.no_grad():
+        model.classifier[1].weight.add_(torch.randn_like(model.classifier[1].weight))
+    with pytest.raises(CheckpointError, match=r"classifier\.1\.weight: .*changed after quantization"):
+        save(model, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_a_quantized_layer_is_not_quantized_twice() -> None:
+    model = _model("mlp", hidden=[32])
+    q.quantize(model, QuantizeSection(method="kmeans", bits=5))
+    with pytest.raises(DnnpruneError, match="already quantized"):
+        q.quantize(model, QuantizeSection(method="kmeans", bits=5))
+
+
+def _reload(items: list[dict]) -> dict[str, bool]:
+    payload = json.dumps([{"checkpoint": i["checkpoint"], "io": i["io"]} for i in items])
+    done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, payload], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def _random_loader() -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, *_SHAPE, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    return DataLoader(data, batch_size=16, shuffle=False)
+
+
+@pytest.mark.parametrize("method", ["kmeans", "linear"])
+def test_finetuning_moves_the_codebook_and_keeps_weights_on_it(method: str) -> None:
+    model = _model("mlp", hidden=[32])
+    with torch.no_grad():
+        model.classifier[1].weight.mul_(model.classifier[1].weight.abs() > 0.02)  # some pruned weights
+    finetune = FineTuneSection(max_steps=6, epochs=2, lr=0.05, weight_decay=0.0)
+    config = QuantizeSection(method=method, bits=3, finetune=finetune)
+    untuned = _model("mlp", hidden=[32])
+    untuned.load_state_dict(model.state_dict())
+    q.quantize(untuned, QuantizeSection(method=method, bits=3))
+    result = q.quantize(model, config, train_loader=_random_loader())
+    assert result.finetune is not None and result.finetune["steps"] == 6
+    zeros = untuned.classifier[1].weight == 0
+    for name in ("classifier.1", "classifier.3"):
+        weight = model.get_submodule(name).weight.detach()
+        assert not parametrize_left(model.get_submodule(name))
+        assert torch.equal(q.on_grid(weight, {"codec": method, "bits": 3}), weight)
+        if method == "kmeans":
+            assert torch.unique(weight).numel() <= 8
+        before = untuned.get_submodule(name).weight.detach()
+        assert not torch.equal(weight, before)
+        assert result.codebooks_changed[name]
+    if method == "kmeans":
+        assert torch.equal(model.classifier[1].weight == 0, zeros)  # the zero centroid is frozen
+
+
+def parametrize_left(module: nn.Module) -> bool:
+    return hasattr(module, "parametrizations")

@@ -1,0 +1,67 @@
+"""Recipes: typed, strict, overridable, and stable through a YAML round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dnnprune.errors import RecipeError
+from dnnprune.recipe import Recipe, dump_recipe, load_recipe, recipe_sha256, validate_recipe
+
+RECIPES = sorted(Path(__file__).resolve().parent.parent.joinpath("recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_shipped_recipes_validate_and_round_trip(path: Path) -> None:
+    recipe = load_recipe(path)
+    again = validate_recipe(yaml.safe_load(dump_recipe(recipe)))
+    assert again == recipe
+    assert recipe_sha256(again) == recipe_sha256(recipe)
+
+
+def test_overrides_win_and_none_means_not_given(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 3\n")
+    recipe = load_recipe(path, {"train.lr": 0.01, "train.epochs": None, "data.dataset": "mnist"})
+    assert recipe.train.lr == 0.01 and recipe.train.epochs == 3 and recipe.data.dataset == "mnist"
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"train": {"optimizer": "rmsprop"}}, "train.optimizer"),
+        ({"analyze": {"ratios": []}}, "analyze.ratios"),
+        ({"analyze": {"ratios": [0.5, 1.0]}}, "analyze.ratios"),
+        ({"prune": {"ratio": 1.0}}, "prune.ratio"),
+        ({"prune": {"ratios": {"features.*": 1.5}}}, "prune.ratios"),
+        ({"quantize": {"bits": 9}}, "quantize.bits"),
+        ({"data": {"val_fraction": 0}}, "data.val_fraction"),
+        ({"device": "tpu"}, "device"),
+    ],
+)
+def test_invalid_values_name_the_key(raw: dict, fragment: str) -> None:
+    with pytest.raises(RecipeError, match=fragment.replace(".", r"\.")):
+        validate_recipe(raw)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lr=st.floats(min_value=1e-6, max_value=10.0), epochs=st.floats(min_value=0.01, max_value=500.0),
+       bits=st.integers(min_value=2, max_value=8), seed=st.integers(min_value=0, max_value=2**31))
+def test_any_valid_recipe_round_trips(lr: float, epochs: float, bits: int, seed: int) -> None:
+    recipe = validate_recipe({"train": {"lr": lr, "epochs": epochs, "seed": seed}, "quantize": {"bits": bits}})
+    assert validate_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(path)
+
+
+def test_defaults_are_a_valid_recipe() -> None:
+    assert isinstance(validate_recipe({}), Recipe)

@@ -1,0 +1,84 @@
+"""Training loop pieces: network-slimming penalty, schedules, evaluation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from dnnprune.recipe import TrainSection
+from dnnprune.training import _make_scheduler, add_bn_l1_subgradient, evaluate, train
+
+
+def _toy_loader(n: int = 64, classes: int = 3) -> DataLoader:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 1, 8, 8, generator=generator)
+    y = torch.arange(n) % classes
+    x[:, 0, 0, 0] += y.float() * 3  # a learnable signal
+    return DataLoader(TensorDataset(x, y), batch_size=16)
+
+
+def _toy_model(classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(256, classes))
+
+
+def test_bn_l1_subgradient_adds_sign_of_gamma() -> None:
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.5, -0.2, 0.0]))
+    bn.weight.grad = torch.zeros(3)
+    add_bn_l1_subgradient(nn.Sequential(bn), 1e-2)
+    assert torch.allclose(bn.weight.grad, torch.tensor([1e-2, -1e-2, 0.0]))
+
+
+def test_bn_l1_penalty_shrinks_scales_during_training() -> None:
+    totals = {}
+    for strength in (0.0, 0.05):
+        torch.manual_seed(0)
+        model = _toy_model()
+        config = TrainSection(epochs=3, lr=0.05, bn_l1=strength, weight_decay=0.0, schedule="constant")
+        train(model, _toy_loader(), config, device=torch.device("cpu"))
+        totals[strength] = model[1].weight.abs().sum().item()
+    assert totals[0.05] < totals[0.0] * 0.9
+
+
+def test_training_reduces_loss_and_logs_epochs() -> None:
+    torch.manual_seed(0)
+    model = _toy_model()
+    before = evaluate(model, _toy_loader()).loss
+    lines: list[str] = []
+    history = train(model, _toy_loader(), TrainSection(epochs=4, lr=0.05, schedule="cosine"), device=torch.device("cpu"),
+                    log=lines.append)
+    assert evaluate(model, _toy_loader()).loss < before
+    assert [row["epoch"] for row in history.epochs] == [1, 2, 3, 4] and len(lines) == 4
+    assert history.steps == 16
+
+
+def test_max_steps_caps_training() -> None:
+    history = train(_toy_model(), _toy_loader(), TrainSection(epochs=10, max_steps=5), device=torch.device("cpu"))
+    assert history.steps == 5
+
+
+def test_schedules_follow_their_shape() -> None:
+    def lrs(**kwargs: object) -> list[float]:
+        optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = _make_scheduler(optimizer, TrainSection(**kwargs), steps=100)
+        values = []
+        for _ in range(100):
+            values.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        return values
+
+    multistep = lrs(schedule="multistep", milestones=[0.5, 0.75], gamma=0.1)
+    assert multistep[49] == 1.0 and abs(multistep[50] - 0.1) < 1e-12 and abs(multistep[80] - 0.01) < 1e-12
+    cosine = lrs(schedule="cosine")
+    assert cosine[0] == 1.0 and abs(cosine[50] - 0.5) < 1e-9 and cosine[99] < 0.01
+    warm = lrs(schedule="constant", warmup_steps=10)
+    assert abs(warm[0] - 0.1) < 1e-12 and warm[20] == 1.0
+
+
+def test_evaluate_reports_top5_only_above_five_classes() -> None:
+    assert evaluate(_toy_model(3), _toy_loader(classes=3)).top5 is None
+    result = evaluate(_toy_model(7), _toy_loader(classes=7))
+    assert result.top5 is not None and result.top5 >= result.top1 and result.samples == 64
