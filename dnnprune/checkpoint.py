@@ -35,6 +35,7 @@ METADATA_KEY = "dnnprune"
 META_ATTRIBUTE = "dnnprune_meta"
 _SIMPLE = (int, float, bool, str, type(None))
 _REPLACEABLE: dict[str, type[nn.Module]] = {"Identity": nn.Identity}
+_RUNTIME_STATE = {"training"}  # mode, not structure: load() always returns an eval-mode model
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _inside(name: str, prefixes: dict[str, str]) -> bool:
 def _changed_attributes(module: nn.Module, fresh: nn.Module) -> dict[str, Any]:
     changed = {}
     for key, value in vars(module).items():
-        if key.startswith("_") or not _is_simple(value):
+        if key.startswith("_") or key in _RUNTIME_STATE or not _is_simple(value):
             continue
         if vars(fresh).get(key, object()) != value:
             changed[key] = list(value) if isinstance(value, tuple) else value

@@ -9,7 +9,7 @@ names an unsupported layer directly is an error, so a recipe never silently skip
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch.nn as nn
 
@@ -76,7 +76,7 @@ def _names(types: tuple[type[nn.Module], ...]) -> str:
     return "/".join(t.__name__ for t in types)
 
 
-def _hint(modules: dict[str, nn.Module], candidate) -> str:  # type: ignore[no-untyped-def]
+def _hint(modules: dict[str, nn.Module], candidate: Callable[[str, nn.Module], bool]) -> str:
     layers = [f"{name} ({type(m).__name__})" for name, m in modules.items() if name and candidate(name, m)]
     shown = ", ".join(layers[:6]) + (", ..." if len(layers) > 6 else "")
     return f"patterns are globs on module names or type:NAME; candidates here: {shown or 'none'}"

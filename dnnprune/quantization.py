@@ -300,10 +300,11 @@ class QuantizeResult:
     layers: list[LayerResult]
     encodings: dict[str, dict[str, Any]]
     finetune: dict[str, Any] | None = None
-    codebooks_changed: dict[str, bool] = field(default_factory=dict)
+    weights_changed: dict[str, bool] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"layers": [asdict(layer) for layer in self.layers], "finetune": self.finetune}
+        finetune = None if self.finetune is None else {**self.finetune, "weights_changed": self.weights_changed}
+        return {"layers": [asdict(layer) for layer in self.layers], "finetune": finetune}
 
 
 def plan_layers(model: nn.Module, config: QuantizeSection) -> dict[str, int]:
@@ -362,7 +363,7 @@ def quantize(model: nn.Module, config: QuantizeSection, *, train_loader: Iterabl
 
 
 def wants_finetune(config: FineTuneSection) -> bool:
-    return config.epochs > 0 or config.max_steps is not None
+    return config.epochs > 0
 
 
 def _encodings(model: nn.Module) -> dict[str, dict[str, Any]]:
@@ -486,10 +487,9 @@ def quantize_checkpoint(model: nn.Module, recipe: Recipe, *, device: torch.devic
     totals = _totals(model, meta, result, source)
     return {
         "method": config.method,
-        "layers": [asdict(layer) for layer in result.layers],
+        **result.as_dict(),
         "totals": totals,
         "accuracy": {"split": "test", "before": before.as_dict() if before else None, "after": after.as_dict() if after else None},
-        "finetune": result.finetune,
         "int8_execution": int8,
         "recipe": recipe.model_dump(mode="json"),
     }
@@ -559,7 +559,8 @@ def int8_execution(model: nn.Module, input_shape: tuple[int, ...], latency: Late
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             int8 = quantize_dynamic(copy.deepcopy(fp32), {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-            converted = sum(1 for m in int8.modules() if "quantized" in type(m).__module__ and "Linear" in type(m).__name__)
+            converted = sum(1 for m in int8.modules() if type(m).__module__.startswith("torch.ao.nn.quantized.dynamic")
+                            and type(m).__name__ == "Linear")
             rows = []
             for batch in latency.batch_sizes:
                 base = measure_latency(fp32, input_shape, batch, warmup=latency.warmup, repeats=latency.repeats, threads=latency.threads)

@@ -101,11 +101,13 @@ class FineTuneSection(Section):
 class AnalyzeSection(Section):
     ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     criterion: Criterion = "l1"
-    samples: int | None = Field(2000, gt=0)
+    samples: int | None = Field(2000, gt=0, description="class-stratified val subset; null = the whole val split")
     granularity: Literal["filter", "layer"] = "filter"
     budget: float = Field(0.01, ge=0.0, le=1.0, description="accuracy drop allowed for suggested ratios")
     layers: list[str] = Field(default_factory=list, description="name patterns; empty = all prunable")
     exclude: list[str] = Field(default_factory=list)
+    batch_size: int | None = Field(None, gt=0, description="evaluation batch size [default: data.batch_size]")
+    channels_last: bool = Field(True, description="evaluate in channels-last layout (faster conv on CPU)")
     seed: int = 0
 
     @field_validator("ratios")
@@ -134,10 +136,12 @@ class PruneSection(Section):
     accuracy_aware: bool = False
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     step: float = Field(0.1, gt=0.0, lt=1.0, description="ratio added per accuracy-aware step")
-    val_samples: int | None = Field(None, gt=0)
+    val_samples: int | None = Field(None, gt=0, description="accuracy-aware steps evaluate on a stratified val subset of this size")
     taylor_batches: int = Field(4, gt=0)
     step_finetune: FineTuneSection = Field(default_factory=FineTuneSection)
     finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+    evaluate: bool = Field(True, description="measure val and test accuracy before and after (needs the dataset)")
+    samples: int | None = Field(None, gt=0, description="before/after accuracy on stratified val/test subsets of this size")
     seed: int = 0
 
     @field_validator("ratios")
@@ -158,10 +162,12 @@ class QuantizeSection(Section):
                                        description="pattern -> bits; its layers are quantized too (the last matching pattern wins)")
     iterations: int = Field(50, gt=0, description="k-means iterations at most (stops earlier when assignments settle)")
     finetune: FineTuneSection = Field(default_factory=FineTuneSection,
-                                      description="train with codes frozen: kmeans centroids (gradients summed per cluster) or linear scales")
+                                      description="train with codes frozen: a kmeans centroid gets the summed gradients of its weights "
+                                                  "(so use a small lr, about 1e-3 with SGD), a linear layer its scales")
     samples: int | None = Field(None, gt=0, description="accuracy before/after on a stratified test subset of this size")
     evaluate: bool = Field(True, description="measure accuracy before and after (needs the dataset)")
-    int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU")
+    int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU "
+                                                    "(batch sizes and repeats from score.latency_config)")
     seed: int = 0
 
     @field_validator("layers")
@@ -180,9 +186,11 @@ class QuantizeSection(Section):
         return value
 
     @model_validator(mode="after")
-    def _something(self) -> "QuantizeSection":
+    def _consistent(self) -> "QuantizeSection":
         if not self.layers and not self.layer_bits:
             raise ValueError("no layers to quantize: give layers (e.g. [type:Linear]) or layer_bits")
+        if self.finetune.max_steps is not None and self.finetune.epochs == 0:
+            raise ValueError("finetune.max_steps only caps training: also set finetune.epochs (e.g. 1)")
         return self
 
 

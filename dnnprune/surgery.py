@@ -71,6 +71,7 @@ class ChannelGraph:
                 model, example_inputs=torch.zeros(1, *self.input_shape, device=device), verbose=False)
         model.train(was_training)
         self._roots: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
+        self._stale = False
         self.all_groups = self._collect_groups()
         self.groups = [g for g in self.all_groups if not self._excluded(g, excluded)]
         if include:
@@ -84,7 +85,7 @@ class ChannelGraph:
         ignored = {self.model.get_submodule(n) for n in self.output_layers}
         covered: set[nn.Module] = set()
         groups = []
-        with _tolerant_reshapes(), _index_mapping_frozen(self.graph):
+        with _tolerant_reshapes(), _index_mapping_frozen(self.graph, refresh=True):
             for module in list(self.graph.module2node):
                 if module in covered or module not in self._names or not isinstance(module, _PRUNABLE_ROOTS):
                     continue
@@ -154,7 +155,8 @@ class ChannelGraph:
 
     def _tp_group(self, name: str, idxs: Sequence[int]) -> Any:
         root, handler = self._roots[name]
-        with _tolerant_reshapes():
+        with _tolerant_reshapes(), _index_mapping_frozen(self.graph, refresh=self._stale):
+            self._stale = False
             return self.graph.get_pruning_group(root, handler, list(idxs))
 
     # -- scoring -------------------------------------------------------------------------
@@ -188,6 +190,40 @@ class ChannelGraph:
     def _divisor(self, name: str) -> int:
         return next((g.divisor for g in self.all_groups if g.name == name), 1)
 
+    def zero_channels(self, plan: dict[str, Sequence[int]]) -> Callable[[], None]:
+        """Make the planned channels carry exact zeros without removing them; returns an undo.
+
+        Zeroes the filters (and bias) of every layer that would lose those outputs and the scale and
+        shift of every BatchNorm in the group, so the masked model computes what the pruned one does.
+        Cheap enough to evaluate many candidate plans (sensitivity analysis) without surgery.
+        """
+        saved: list[tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]] = []
+        with torch.no_grad():
+            for name, idxs in plan.items():
+                if len(idxs) == 0:
+                    continue
+                for dep, mapped in self._tp_group(name, sorted(set(int(i) for i in idxs))):
+                    for tensor, dim in self._zeroable(dep):
+                        index = torch.as_tensor(list(mapped), dtype=torch.long, device=tensor.device)
+                        saved.append((tensor, dim, index, tensor.index_select(dim, index).clone()))
+                        tensor.index_fill_(dim, index, 0.0)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for tensor, dim, index, values in reversed(saved):
+                    tensor.index_copy_(dim, index, values)
+
+        return undo
+
+    def _zeroable(self, dep: Any) -> list[tuple[torch.Tensor, int]]:
+        module = dep.target.module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            return [(t, 0) for t in (module.weight, module.bias) if t is not None]
+        if isinstance(module, _PRUNABLE_ROOTS) and self.graph.is_out_channel_pruning_fn(dep.handler):
+            dim = 1 if getattr(module, "transposed", False) else 0
+            return [(module.weight, dim)] + ([(module.bias, 0)] if module.bias is not None else [])
+        return []
+
     # -- surgery -------------------------------------------------------------------------
 
     def prune(self, plan: dict[str, Sequence[int]]) -> None:
@@ -203,6 +239,7 @@ class ChannelGraph:
                 raise PruningError(f"pruning {len(idxs)} of {width} channels would empty layer {name!r}; keep at least one")
             self._check_blocks(name, idxs, width)
             self._tp_group(name, idxs).prune()
+            self._stale = True
         self.all_groups = [replace(g, width=self.width(g.name)) for g in self.all_groups]
         self.groups = [replace(g, width=self.width(g.name)) for g in self.groups]
 
@@ -301,14 +338,15 @@ def _mixes_channels(node: Any) -> bool:
 
 @contextmanager
 def _tolerant_reshapes() -> Iterator[None]:
-    """Torch-Pruning divides by zero on reshapes that are not flattens (channel shuffle); skip their mapping.
-
-    The groups whose channels cross such a reshape are then locked by `_mixes_channels`, so the skipped
-    mapping is never used for surgery.
+    """Torch-Pruning takes every reshape for a flatten; a channel shuffle's view -> transpose -> view then
+    gets absurd flatten mappings (or a division by zero). Skip mapping those reshapes: the groups whose
+    channels cross them are locked by `_mixes_channels`, so the skipped mapping is never used for surgery.
     """
     original = _index_mapping.update_reshape_index_mapping
 
     def guarded(graph: Any, node: Any) -> None:
+        if any(_mixes_channels(n) for n in (node, *node.inputs, *node.outputs)):
+            return
         try:
             original(graph, node)
         except ZeroDivisionError:
@@ -322,10 +360,13 @@ def _tolerant_reshapes() -> Iterator[None]:
 
 
 @contextmanager
-def _index_mapping_frozen(graph: Any) -> Iterator[None]:
-    """While nothing is pruned the index mappings cannot change; recomputing them per group is O(n^2)."""
+def _index_mapping_frozen(graph: Any, *, refresh: bool) -> Iterator[None]:
+    """Torch-Pruning recomputes every index mapping for every group it builds (O(n^2) on DenseNet); they
+    only change when something is pruned, so refresh them then and reuse them otherwise."""
     original = _index_mapping.update_index_mapping
-    original(graph)
+    if refresh:
+        with _tolerant_reshapes():
+            original(graph)
     _index_mapping.update_index_mapping = lambda _graph: None
     try:
         yield

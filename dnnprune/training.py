@@ -295,6 +295,11 @@ def fit(model: nn.Module, recipe: Recipe, *, device: torch.device, progress: Pro
     from dnnprune.recipe import recipe_sha256
 
     meta = meta_of(model)
+    if meta.encodings:
+        from dnnprune.errors import CheckpointError
+
+        raise CheckpointError("this checkpoint has quantized layers and training would move them off their codes; "
+                              "train the float checkpoint, then quantize it")
     config = recipe.train
     seed_everything(config.seed)
     loader = train_loader(meta, recipe.data, config.batch_size, config.seed)

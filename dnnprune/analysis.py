@@ -1,0 +1,691 @@
+"""Sensitivity analysis (Li et al. 2017): prune each channel group alone over a ratio grid, measure, rank.
+
+Every cell is one (layer, ratio) pair: the group's lowest-scored channels are removed from the
+model and the result is evaluated on the validation data. The numbers are exactly those of a
+freshly pruned copy (`strategy="naive"` computes them that way, and tests compare the two), but
+the default engine gets there much faster:
+
+* the evaluation batches are built once and the baseline is measured once;
+* one working copy is pruned in place and restored after each cell (no copy, no re-tracing);
+* a cell only recomputes the part of the network its pruning changes: the model is traced with
+  torch.fx, cut where one activation carries everything forward, and the activation entering a
+  group's first affected layer is cached once for all ratios (models fx cannot trace, or where a
+  traced run disagrees with the real one, fall back to full forwards);
+* under `torchrun`, cells are shared out across processes by estimated cost and gathered again,
+  so every process ends up with the same report.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+import torch.fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from dnnprune.checkpoint import atomic_write_bytes, meta_of
+from dnnprune.data import make_loader
+from dnnprune.errors import DnnpruneError, PruningError, RecipeError
+from dnnprune.metrics import count_macs
+from dnnprune.patterns import select_layers
+from dnnprune.recipe import AnalyzeSection
+from dnnprune.report import write_report
+from dnnprune.surgery import ChannelGraph, channels_to_keep, lowest
+from dnnprune.training import EvalResult
+
+Strategy = Literal["fast", "restore", "naive"]
+ProgressFn = Callable[[float, float, str], None]
+"""(work done, total work, note); work is in estimated cell units, so an ETA from it is fair."""
+
+CRITERIA = ("l1", "l2", "bn_scale", "random")
+CACHE_BYTES = 2 << 30  # at most this much cached activation per process; beyond it a cell starts earlier
+_GUARD_SAMPLES = 8
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class Cell:
+    layer: str
+    ratio: float
+    removed: int
+
+
+@dataclass
+class Plan:
+    """What will be measured; built (and validated) before any data is touched."""
+
+    graph: ChannelGraph
+    layers: list[str]
+    cells: list[Cell]
+    scores: dict[str, torch.Tensor]
+
+
+def plan_analysis(model: nn.Module, config: AnalyzeSection, input_shape: Sequence[int]) -> Plan:
+    """Check the request against the model and fix the channels each cell removes."""
+    if config.granularity != "filter":
+        raise RecipeError("analyze.granularity: only 'filter' is available for now (layer removal comes with layer "
+                          "pruning); use granularity: filter")
+    if config.criterion not in CRITERIA:
+        raise RecipeError(f"analyze.criterion: {config.criterion!r} is not available for sensitivity analysis; "
+                          f"choose one of {', '.join(CRITERIA)}")
+    graph = ChannelGraph(model, input_shape)
+    names = [g.name for g in graph.groups]
+    if not names:
+        raise PruningError(f"the model ({type(model).__name__}) has no prunable layer: no conv/linear layer has output "
+                           "channels that can be removed (the output layer never is); nothing to analyze")
+    chosen = select_layers(model, config.layers, within=names, what="analyze.layers pattern") if config.layers else names
+    dropped = set(select_layers(model, config.exclude, within=names, what="analyze.exclude pattern")) if config.exclude else set()
+    layers = [n for n in names if n in set(chosen) - dropped]
+    if not layers:
+        raise RecipeError("analyze.layers/exclude leave no layer to analyze; loosen the patterns")
+    scores = {name: _scores(graph, name, config) for name in layers}
+    cells = []
+    for name in layers:
+        width = graph.group(name).width
+        for ratio in config.ratios:
+            cells.append(Cell(name, ratio, width - channels_to_keep(width, ratio)))
+    return Plan(graph, layers, cells, scores)
+
+
+def _scores(graph: ChannelGraph, name: str, config: AnalyzeSection) -> torch.Tensor:
+    try:
+        return graph.importance(name, config.criterion, seed=config.seed)
+    except PruningError as exc:
+        raise PruningError(f"{exc}; or leave the layer out with analyze.exclude: [{name!r}]") from None
+
+
+def removal(plan: Plan, cell: Cell) -> list[int]:
+    return lowest(plan.scores[cell.layer], cell.removed)
+
+
+# ----------------------------------------------------------------------------- the library entry
+
+
+def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[], Dataset], *,
+            device: torch.device | str = "cpu", batch_size: int = 256, progress: ProgressFn | None = None,
+            rank: int = 0, world: int = 1, strategy: Strategy = "fast", split: str = "val") -> dict[str, Any]:
+    """The sensitivity report body for `model` (left untouched), measured on `data`.
+
+    `data` may be a function returning the dataset: it is called only once the model and the
+    recipe have been checked, so a bad request fails before any data is loaded. With `world > 1`
+    (torch.distributed initialised) each process measures its share of the cells and all of them
+    return the same, complete report. `strategy="naive"` prunes a fresh copy per cell (the
+    reference the fast engine must match); "restore" skips the activation cache.
+    """
+    start = time.perf_counter()
+    meta = meta_of(model)
+    input_shape = tuple(meta.input_shape)
+    device = torch.device(device)
+    work = copy.deepcopy(model).to(device).eval()
+    plan = plan_analysis(work, config, input_shape)
+    batch_size = config.batch_size or batch_size
+    batches = _batches(data() if callable(data) else data, batch_size, device, config.channels_last)
+    layer_macs = count_macs(work, input_shape)
+    fingerprint = model_fingerprint(meta.arch, plan.graph)
+    full_groups = [[g.name, g.width] for g in plan.graph.groups]
+    layer_info = [_layer_info(work, plan, name, layer_macs) for name in plan.layers]
+    if config.channels_last:
+        work.to(memory_format=torch.channels_last)  # after scoring: scores must not depend on memory layout
+
+    baseline = _evaluate(work, batches)
+    engine = _Engine(work, plan, config, batches, layer_macs, input_shape, strategy, model,
+                     {**_as_cell(baseline), **_size(work, input_shape)})
+    jobs = _distinct_jobs(plan)
+    mine = _share(jobs, engine.cost, world)[rank]
+    measured = engine.run(mine, progress)
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        torch.distributed.all_gather_object(gathered, measured)
+        measured = {key: value for part in gathered for key, value in part.items()}
+    seconds = time.perf_counter() - start
+    body = _report(meta, model, plan, config, baseline, measured, layer_info, fingerprint, full_groups, split)
+    body["timing"] = {"seconds": seconds, "cells": len(plan.cells), "evaluations": len(jobs),
+                      "seconds_per_cell": seconds / len(plan.cells), "processes": world, "strategy": strategy,
+                      "batch_size": batch_size, "channels_last": config.channels_last,
+                      "prefix_cache": engine.trace is not None, "fallback_layers": sorted(engine.fallbacks),
+                      "threads": torch.get_num_threads()}
+    return body
+
+
+def model_fingerprint(arch: str, graph: ChannelGraph) -> str:
+    """Identifies a model's prunable structure; an analysis only applies to a model with the same one."""
+    try:
+        from dnnprune.surgery import model_fingerprint as shared
+    except ImportError:
+        return hashlib.sha256(json.dumps([arch, [[g.name, g.width] for g in graph.groups]]).encode()).hexdigest()
+    return shared(arch, graph)
+
+
+def _layer_info(model: nn.Module, plan: Plan, name: str, macs: dict[str, int]) -> dict[str, Any]:
+    group = plan.graph.group(name)
+    module = model.get_submodule(name)
+    return {"name": name, "type": group.layer_type, "width": group.width,
+            "params": sum(p.numel() for p in module.parameters()), "macs": macs.get(name, 0),
+            "members": list(group.members)}
+
+
+def _report(meta: Any, model: nn.Module, plan: Plan, config: AnalyzeSection, baseline: EvalResult,
+            measured: dict[tuple[str, int], dict[str, Any]], layer_info: list[dict[str, Any]], fingerprint: str,
+            full_groups: list[list[Any]], split: str) -> dict[str, Any]:
+    layers = []
+    for info in layer_info:
+        cells = []
+        for cell in (c for c in plan.cells if c.layer == info["name"]):
+            result = measured[(cell.layer, cell.removed)]
+            cells.append({"ratio": cell.ratio, "removed": cell.removed, **result})
+        drops = [baseline.top1 - c["top1"] for c in cells]
+        layers.append({**info, "cells": cells, "sensitivity": sum(drops) / len(drops),
+                       "loss_increase": sum(c["loss"] - baseline.loss for c in cells) / len(cells),
+                       "suggested_ratio": suggested_ratio(cells, baseline.top1, config.budget)})
+    return {
+        "model": {"arch": meta.arch, "fingerprint": fingerprint, "groups": full_groups,
+                  "checkpoint_sha256": meta.file_sha256, "params": sum(p.numel() for p in model.parameters()),
+                  "macs": sum(count_macs(model, tuple(meta.input_shape)).values())},
+        "dataset": meta.dataset,
+        "criterion": config.criterion,
+        "granularity": config.granularity,
+        "ratios": list(config.ratios),
+        "samples": baseline.samples,
+        "split": split,
+        "seed": config.seed,
+        "baseline": baseline.as_dict(),
+        "budget": config.budget,
+        "layers": layers,
+        "order": sensitivity_order(layers),
+    }
+
+
+def suggested_ratio(cells: list[dict[str, Any]], baseline_top1: float, budget: float) -> float:
+    """Largest grid ratio whose top-1 drop stays within the budget; 0 when none does."""
+    ok = [c["ratio"] for c in cells if baseline_top1 - c["top1"] <= budget + 1e-12]
+    return max(ok) if ok else 0.0
+
+
+def sensitivity_order(layers: list[dict[str, Any]]) -> list[str]:
+    """Least sensitive first (the paper's out-of-order pruning); ties by loss increase, then model order."""
+    ranked = sorted(enumerate(layers), key=lambda item: (item[1]["sensitivity"], item[1]["loss_increase"], item[0]))
+    return [layer["name"] for _, layer in ranked]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _batches(dataset: Dataset, batch_size: int, device: torch.device, channels_last: bool) -> Batches:
+    """The evaluation data, loaded once for all cells (same batches as `training.evaluate` would see)."""
+    out = []
+    for inputs, targets in make_loader(dataset, batch_size):
+        inputs = inputs.to(device)
+        if channels_last and inputs.dim() == 4:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        out.append((inputs, targets.to(device)))
+    if not out:
+        raise DnnpruneError("the evaluation split is empty; check the dataset and --samples")
+    return out
+
+
+class _Tally:
+    """Accumulates exactly as `training.evaluate` does, so both give the same numbers."""
+
+    def __init__(self) -> None:
+        self.correct1 = self.correct5 = self.total = self.num_classes = 0
+        self.loss_sum = 0.0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.num_classes = logits.shape[1]
+        self.loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
+        topk = logits.topk(min(5, self.num_classes), dim=1).indices
+        self.correct1 += (topk[:, 0] == targets).sum().item()
+        self.correct5 += (topk == targets[:, None]).any(dim=1).sum().item()
+        self.total += targets.numel()
+
+    def result(self) -> EvalResult:
+        top5 = self.correct5 / self.total if self.num_classes > 5 else None
+        return EvalResult(self.correct1 / self.total, top5, self.loss_sum / self.total, self.total)
+
+
+def _evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Batches,
+              inputs: Sequence[torch.Tensor] | None = None) -> EvalResult:
+    """Batch i is fed `inputs[i]` when given (a cached activation), else its images."""
+    tally = _Tally()
+    with torch.inference_mode():
+        for i, (x, y) in enumerate(batches):
+            tally.add(forward(x if inputs is None else inputs[i]), y)
+    return tally.result()
+
+
+# ----------------------------------------------------------------------------- prune and restore
+
+
+class _Snapshot:
+    """Everything in-place pruning may change (module attributes, parameter slots, the graph's maps)."""
+
+    def __init__(self, graph: ChannelGraph) -> None:
+        dg = graph.graph
+        modules = {id(m): m for m in graph.model.modules()}
+        modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
+        self.modules = [(m, _module_state(m)) for m in modules.values()]
+        self.dg = dg
+        self.dg_state = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(dg).items()}
+        self.nodes = [(node, node.module) for node in dg.module2node.values()]
+
+    def restore(self) -> None:
+        for module, state in self.modules:
+            module.__dict__.clear()
+            module.__dict__.update(_module_state(state, fresh=False))
+        self.dg.__dict__.clear()
+        self.dg.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in self.dg_state.items()})
+        for node, module in self.nodes:
+            node.module = module
+
+
+def _module_state(source: Any, fresh: bool = True) -> dict[str, Any]:
+    """A shallow copy of a module's __dict__ whose parameter/buffer/module tables are copies too."""
+    state = dict(vars(source)) if fresh else dict(source)
+    for key in ("_parameters", "_buffers", "_modules"):
+        if key in state:
+            state[key] = type(state[key])(state[key])
+    return state
+
+
+# ----------------------------------------------------------------------------- the traced model
+
+
+class _Trace:
+    """The model as an fx graph, and the points where a single activation carries everything forward."""
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], device: torch.device) -> None:
+        self.model = model
+        self.module = torch.fx.symbolic_trace(model)
+        self.graph = self.module.graph
+        self.nodes = list(self.graph.nodes)
+        if sum(n.op == "placeholder" for n in self.nodes) != 1 or self.nodes[0].op != "placeholder":
+            raise _NoTrace("the model takes more than one input")
+        self.pos = {n: i for i, n in enumerate(self.nodes)}
+        last = {n: max((self.pos[u] for u in n.users), default=self.pos[n]) for n in self.nodes}
+        self.release = [[] for _ in self.nodes]  # values no longer needed once node i ran
+        for n, i in last.items():
+            if n.op != "get_attr" and i > self.pos[n]:
+                self.release[i].append(n)
+        self.cuts = self._cuts(last)
+        self.mutates = any(_maybe_inplace(model, n) for n in self.nodes)
+        self.numel = self._numel(input_shape, device)
+
+    def _cuts(self, last: dict[torch.fx.Node, int]) -> list[int]:
+        cuts, live = [], set()
+        for i, node in enumerate(self.nodes):
+            if node.op == "output":
+                break
+            if node.op != "get_attr" and last[node] > i:
+                live.add(node)
+            live -= {n for n in live if last[n] <= i}
+            if live == {node}:
+                cuts.append(i)
+        return cuts
+
+    def _numel(self, input_shape: Sequence[int], device: torch.device) -> dict[int, int]:
+        """Elements per sample of each cut's activation."""
+        sizes: dict[int, int] = {}
+        with torch.inference_mode():
+            self.run(0, torch.zeros(1, *input_shape, device=device), record=sizes)
+        return sizes
+
+    def first_affected(self, members: Sequence[str]) -> int | None:
+        """Position of the first node that pruning these modules changes."""
+        def touches(target: str) -> bool:
+            return any(target == m or target.startswith(m + ".") or m.startswith(target + ".") for m in members)
+
+        found = []
+        for node in self.nodes:
+            if node.op == "call_module" and touches(str(node.target)):
+                found.append(self.pos[node])
+            elif node.op == "get_attr" and touches(str(node.target)):
+                found.extend(self.pos[u] for u in node.users)
+        return min(found) if found else None
+
+    def cut_before(self, position: int | None) -> int:
+        if position is None:
+            return 0
+        return max((c for c in self.cuts if c < position), default=0)
+
+    def run(self, start: int, value: torch.Tensor, stop: int | None = None,
+            record: dict[int, int] | None = None) -> torch.Tensor:
+        """Execute the nodes after `start` given its value; the value at `stop`, else the output."""
+        env: dict[torch.fx.Node, Any] = {self.nodes[start]: value}
+        cuts = set(self.cuts)
+
+        def load(node: torch.fx.Node) -> Any:
+            if node not in env and node.op == "get_attr":
+                env[node] = _fetch(self.model, self.module, str(node.target))
+            return env[node]
+
+        for i in range(start + 1, len(self.nodes)):
+            node = self.nodes[i]
+            if node.op == "output":
+                return torch.fx.node.map_arg(node.args[0], load)
+            if node.op == "get_attr":
+                continue
+            args = torch.fx.node.map_arg(node.args, load)
+            kwargs = torch.fx.node.map_arg(node.kwargs, load)
+            if node.op == "call_module":
+                env[node] = self.model.get_submodule(str(node.target))(*args, **kwargs)
+            elif node.op == "call_function":
+                env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+            elif node.op == "call_method":
+                env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                raise _NoTrace(f"unexpected fx node {node.op}")
+            if record is not None and i in cuts and isinstance(env[node], torch.Tensor):
+                record[i] = env[node][0].numel()
+            if i == stop:
+                return env[node]
+            for gone in self.release[i]:
+                env.pop(gone, None)
+        raise _NoTrace("the traced graph has no output")
+
+
+class _NoTrace(Exception):
+    pass
+
+
+def _fetch(model: nn.Module, traced: nn.Module, target: str) -> Any:
+    """Live attributes come from the model (pruning replaces them); fx's own constants from the trace."""
+    for root in (model, traced):
+        value: Any = root
+        try:
+            for part in target.split("."):
+                value = getattr(value, part)
+        except AttributeError:
+            continue
+        return value
+    raise _NoTrace(f"fx attribute {target} not found")
+
+
+def _maybe_inplace(model: nn.Module, node: torch.fx.Node) -> bool:
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(str(node.target)), "inplace", False))
+    if node.kwargs.get("inplace"):
+        return True
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and (name.endswith("_") and not name.endswith("__")
+                                                             or name.startswith("__i"))
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One distinct evaluation: ratios that remove the same number of channels share it."""
+
+    layer: str
+    removed: int
+    ratio: float
+
+
+def _distinct_jobs(plan: Plan) -> list[_Job]:
+    seen: dict[tuple[str, int], _Job] = {}
+    for cell in plan.cells:
+        seen.setdefault((cell.layer, cell.removed), _Job(cell.layer, cell.removed, cell.ratio))
+    return list(seen.values())
+
+
+def _share(jobs: list[_Job], cost: Callable[[_Job], float], world: int) -> list[list[_Job]]:
+    """Longest-processing-time-first split: deterministic, so every process agrees on it."""
+    shares: list[list[_Job]] = [[] for _ in range(world)]
+    load = [0.0] * world
+    for job in sorted(jobs, key=lambda j: -cost(j)):
+        target = min(range(world), key=lambda r: (load[r], r))
+        shares[target].append(job)
+        load[target] += cost(job)
+    return shares
+
+
+class _Engine:
+    """Measures cells on one working copy: prune, evaluate from the cached activation, restore."""
+
+    def __init__(self, work: nn.Module, plan: Plan, config: AnalyzeSection, batches: Batches, macs: dict[str, int],
+                 input_shape: Sequence[int], strategy: Strategy, original: nn.Module, unpruned: dict[str, Any]) -> None:
+        self.work, self.plan, self.config, self.batches, self.macs = work, plan, config, batches, macs
+        self.input_shape, self.strategy, self.original = tuple(input_shape), strategy, original
+        self.unpruned = unpruned
+        self.channels_last = config.channels_last
+        self.total_macs = max(1, sum(macs.values()))
+        self.fallbacks: set[str] = set()
+        self.guarded: set[str] = set()
+        self.trace: _Trace | None = None
+        if strategy == "fast":
+            try:
+                self.trace = _Trace(work, input_shape, batches[0][0].device)
+            except Exception:  # noqa: BLE001 - anything fx cannot trace is evaluated with full forwards
+                self.trace = None
+        self.cut = {name: self._cut(name) for name in plan.layers}
+
+    def _cut(self, layer: str) -> int:
+        if self.trace is None:
+            return 0
+        return self.trace.cut_before(self.trace.first_affected(self.plan.graph.group(layer).members))
+
+    def cost(self, job: _Job) -> float:
+        """Estimated MACs of one evaluation (the part after the cut, pruned layers shrunk)."""
+        members = set(self.plan.graph.group(job.layer).members)
+        keep = 1.0 - job.removed / max(1, self.plan.graph.group(job.layer).width)
+        if self.trace is None:
+            return sum(m * (keep if n in members else 1.0) for n, m in self.macs.items())
+        start = self.cut[job.layer]
+        total = 0.0
+        for node in self.trace.nodes[start + 1:]:
+            if node.op == "call_module" and str(node.target) in self.macs:
+                total += self.macs[str(node.target)] * (keep if str(node.target) in members else 1.0)
+        return total
+
+    def run(self, jobs: list[_Job], progress: ProgressFn | None) -> dict[tuple[str, int], dict[str, Any]]:
+        total = sum(self.cost(j) for j in jobs) / self.total_macs
+        done = 0.0
+        results: dict[tuple[str, int], dict[str, Any]] = {}
+        order = {name: i for i, name in enumerate(self.plan.layers)}
+        jobs = sorted(jobs, key=lambda j: (self.cut[j.layer], order[j.layer], j.removed))
+        cache_at, cache = 0, [x for x, _ in self.batches]
+        if progress is not None:
+            progress(0.0, total, f"0/{len(jobs)} cells")
+        for count, job in enumerate(jobs, 1):
+            if job.removed == 0:
+                results[(job.layer, 0)] = dict(self.unpruned)
+            elif self.strategy == "naive":
+                results[(job.layer, job.removed)] = self._naive(job)
+            else:
+                if self.trace is not None and job.layer not in self.fallbacks:
+                    cache_at, cache = self._advance(cache_at, cache, self.cut[job.layer])
+                results[(job.layer, job.removed)] = self._measure(job, cache_at, cache)
+            done += self.cost(job) / self.total_macs
+            if progress is not None:
+                progress(done, total, f"{count}/{len(jobs)} cells")
+        return results
+
+    def _advance(self, at: int, cache: list[torch.Tensor], cut: int) -> tuple[int, list[torch.Tensor]]:
+        """Move the cached activation forward to `cut`, unless it would not fit in memory."""
+        assert self.trace is not None
+        if cut <= at:
+            return at, cache
+        samples = sum(len(y) for _, y in self.batches)
+        size = self.trace.numel.get(cut, 0) * samples * self.batches[0][0].element_size()
+        if size > CACHE_BYTES:
+            return at, cache
+        with torch.inference_mode():
+            return cut, [self.trace.run(at, value, stop=cut) for value in cache]
+
+    def _measure(self, job: _Job, cache_at: int, cache: list[torch.Tensor]) -> dict[str, Any]:
+        snapshot = _Snapshot(self.plan.graph)
+        try:
+            with torch.no_grad():
+                self.plan.graph.prune({job.layer: removal(self.plan, Cell(job.layer, job.ratio, job.removed))})
+            if self.channels_last:
+                for name in self.plan.graph.group(job.layer).members:
+                    self.work.get_submodule(name).to(memory_format=torch.channels_last)
+            size = _size(self.work, self.input_shape)
+            if self.trace is None or job.layer in self.fallbacks or not self._guard(job, cache_at, cache):
+                return {**_as_cell(_evaluate(self.work, self.batches)), **size}
+            trace = self.trace
+            inputs = [c.clone() for c in cache] if trace.mutates else cache
+            result = _evaluate(lambda x: trace.run(cache_at, x), self.batches, inputs)
+            return {**_as_cell(result), **size}
+        finally:
+            snapshot.restore()
+
+    def _guard(self, job: _Job, cache_at: int, cache: list[torch.Tensor]) -> bool:
+        """Once per layer: does the traced suffix agree with the real pruned model?"""
+        assert self.trace is not None
+        if job.layer in self.guarded:
+            return job.layer not in self.fallbacks
+        self.guarded.add(job.layer)
+        x = self.batches[0][0][:_GUARD_SAMPLES]
+        with torch.inference_mode():
+            expected = self.work(x)
+            try:
+                got = self.trace.run(cache_at, cache[0][:_GUARD_SAMPLES].clone())
+                ok = isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(
+                    got, expected, rtol=1e-3, atol=1e-4)
+            except (RuntimeError, TypeError, ValueError, IndexError):
+                ok = False
+        if not ok:
+            self.fallbacks.add(job.layer)
+        return ok
+
+    def _naive(self, job: _Job) -> dict[str, Any]:
+        """The reference: a fresh copy, a fresh graph, a real prune, a full evaluation."""
+        model = copy.deepcopy(self.original).to(self.batches[0][0].device).eval()
+        graph = ChannelGraph(model, self.input_shape)
+        scores = graph.importance(job.layer, self.config.criterion, seed=self.config.seed)
+        with torch.no_grad():
+            graph.prune({job.layer: lowest(scores, job.removed)})
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return {**_as_cell(_evaluate(model, self.batches)), **_size(model, self.input_shape)}
+
+
+def _as_cell(result: EvalResult) -> dict[str, Any]:
+    return {"top1": result.top1, "top5": result.top5, "loss": result.loss}
+
+
+def _size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": sum(count_macs(model, tuple(input_shape)).values())}
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman's rank correlation, ties given their average rank."""
+    if len(a) != len(b) or len(a) < 2:
+        raise ValueError("spearman needs two sequences of the same length, at least 2")
+    ra, rb = _ranks(a), _ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va = sum((x - ma) ** 2 for x in ra)
+    vb = sum((y - mb) ** 2 for y in rb)
+    return cov / math.sqrt(va * vb) if va and vb else float("nan")
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def output_paths(json_path: Path) -> dict[str, Path]:
+    """The JSON report plus its CSV grid and PNG plot, side by side."""
+    return {"json": json_path, "csv": json_path.with_suffix(".csv"), "png": json_path.with_suffix(".png")}
+
+
+def grid_csv(report: dict[str, Any]) -> str:
+    lines = ["layer,ratio,removed,top1,top5,loss,params,macs"]
+    for layer in report["layers"]:
+        for c in layer["cells"]:
+            top5 = "" if c.get("top5") is None else repr(c["top5"])
+            lines.append(f"{layer['name']},{c['ratio']!r},{c['removed']},{c['top1']!r},{top5},{c['loss']!r},"
+                         f"{c['params']},{c['macs']}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(report: dict[str, Any]) -> bytes:
+    """Accuracy vs ratio, one line per layer (no pyplot: no global state, no display needed)."""
+    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    layers = report["layers"]
+    fig = Figure(figsize=(9, 5.5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    base = report["baseline"]["top1"] * 100
+    cmap = matplotlib.colormaps["tab20"]
+    markers = "osD^v<>ph*"
+    for i, layer in enumerate(layers):
+        xs = [0.0] + [c["ratio"] for c in layer["cells"]]
+        ys = [base] + [c["top1"] * 100 for c in layer["cells"]]
+        ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=3.5, linewidth=1.3,
+                color=cmap(i % 20), label=layer["name"])
+    ax.axhline(base - report["budget"] * 100, color="grey", linestyle="--", linewidth=1,
+               label=f"budget ({report['budget'] * 100:g} points)")
+    ax.set_xlabel("fraction of channels removed from the layer (pruned alone, no fine-tuning)")
+    ax.set_ylabel(f"top-1 accuracy on {report['samples']} {report['split']} samples (%)")
+    ax.set_title(f"{report['model']['arch']}: sensitivity to pruning ({report['criterion']} criterion)")
+    ax.set_xlim(0, 1)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, ncol=1 if len(layers) <= 22 else 2)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def write_outputs(report: dict[str, Any], json_path: Path) -> dict[str, Path]:
+    """JSON, CSV and PNG, each written atomically; everything is rendered before anything is written."""
+    paths = output_paths(Path(json_path))
+    csv_bytes, png_bytes = grid_csv(report).encode(), plot_png(report)
+    write_report(paths["json"], report)
+    atomic_write_bytes(paths["csv"], csv_bytes)
+    atomic_write_bytes(paths["png"], png_bytes)
+    return paths
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def distributed_env() -> tuple[int, int]:
+    """(rank, world size) as torchrun sets them; (0, 1) for a plain run."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(world: int) -> bool:
+    """Join torchrun's process group (gloo: cells are gathered as Python objects); True if we started it."""
+    if world <= 1 or not torch.distributed.is_available() or torch.distributed.is_initialized():
+        return False
+    torch.distributed.init_process_group("gloo")
+    return True

@@ -1,0 +1,88 @@
+"""`dnnprune prune CKPT -o OUT`: structured (channel) pruning that really removes channels."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from dnnprune.checkpoint import load, save
+from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
+                               RecipeOption, ReportOption, command, common_overrides, console, finish_report,
+                               prepare_output, recipe_with)
+from dnnprune.pruning import prune
+from dnnprune.pruning.structured import parse_target
+from dnnprune.recipe import recipe_sha256
+from dnnprune.report import envelope
+from dnnprune.training import progress_bar, resolve_device
+
+
+@command("prune")
+def prune_command(
+    checkpoint: Annotated[Path, typer.Argument(help="A dnnprune checkpoint (.safetensors).")],
+    output: OutputOption,
+    recipe: RecipeOption = None,
+    report: ReportOption = None,
+    ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in [0, 1).")] = None,
+    target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs (params, macs or bytes).")] = None,
+    criterion: Annotated[str | None, typer.Option(help="l1, l2, bn_scale, taylor or random.")] = None,
+    order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity or random.")] = None,
+    analysis: Annotated[Path | None, typer.Option(help="Report from `dnnprune analyze` (for --order sensitivity).")] = None,
+    accuracy_aware: Annotated[bool | None, typer.Option("--accuracy-aware/--one-shot", help="Prune step by step, fine-tuning and backing off layers that lose accuracy.")] = None,
+    global_threshold: Annotated[bool | None, typer.Option("--global/--per-layer", help="One threshold over all layers' normalised scores.")] = None,
+    max_accuracy_drop: Annotated[float | None, typer.Option(help="Accuracy-aware: largest val top-1 drop a step may cause (0.01 = 1 point).")] = None,
+    step: Annotated[float | None, typer.Option(help="Accuracy-aware: ratio added to a layer per step.")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
+    evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,
+    dataset: DatasetOption = None,
+    data_root: DataRootOption = None,
+    download: DownloadOption = None,
+    device: DeviceOption = None,
+    force: ForceOption = False,
+) -> None:
+    """Remove whole channels (filters) so the saved model is really smaller and faster."""
+    metric, factor = parse_target(target) if target is not None else (None, None)
+    overrides = {"prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
+                 "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
+                 "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
+                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.exclude": exclude or None,
+                 "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
+    config = recipe_with(recipe, overrides)
+    prepare_output(output, force=force, inputs=(checkpoint,))
+    model = load(checkpoint)
+    progress = progress_bar()
+    model, result = prune(model, config.prune, data=config.data, device=resolve_device(config.device),
+                          progress=progress, on_step=lambda row: progress.console.print(_step_line(row)),
+                          recipe_sha256=recipe_sha256(config))
+    save(model, output, force=force, protect=(checkpoint,))
+    inputs = {"checkpoint": str(checkpoint), "recipe": recipe, "analysis": config.prune.analysis}
+    path = finish_report(envelope("prune", result, inputs=inputs), output, report)
+    _print_summary(result, output, path)
+
+
+def _step_line(row: dict[str, Any]) -> str:
+    verdict = "[green]kept[/]" if row["accepted"] else "[red]undone[/]"
+    return (f"step {row['step']:>3}  {row['layer']:<28} ratio {row['ratio']:.2f}  width {row['width_before']}->"
+            f"{row['width_after']}  params {row['params']:,}  MACs {row['macs']:,}  val top-1 {row['val_top1']:.4f}"
+            f"  drop {row['drop'] * 100:.2f} pts  {verdict}")
+
+
+def _print_summary(result: dict[str, Any], output: Path, report_path: Path) -> None:
+    table = Table(title=f"prune: {result['arch']} ({result['mode']}, {result['criterion']})")
+    for column in ("", "before", "after", "reduction"):
+        table.add_column(column, justify="right")
+    before, after = result["before"], result["after"]
+    for key in ("params", "macs", "bytes"):
+        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}", f"{result['reduction'][key]:.2f}x")
+    for split in ("val", "test"):
+        if before.get(split) and after.get(split):
+            table.add_row(f"{split} top-1", f"{before[split]['top1']:.4f}", f"{after[split]['top1']:.4f}",
+                          f"{-result['accuracy_drop'][split] * 100:+.2f} pts")
+    console.print(table)
+    if result.get("target") and not result["target"]["met"]:
+        console.print(f"[yellow]target {result['target']['factor']:g}x {result['target']['metric']} not met "
+                      f"(reached {result['target']['reached']:.2f}x): no layer could take more within the accuracy budget")
+    console.print(f"-> {output}  (report {report_path}, {result['seconds']['total']:.1f} s)")

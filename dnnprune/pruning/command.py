@@ -1,0 +1,341 @@
+"""`prune(model, config)`: the one library entry point behind `dnnprune prune`.
+
+Everything a user can get wrong (patterns, ratios, the analysis file, data, an unreachable target) is
+checked before any training or surgery, so a bad input fails fast and nothing is written.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+from rich.progress import Progress
+
+from dnnprune.checkpoint import CheckpointMeta, meta_of
+from dnnprune.errors import PruningError
+from dnnprune.pruning.schedule import (LoopResult, StepEnvironment, StepRow, accuracy_aware, layer_order, load_analysis,
+                                       order_weights, target_check)
+from dnnprune.pruning.structured import (GlobalRanking, Limits, Plan, TargetSolution, apply_plan, model_size,
+                                         pattern_ratios, pruned_size, ratio_plan, score_groups, solve_target,
+                                         uniform_ratios)
+from dnnprune.recipe import DataSection, FineTuneSection, PruneSection
+from dnnprune.surgery import ChannelGraph, accumulate_gradients
+from dnnprune.training import EvalResult, evaluate, total_steps, train
+
+
+def prune(model: nn.Module, config: PruneSection, *, data: DataSection | None = None,
+          device: torch.device | str = "cpu", progress: Progress | None = None,
+          on_step: Callable[[StepRow], None] | None = None,
+          recipe_sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Structured pruning per the recipe's prune section; returns the pruned model and the report body.
+
+    The input model is consumed (one-shot pruning works on it in place). The result carries the
+    metadata, with a `prune` lineage entry, ready for `dnnprune.save`. A `progress` that is not
+    started yet is shown only once validation passed, so a bad input prints nothing but its error.
+    """
+    started = time.perf_counter()
+    job = _Job(model, config, data or DataSection(), torch.device(device), progress)
+    job.validate()
+    with _shown(progress):
+        before = job.measure(model, "before")
+        if config.accuracy_aware:
+            model, details = job.run_accuracy_aware(on_step)
+        else:
+            details = job.run_one_shot()
+        history = job.finetune(model, config.finetune, "final fine-tune")
+        after = job.measure(model, "after")
+    report = job.report(model, before, after, details, history, time.perf_counter() - started)
+    model.to("cpu").eval()
+    meta_of(model).lineage_entry("prune", recipe_sha256, _lineage_metrics(report))
+    return model, report
+
+
+@contextmanager
+def _shown(progress: Progress | None) -> Iterator[None]:
+    if progress is None or progress.live.is_started:
+        yield
+        return
+    progress.start()
+    try:
+        yield
+    finally:
+        progress.stop()
+
+
+def _check_how_much(config: PruneSection) -> None:
+    if config.target is not None and config.target_factor is None:
+        raise PruningError(f"target {config.target!r} needs target_factor (e.g. --target {config.target}:3)")
+    if config.target_factor is not None and config.target is None:
+        raise PruningError("target_factor needs a target metric: params, macs or bytes (e.g. --target macs:3)")
+    if config.target is not None and config.ratio is not None:
+        raise PruningError("give either a ratio or a target, not both (a target solves for the ratio)")
+    if config.ratio is None and not config.ratios and config.target is None:
+        raise PruningError("say how much to prune: --ratio R, --target macs:3, or prune.ratios in the recipe")
+    if config.global_threshold and config.ratio is None and config.target is None:
+        raise PruningError("global_threshold needs a ratio (the fraction of all channels) or a target")
+    if config.order == "sensitivity" and config.analysis is None:
+        raise PruningError("--order sensitivity needs an analysis report: pass --analysis A.json (from `dnnprune analyze`)")
+
+
+@dataclass
+class _Feeds:
+    """Data loaders, built lazily and only when something needs data."""
+
+    meta: CheckpointMeta
+    section: DataSection
+
+    def check(self) -> None:
+        from dnnprune.loaders import splits_for
+
+        splits_for(self.meta, self.section)
+
+    def eval(self, split: str, samples: int | None, seed: int) -> Any:
+        from dnnprune.loaders import eval_loader
+
+        return eval_loader(self.meta, self.section, split=split, samples=samples, seed=seed)
+
+    def train(self, batch_size: int, seed: int) -> Any:
+        from dnnprune.loaders import train_loader
+
+        return train_loader(self.meta, self.section, batch_size, seed)
+
+
+class _Job:
+    """One pruning run: the validated inputs, then the steps `prune` strings together."""
+
+    def __init__(self, model: nn.Module, config: PruneSection, data: DataSection, device: torch.device,
+                 progress: Progress | None) -> None:
+        self.model = model.to(device)
+        self.config = config
+        self.meta = meta_of(model)
+        self.shape = tuple(self.meta.input_shape)
+        self.device = device
+        self.progress = progress
+        self.limits = Limits.of(config)
+        self.feeds = _Feeds(self.meta, data)
+        self.seconds: dict[str, float] = {}
+
+    # -- validation, before any heavy work ------------------------------------------------
+
+    def validate(self) -> None:
+        config = self.config
+        _check_how_much(config)
+        self.graph = ChannelGraph(self.model, self.shape, exclude=config.exclude)
+        if not self.graph.groups:
+            raise PruningError(f"{self.meta.arch} has no prunable layer left (all excluded, locked or output layers)")
+        self.widths_before = self.graph.widths()
+        self.fixed = pattern_ratios(self.model, self.graph, config.ratios) if config.ratios else {}
+        self.analysis = load_analysis(config.analysis, self.meta.arch, self.graph) if config.analysis else None
+        self.order = layer_order(self.graph, config.order, analysis=self.analysis, seed=config.seed)
+        if self._needs_data():
+            self.feeds.check()
+        self.base_size = model_size(self.model, self.shape)
+        if config.target is not None:
+            self._check_reachable()
+
+    def _needs_data(self) -> bool:
+        config = self.config
+        return (config.evaluate or config.accuracy_aware or config.criterion == "taylor"
+                or self._has_steps(config.finetune) or self._has_steps(config.step_finetune))
+
+    @staticmethod
+    def _has_steps(section: FineTuneSection) -> bool:
+        return section.epochs > 0 or section.max_steps is not None
+
+    def _check_reachable(self) -> None:
+        """A target beyond what every layer at its cap gives is an input error, found up front."""
+        caps = {g.name: self.fixed.get(g.name, 1.0) for g in self.graph.groups}
+        plan = ratio_plan(self.graph, caps, self.limits)
+        size = pruned_size(self.model, self.shape, _unit_scores(self.graph), plan, self.config.exclude)
+        reachable = self.base_size[self.config.target] / max(1, size[self.config.target])
+        if reachable < self.config.target_factor:
+            raise PruningError(f"cannot make the model {self.config.target_factor:g}x smaller in {self.config.target} "
+                               f"without emptying layers: the most the limits allow (max_ratio {self.config.max_ratio}, "
+                               f"min_channels {self.config.min_channels}, excluded layers) is {reachable:.2f}x")
+
+    # -- one-shot --------------------------------------------------------------------------
+
+    def run_one_shot(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        scores = self._scores(self.model, self.graph)
+        solution = self._plan(scores)
+        removed = apply_plan(self.graph, scores, solution.plan)
+        self.seconds["plan_and_surgery"] = time.perf_counter() - started
+        return {"mode": self._mode(), "knob": solution.knob, "removed": {k: len(v) for k, v in removed.items()}}
+
+    def _mode(self) -> str:
+        if self.config.target is not None:
+            return f"target-{'global' if self.config.global_threshold else 'uniform'}"
+        if self.config.global_threshold:
+            return "global"
+        return "uniform" if self.config.ratio is not None else "ratios"
+
+    def _plan(self, scores: dict[str, torch.Tensor]) -> TargetSolution:
+        config = self.config
+        plan_at = self._plan_family(scores)
+        if config.target is None:
+            knob = config.ratio if config.ratio is not None else 0.0
+            return TargetSolution(plan_at(knob), knob, 1.0, {})
+        measure = lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude)  # noqa: E731
+        return solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
+
+    def _plan_family(self, scores: dict[str, torch.Tensor]) -> Callable[[float], Plan]:
+        """Plans indexed by one knob in [0, 1]: a uniform ratio, or a global fraction of all channels."""
+        fixed_plan = ratio_plan(self.graph, self.fixed, self.limits)
+        if self.config.global_threshold:
+            ranking = GlobalRanking(self.graph, scores, self.limits)
+            return lambda knob: ranking.plan(knob, fixed_plan)
+        weights = order_weights(self.order, self.config.order if self.config.target is not None else "sequential")
+        stretch = 1.0 / min(weights.values())
+        return lambda knob: ratio_plan(self.graph, {name: min(1.0, knob * weights[name] * stretch) for name in self.order}
+                                       | self.fixed, self.limits)
+
+    def _scores(self, model: nn.Module, graph: ChannelGraph, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        if self.config.criterion == "taylor":
+            batches = _take(self.feeds.train(self.config.finetune.batch_size, self.config.seed), self.config.taylor_batches)
+            accumulate_gradients(model, batches, self.device)
+        try:
+            if names is None:
+                return score_groups(graph, self.config.criterion, seed=self.config.seed)
+            return {n: graph.importance(n, self.config.criterion, seed=self.config.seed) for n in names}
+        finally:
+            model.zero_grad(set_to_none=True)
+
+    # -- accuracy-aware ----------------------------------------------------------------------
+
+    def run_accuracy_aware(self, on_step: Callable[[StepRow], None] | None) -> tuple[nn.Module, dict[str, Any]]:
+        config = self.config
+        if config.target is None and config.ratio is None and not self.fixed:
+            raise PruningError("accuracy-aware pruning needs a target (--target macs:3) or a ratio to reach")
+        val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
+        caps = self.fixed if config.target is not None else uniform_ratios(self.graph, config.ratio or 0.0, self.fixed)
+        env = StepEnvironment(
+            input_shape=self.shape, limits=self.limits, step=config.step, max_drop=config.max_accuracy_drop,
+            score=lambda m, g, name: self._scores(m, g, [name])[name],
+            finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune {name}") or {}).get("steps", 0),
+            evaluate=lambda m: evaluate(m, val, self.device).top1,
+            target_met=target_check(config.target, config.target_factor, self.base_size),
+            exclude=config.exclude, caps=caps, on_step=on_step)
+        started = time.perf_counter()
+        result = accuracy_aware(self.model, self.order, env)
+        self.seconds["accuracy_aware"] = time.perf_counter() - started
+        self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
+        return result.model, _loop_details(result)
+
+    # -- fine-tuning and measuring -------------------------------------------------------------
+
+    def finetune(self, model: nn.Module, section: FineTuneSection, description: str) -> dict[str, Any] | None:
+        if not self._has_steps(section):
+            return None
+        if section.max_steps is not None and section.epochs == 0:  # max_steps alone: that many steps
+            section = section.model_copy(update={"epochs": float(section.max_steps)})
+        loader = self.feeds.train(section.batch_size, self.config.seed)
+        if total_steps(section, len(loader)) == 0:
+            return None
+        started = time.perf_counter()
+        shown = set(self.progress.task_ids) if self.progress is not None else set()
+        history = train(model, loader, section, device=self.device, progress=self.progress,
+                        description=description, seed=self.config.seed)
+        final = description == "final fine-tune"
+        if self.progress is not None and not final:  # the step's row says how it went; keep the screen short
+            for task in set(self.progress.task_ids) - shown:
+                self.progress.remove_task(task)
+        key = "final_finetune" if final else "step_finetune"
+        self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
+        return history.as_dict()
+
+    def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
+        size = model_size(model, self.shape)
+        if not self.config.evaluate:
+            return {**size, "val": None, "test": None}
+        started = time.perf_counter()
+        result = {**size, "val": self._accuracy(model, "val"), "test": self._accuracy(model, "test")}
+        self.seconds[f"evaluate_{label}"] = time.perf_counter() - started
+        return result
+
+    def _accuracy(self, model: nn.Module, split: str) -> dict[str, Any]:
+        loader = self.feeds.eval(split, self.config.samples, self.config.seed)
+        result: EvalResult = evaluate(model, loader, self.device)
+        return result.as_dict()
+
+    # -- the report ---------------------------------------------------------------------------
+
+    def report(self, model: nn.Module, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
+               history: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+        config = self.config
+        return {
+            "arch": self.meta.arch,
+            "criterion": config.criterion,
+            "order": config.order,
+            "layer_order": self.order,
+            "accuracy_aware": config.accuracy_aware,
+            "config": config.model_dump(mode="json"),
+            "before": before,
+            "after": after,
+            "reduction": {k: before[k] / max(1, after[k]) for k in ("params", "macs", "bytes")},
+            "accuracy_drop": _drops(before, after),
+            "target": self._target_block(after),
+            "layers": self._layer_rows(),
+            "locked": dict(self.graph.locked),
+            **details,
+            "final_finetune": history,
+            "seconds": {**self.seconds, "total": seconds},
+        }
+
+    def _target_block(self, after: dict[str, Any]) -> dict[str, Any] | None:
+        if self.config.target is None:
+            return None
+        reached = self.base_size[self.config.target] / max(1, after[self.config.target])
+        return {"metric": self.config.target, "factor": self.config.target_factor, "reached": reached,
+                "met": reached >= self.config.target_factor}
+
+    def _layer_rows(self) -> list[dict[str, Any]]:
+        after = self.graph.widths()
+        prunable = {g.name for g in self.graph.groups}
+        rows = []
+        for group in self.graph.all_groups:
+            width = self.widths_before.get(group.name, group.width)
+            now = after.get(group.name, width)
+            rows.append({"name": group.name, "type": group.layer_type, "width_before": width, "width_after": now,
+                         "ratio": 1.0 - now / width if width else 0.0, "excluded": group.name not in prunable})
+        return rows
+
+
+def _unit_scores(graph: ChannelGraph) -> dict[str, torch.Tensor]:
+    """Any scores do to measure a plan's size: only the counts matter."""
+    return {g.name: torch.arange(g.width, dtype=torch.float32) for g in graph.groups}
+
+
+def _take(loader: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    batches = []
+    for batch in loader:
+        batches.append((batch[0], batch[1]))
+        if len(batches) >= count:
+            break
+    return batches
+
+
+def _loop_details(result: LoopResult) -> dict[str, Any]:
+    return {"mode": "accuracy-aware", "baseline_val_top1": result.baseline_top1, "layer_ratios": result.ratios,
+            "steps": result.rows, "target_met_during_loop": result.target_met}
+
+
+def _drops(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+    drops: dict[str, float | None] = {}
+    for split in ("val", "test"):
+        b, a = before.get(split), after.get(split)
+        drops[split] = (b["top1"] - a["top1"]) if b and a else None
+    return drops
+
+
+def _lineage_metrics(report: dict[str, Any]) -> dict[str, Any]:
+    after = report["after"]
+    metrics = {"params": after["params"], "macs": after["macs"], "macs_reduction": report["reduction"]["macs"],
+               "params_reduction": report["reduction"]["params"]}
+    if after.get("test"):
+        metrics["test_top1"] = after["test"]["top1"]
+    return metrics

@@ -1,0 +1,171 @@
+"""In which order layers are pruned, and the accuracy-aware loop that walks that order.
+
+`sensitivity` order comes from an `analyze` report: least sensitive layers first (out-of-order pruning).
+The accuracy-aware loop raises one layer's ratio per step on a copy of the model, fine-tunes briefly,
+evaluates, and keeps the step only if accuracy stayed within `max_accuracy_drop` of the original.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dnnprune.errors import PruningError
+from dnnprune.pruning.structured import Limits, Metric, model_size
+from dnnprune.surgery import ChannelGraph, model_fingerprint
+
+StepRow = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- the analysis report
+
+
+def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
+    """Read an `analyze` report and make sure it was made for this very model (same layers and widths)."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PruningError(f"analysis report {path} not found; run `dnnprune analyze CKPT -o {path}` first") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file `dnnprune analyze` wrote") from None
+    if not isinstance(report, dict) or report.get("command") != "analyze" or not isinstance(report.get("model"), dict):
+        raise PruningError(f"{path} is not an analysis report (no command: analyze); pass the file `dnnprune analyze` wrote")
+    made_for = report["model"]
+    if made_for.get("fingerprint") != model_fingerprint(arch, graph):
+        raise PruningError(f"analysis {path} was made for another model ({made_for.get('arch')}, "
+                           f"{len(made_for.get('groups') or [])} layer groups) than this {arch} checkpoint "
+                           f"({len(graph.all_groups)} groups); run `dnnprune analyze` on this checkpoint")
+    if not isinstance(report.get("order"), list):
+        raise PruningError(f"analysis report {path} has no layer order; re-run `dnnprune analyze`")
+    return report
+
+
+# ----------------------------------------------------------------------------- orders
+
+
+def layer_order(graph: ChannelGraph, order: str, *, analysis: dict[str, Any] | None = None, seed: int = 0) -> list[str]:
+    """Prunable group names in the order the chosen policy visits them."""
+    names = [g.name for g in graph.groups]
+    if order == "sequential":
+        return names
+    if order == "reverse":
+        return names[::-1]
+    if order == "random":
+        shuffled = list(names)
+        random.Random(seed).shuffle(shuffled)
+        return shuffled
+    if order == "sensitivity":
+        if analysis is None:
+            raise PruningError("--order sensitivity needs an analysis report: pass --analysis A.json (from `dnnprune analyze`)")
+        ranked = [n for n in analysis["order"] if n in names]
+        return ranked + [n for n in names if n not in ranked]
+    raise PruningError(f"unknown order {order!r}; choose sequential, reverse, sensitivity or random")
+
+
+def order_weights(order: Sequence[str], policy: str) -> dict[str, float]:
+    """One-shot pruning with a sensitivity order: the least sensitive layer takes the full ratio,
+    the most sensitive half of it, linearly in between. Other orders weigh every layer the same."""
+    if policy != "sensitivity" or len(order) < 2:
+        return dict.fromkeys(order, 1.0)
+    last = len(order) - 1
+    return {name: 1.0 - 0.5 * rank / last for rank, name in enumerate(order)}
+
+
+# ----------------------------------------------------------------------------- accuracy-aware loop
+
+
+@dataclass
+class StepEnvironment:
+    """What the loop needs from outside: data-bound callables and the limits of the plan."""
+
+    input_shape: tuple[int, ...]
+    limits: Limits
+    step: float
+    max_drop: float
+    score: Callable[[nn.Module, ChannelGraph, str], torch.Tensor]
+    finetune: Callable[[nn.Module, str], int | None]
+    evaluate: Callable[[nn.Module], float]
+    target_met: Callable[[dict[str, int]], bool]
+    exclude: Sequence[str] = ()
+    caps: dict[str, float] = field(default_factory=dict)
+    on_step: Callable[[StepRow], None] | None = None
+
+
+@dataclass
+class LoopResult:
+    model: nn.Module
+    baseline_top1: float
+    ratios: dict[str, float]
+    rows: list[StepRow]
+    target_met: bool
+
+
+def accuracy_aware(model: nn.Module, order: Sequence[str], env: StepEnvironment) -> LoopResult:
+    """Round-robin over `order`: each visit raises one layer's ratio by `step`; a step that costs more than
+    `max_drop` of the original accuracy is undone and that layer is left alone from then on."""
+    widths = ChannelGraph(model, env.input_shape, exclude=env.exclude).widths()
+    baseline = env.evaluate(model)
+    ratios = dict.fromkeys(order, 0.0)
+    active = list(order)
+    rows: list[StepRow] = []
+    while active:
+        for name in list(active):
+            outcome = _try_step(model, name, ratios[name], widths[name], baseline, env, len(rows) + 1)
+            if outcome is None:
+                active.remove(name)
+                continue
+            candidate, new_ratio, row = outcome
+            if row is None:
+                ratios[name] = new_ratio
+                continue
+            rows.append(row)
+            if env.on_step is not None:
+                env.on_step(row)
+            if not row["accepted"]:
+                active.remove(name)
+                continue
+            model, ratios[name] = candidate, new_ratio
+            if row["target_met"]:
+                return LoopResult(model, baseline, ratios, rows, True)
+    return LoopResult(model, baseline, ratios, rows, False)
+
+
+def _try_step(model: nn.Module, name: str, ratio: float, width: int, baseline: float, env: StepEnvironment,
+              number: int) -> tuple[nn.Module, float, StepRow | None] | None:
+    """None: the layer can take no more. A None row: the higher ratio removes no channel yet."""
+    cap = min(env.caps.get(name, 1.0), env.limits.max_ratio)
+    new_ratio = min(round(ratio + env.step, 6), cap)
+    if new_ratio <= ratio:
+        return None
+    candidate = copy.deepcopy(model)
+    graph = ChannelGraph(candidate, env.input_shape, exclude=env.exclude)
+    before = graph.width(name)
+    count = before - env.limits.keep(width, new_ratio)
+    removed = graph.choose(name, env.score(candidate, graph, name), count) if count > 0 else []
+    if not removed:
+        return (candidate, new_ratio, None) if new_ratio < cap else None
+    started = time.perf_counter()
+    graph.prune({name: removed})
+    steps = env.finetune(candidate, name) or 0
+    top1 = env.evaluate(candidate)
+    size = model_size(candidate, env.input_shape)
+    row = {"step": number, "layer": name, "ratio": new_ratio, "width_before": before, "width_after": graph.width(name),
+           **size, "val_top1": top1, "drop": baseline - top1, "accepted": baseline - top1 <= env.max_drop,
+           "target_met": env.target_met(size), "finetune_steps": steps, "seconds": time.perf_counter() - started}
+    row["target_met"] = row["target_met"] and row["accepted"]
+    return candidate, new_ratio, row
+
+
+def target_check(metric: Metric | None, factor: float | None, base: dict[str, int]) -> Callable[[dict[str, int]], bool]:
+    """True once the model is `factor` times smaller in `metric`; never without a target."""
+    if metric is None or factor is None:
+        return lambda _size: False
+    return lambda size: base[metric] / max(1, size[metric]) >= factor

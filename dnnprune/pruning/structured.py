@@ -1,0 +1,190 @@
+"""How many channels each layer loses: uniform, per-pattern, global threshold, or solved for a target.
+
+A plan maps a channel-group name to the number of channels to remove; which channels go is decided
+by the criterion's scores (`ChannelGraph.choose`). Every plan honours the per-layer floor and cap, so
+no layer is ever emptied.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
+
+import torch
+import torch.nn as nn
+
+from dnnprune.errors import PruningError
+from dnnprune.metrics import count_macs, count_parameters
+from dnnprune.patterns import select_layers
+from dnnprune.recipe import PruneSection
+from dnnprune.surgery import ChannelGraph, channels_to_keep
+
+Plan = dict[str, int]
+Metric = Literal["params", "macs", "bytes"]
+METRICS: tuple[Metric, ...] = ("params", "macs", "bytes")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The per-layer floor (min_channels, min_fraction) and cap (max_ratio) every plan obeys."""
+
+    min_channels: int = 1
+    min_fraction: float = 0.0
+    max_ratio: float = 0.95
+
+    @classmethod
+    def of(cls, config: PruneSection) -> Limits:
+        return cls(config.min_channels, config.min_fraction, config.max_ratio)
+
+    def keep(self, width: int, ratio: float) -> int:
+        return channels_to_keep(width, ratio, min_channels=self.min_channels, min_fraction=self.min_fraction,
+                                max_ratio=self.max_ratio)
+
+    def removable(self, width: int) -> int:
+        return width - self.keep(width, 1.0)
+
+
+# ----------------------------------------------------------------------------- scores and plans
+
+
+def score_groups(graph: ChannelGraph, criterion: str, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One score per channel for every prunable group (low = removed first)."""
+    return {g.name: graph.importance(g.name, criterion, seed=seed) for g in graph.groups}
+
+
+def ratio_plan(graph: ChannelGraph, ratios: dict[str, float], limits: Limits) -> Plan:
+    """Remove `ratio` of each named group's channels (of its current width)."""
+    widths = {g.name: g.width for g in graph.groups}
+    return {name: widths[name] - limits.keep(widths[name], ratio) for name, ratio in ratios.items()}
+
+
+def uniform_ratios(graph: ChannelGraph, ratio: float, fixed: dict[str, float] | None = None) -> dict[str, float]:
+    """The same ratio everywhere, except the layers a pattern fixed."""
+    fixed = fixed or {}
+    return {g.name: fixed.get(g.name, ratio) for g in graph.groups}
+
+
+def pattern_ratios(model: nn.Module, graph: ChannelGraph, patterns: dict[str, float]) -> dict[str, float]:
+    """Resolve `pattern -> ratio` to group names; the last matching pattern wins.
+
+    A pattern selects a group when it matches one of the layers whose filters the group removes.
+    """
+    resolved: dict[str, float] = {}
+    for pattern, ratio in patterns.items():
+        matched = set(select_layers(model, [pattern], what="ratio pattern"))
+        hits = [g.name for g in graph.groups if matched & set(g.outputs)]
+        if not hits:
+            shown = ", ".join(g.name for g in graph.groups[:6]) + (", ..." if len(graph.groups) > 6 else "")
+            raise PruningError(f"ratio pattern {pattern!r} matches no prunable layer (excluded, locked or an output "
+                               f"layer); prunable layers: {shown}")
+        resolved.update(dict.fromkeys(hits, ratio))
+    return resolved
+
+
+class GlobalRanking:
+    """All channels of all groups ranked by score normalised per group (by its mean), so one threshold
+    can cut across layers; each group still keeps its floor."""
+
+    def __init__(self, graph: ChannelGraph, scores: dict[str, torch.Tensor], limits: Limits) -> None:
+        self.widths = {g.name: g.width for g in graph.groups}
+        self.caps = {name: limits.removable(width) for name, width in self.widths.items()}
+        entries = []
+        for name, values in scores.items():
+            normalised = values / values.abs().mean().clamp_min(1e-12)
+            entries.extend((float(v), name, i) for i, v in enumerate(normalised))
+        self.entries = sorted(entries)
+
+    def plan(self, fraction: float, fixed: Plan | None = None) -> Plan:
+        """Remove the `fraction` of all channels with the lowest normalised scores."""
+        fixed = fixed or {}
+        budget = round(fraction * sum(self.widths.values())) - sum(fixed.values())
+        counts = {name: fixed.get(name, 0) for name in self.widths}
+        for _, name, _ in self.entries:
+            if budget <= 0:
+                break
+            if name not in fixed and counts[name] < self.caps[name]:
+                counts[name] += 1
+                budget -= 1
+        return counts
+
+
+# ----------------------------------------------------------------------------- applying and measuring
+
+
+def apply_plan(graph: ChannelGraph, scores: dict[str, torch.Tensor], plan: Plan) -> dict[str, list[int]]:
+    """Remove the lowest-scoring channels the plan asks for, in place; returns the removed indices."""
+    removed = {name: graph.choose(name, scores[name], count) for name, count in plan.items() if count > 0}
+    graph.prune(removed)
+    return removed
+
+
+def model_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """Parameters, MACs (batch 1) and tensor bytes (parameters and buffers as stored)."""
+    tensors = model.state_dict().values()
+    return {"params": count_parameters(model), "macs": sum(count_macs(model, tuple(input_shape)).values()),
+            "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+
+
+def pruned_size(model: nn.Module, input_shape: Sequence[int], scores: dict[str, torch.Tensor], plan: Plan,
+                exclude: Sequence[str] = ()) -> dict[str, int]:
+    """The size a plan gives, measured on a really pruned copy (the original is untouched)."""
+    clone = copy.deepcopy(model)
+    apply_plan(ChannelGraph(clone, input_shape, exclude=exclude), scores, plan)
+    return model_size(clone, input_shape)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class TargetSolution:
+    plan: Plan
+    knob: float
+    factor: float
+    size: dict[str, int]
+
+
+def solve_target(measure: Callable[[Plan], dict[str, int]], plan_at: Callable[[float], Plan], metric: Metric,
+                 factor: float, base: dict[str, int], *, tolerance: float = 1e-3) -> TargetSolution:
+    """Smallest knob in [0, 1] (a ratio or a global fraction) whose plan is `factor` times smaller.
+
+    Size falls monotonically with the knob, so bisection on real measurements finds it. Raises when
+    even the knob at 1 (every layer at its cap) falls short, naming the best reachable factor.
+    """
+    cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
+
+    def reduction(plan: Plan) -> tuple[float, dict[str, int]]:
+        key = tuple(sorted(plan.items()))
+        if key not in cache:
+            cache[key] = measure(plan)
+        return base[metric] / max(1, cache[key][metric]), cache[key]
+
+    best, size = reduction(plan_at(1.0))
+    if best < factor:
+        raise PruningError(f"cannot make the model {factor:g}x smaller in {metric} without emptying layers: the most "
+                           f"the limits allow (max_ratio, min_channels, min_fraction, excluded layers) is {best:.2f}x")
+    low, high = 0.0, 1.0
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        if reduction(plan_at(middle))[0] >= factor:
+            high = middle
+        else:
+            low = middle
+    reached, size = reduction(plan_at(high))
+    return TargetSolution(plan_at(high), high, reached, size)
+
+
+def parse_target(text: str) -> tuple[Metric, float]:
+    """`macs:3` -> ("macs", 3.0): three times fewer MACs."""
+    metric, _, number = text.partition(":")
+    if metric not in METRICS or not number:
+        raise PruningError(f"--target takes METRIC:FACTOR with METRIC one of {', '.join(METRICS)}, e.g. macs:3; got {text!r}")
+    try:
+        value = float(number)
+    except ValueError:
+        raise PruningError(f"--target factor must be a number, e.g. macs:3; got {text!r}") from None
+    if not math.isfinite(value) or value <= 1.0:
+        raise PruningError(f"--target factor must be greater than 1 (3 means 3x fewer); got {value:g}")
+    return metric, value  # type: ignore[return-value]

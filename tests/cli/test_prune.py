@@ -1,0 +1,119 @@
+"""`dnnprune prune` end to end: real files in, a smaller checkpoint and a report out; bad input fails cleanly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import dnnprune
+from dnnprune.cli import app
+from dnnprune.surgery import ChannelGraph, model_fingerprint
+from tests.cli.test_bad_input import _assert_clean_failure
+from tests.conftest import make_checkpoint, needs_fmnist
+
+
+@pytest.fixture
+def resnet_checkpoint(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+
+
+def _write_analysis(path: Path, checkpoint: Path, order_reversed: bool = True) -> Path:
+    model = dnnprune.load(checkpoint)
+    meta = dnnprune.meta_of(model)
+    graph = ChannelGraph(model, meta.input_shape)
+    names = [g.name for g in graph.groups]
+    path.write_text(json.dumps({
+        "command": "analyze",
+        "model": {"arch": meta.arch, "fingerprint": model_fingerprint(meta.arch, graph),
+                  "groups": [[g.name, g.width] for g in graph.all_groups]},
+        "layers": [], "order": names[::-1] if order_reversed else names, "baseline": {"top1": 0.1, "loss": 2.3},
+        "criterion": "l1", "ratios": [0.5], "samples": 100, "granularity": "filter"}))
+    return path
+
+
+def test_prune_without_data_writes_a_smaller_checkpoint_and_report(runner: CliRunner, tmp_path: Path,
+                                                                  resnet_checkpoint: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--ratio", "0.5", "--no-evaluate",
+                                 "--exclude", "layer3.2.conv1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["command"] == "prune" and report["reduction"]["macs"] > 3.0
+    assert report["before"]["val"] is None and report["seconds"]["total"] > 0
+    rows = {row["name"]: row for row in report["layers"]}
+    assert rows["conv1"]["width_before"] == 16 and rows["conv1"]["width_after"] == 8
+    assert rows["layer3.2.conv1"]["width_after"] == 64 and rows["layer3.2.conv1"]["excluded"]
+    model = dnnprune.load(out)
+    assert dnnprune.meta_of(model).lineage[-1]["command"] == "prune"
+    assert model.conv1.out_channels == 8
+
+
+def test_prune_to_a_target_in_sensitivity_order(runner: CliRunner, tmp_path: Path, resnet_checkpoint: Path) -> None:
+    analysis = _write_analysis(tmp_path / "analysis.json", resnet_checkpoint)
+    out = tmp_path / "pruned.safetensors"
+    report_path = tmp_path / "r.json"
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--target", "macs:2",
+                                 "--order", "sensitivity", "--analysis", str(analysis), "--no-evaluate",
+                                 "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(report_path.read_text())
+    assert report["target"]["met"] and 2.0 <= report["target"]["reached"] < 2.2
+    assert report["layer_order"][0] == "layer3.2.conv1" and report["order"] == "sensitivity"
+
+
+@needs_fmnist
+def test_accuracy_aware_prune_with_a_recipe(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(
+        "data:\n  train_limit: 1000\nprune:\n  target: macs\n  target_factor: 1.5\n  accuracy_aware: true\n"
+        "  step: 0.4\n  max_accuracy_drop: 0.5\n  val_samples: 200\n  samples: 200\n"
+        "  step_finetune:\n    max_steps: 2\n    epochs: 1\n  finetune:\n    max_steps: 2\n    epochs: 1\n")
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "step   1" in result.output and "kept" in result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["mode"] == "accuracy-aware" and report["steps"][0]["layer"] == "features.0"
+    assert report["after"]["test"]["samples"] == 200 and report["target"]["met"]
+    assert dnnprune.load(out).features[0].out_channels < 6
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--ratio", "1.0"], ("prune.ratio", "less than 1")),
+    (["--ratio", "-0.1"], ("prune.ratio", "greater than or equal to 0")),
+    (["--ratio", "0.5", "--exclude", "nothing.*"], ("nothing.*", "matches no layer")),
+    (["--target", "macs:1000"], ("1000x", "without emptying")),
+    (["--target", "flops:3"], ("METRIC:FACTOR",)),
+    (["--ratio", "0.5", "--target", "macs:2"], ("either a ratio or a target",)),
+    ([], ("say how much",)),
+    (["--target", "macs:2", "--order", "sensitivity"], ("--analysis",)),
+    (["--ratio", "0.5", "--criterion", "magic"], ("prune.criterion",)),
+])
+def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                   args: list[str], fragments: tuple[str, ...]) -> None:
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-o", str(out), "--no-evaluate", *args])
+    _assert_clean_failure(result, *fragments)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_recipe_ratio_pattern_matching_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("prune:\n  evaluate: false\n  ratios:\n    'conv9.*': 0.5\n")
+    out = tmp_path / "out.safetensors"
+    _assert_clean_failure(runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out)]),
+                          "conv9.*", "matches no layer")
+    assert not out.exists()
+
+
+def test_analysis_from_another_model(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                     resnet_checkpoint: Path) -> None:
+    analysis = _write_analysis(tmp_path / "analysis.json", resnet_checkpoint)
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-o", str(out), "--target", "macs:2", "--no-evaluate",
+                                 "--order", "sensitivity", "--analysis", str(analysis)])
+    _assert_clean_failure(result, "another model", "dnnprune analyze")
+    assert not out.exists()

@@ -1,0 +1,85 @@
+"""`dnnprune quantize` end to end: packed checkpoint, honest report, clean failures on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import dnnprune
+from dnnprune.cli import app
+from tests.cli.test_bad_input import _assert_clean_failure
+from tests.conftest import make_checkpoint, needs_fmnist
+
+
+@pytest.fixture
+def bn_checkpoint(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+
+
+@pytest.mark.parametrize(
+    "options, fragments",
+    [
+        (["--bits", "1"], ("quantize.bits", "greater than or equal to 2")),
+        (["--bits", "9"], ("quantize.bits", "less than or equal to 8")),
+        (["--layers", "decoder.*"], ("'decoder.*' matches no layer",)),
+        (["--layers", "type:BatchNorm2d"], ("BatchNorm2d", "narrow the pattern")),
+        (["--layers", "layer1.0.bn1"], ("'layer1.0.bn1' is a BatchNorm2d",)),
+        (["--layer-bits", "type:Conv2d=12"], ("layer_bits",)),
+        (["--layer-bits", "type:Conv2d"], ("PATTERN=BITS",)),
+        (["--method", "huffman"], ("quantize.method",)),
+    ],
+)
+def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, bn_checkpoint: Path,
+                                                    options: list[str], fragments: tuple[str, ...]) -> None:
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["quantize", str(bn_checkpoint), "-o", str(out), "--no-evaluate", *options])
+    _assert_clean_failure(result, *fragments)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_quantize_writes_a_smaller_checkpoint_and_an_honest_report(runner: CliRunner, tmp_path: Path,
+                                                                     lenet_checkpoint: Path) -> None:
+    out = tmp_path / "q.safetensors"
+    result = runner.invoke(app, ["quantize", str(lenet_checkpoint), "-o", str(out), "--no-evaluate", "--bits", "5",
+                                 "--layer-bits", "type:Conv2d=8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    totals = report["totals"]
+    assert totals["disk_bytes_after"] == out.stat().st_size
+    assert abs(totals["predicted_file_bytes"] - totals["disk_bytes_after"]) / totals["disk_bytes_after"] < 0.02
+    assert totals["disk_bytes_before"] == lenet_checkpoint.stat().st_size
+    assert totals["compression"] > 4 and totals["effective_bits_per_weight"] < 8
+    assert {row["name"]: row["bits"] for row in report["layers"]} == {
+        "features.0": 8, "features.3": 8, "classifier.1": 5, "classifier.3": 5, "classifier.5": 5}
+    assert report["layers"][0]["sqnr_db"] is None  # 150 weights fit 256 centroids exactly (JSON has no inf)
+    assert report["layers"][0]["bytes_after"] > report["layers"][0]["bytes_before"]  # a codebook costs more than 150 weights
+    assert all(row["sqnr_db"] > 10 for row in report["layers"][1:])
+    assert all(row["bytes_after"] < row["bytes_before"] / 5 for row in report["layers"] if row["type"] == "Linear")
+    meta = dnnprune.meta_of(dnnprune.load(out))
+    assert meta.lineage[-1]["command"] == "quantize" and meta.encodings["features.0.weight"]["bits"] == 8
+
+    again = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "twice.safetensors"), "--no-evaluate"])
+    _assert_clean_failure(again, "already quantized")
+    convs = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "more.safetensors"), "--no-evaluate",
+                                "--layers", "type:Conv2d", "--method", "linear", "--bits", "4"])
+    _assert_clean_failure(convs, "already quantized")
+
+
+@needs_fmnist
+def test_quantize_measures_accuracy_and_int8_execution(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    out = tmp_path / "q.safetensors"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("score:\n  latency_config:\n    batch_sizes: [8]\n    repeats: 3\n    warmup: 1\n")
+    result = runner.invoke(app, ["quantize", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out), "--samples", "200",
+                                 "--method", "linear", "--bits", "8", "--int8-execution"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["accuracy"]["before"]["samples"] == 200 == report["accuracy"]["after"]["samples"]
+    int8 = report["int8_execution"]
+    assert int8["available"], int8
+    assert int8["linear_layers"] == 3 and int8["latency"][0]["int8_median_ms"] > 0
+    scored = runner.invoke(app, ["score", str(out), "--samples", "200", "--no-latency", "--json"])
+    assert scored.exit_code == 0, scored.output

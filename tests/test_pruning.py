@@ -1,0 +1,422 @@
+"""Structured pruning: real channel removal that reloads in a new process, criteria, limits, plans, orders,
+targets and the accuracy-aware loop."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from safetensors.torch import save_file
+
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, save
+from dnnprune.errors import PruningError
+from dnnprune.models import create_model, zoo_names
+from dnnprune.pruning import prune
+from dnnprune.pruning.schedule import StepEnvironment, accuracy_aware, layer_order, load_analysis, order_weights
+from dnnprune.pruning.structured import (GlobalRanking, Limits, model_size, parse_target, pattern_ratios, ratio_plan,
+                                         score_groups, solve_target, pruned_size)
+from dnnprune.recipe import PruneSection
+from dnnprune.surgery import ChannelGraph, channels_to_keep, lowest, model_fingerprint
+
+from tests.conftest import needs_fmnist
+
+FAST_TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "googlenet",
+                    "shufflenet_v2_x1_0", "regnet_x_400mf"]
+SLOW_TORCHVISION = ["alexnet", "vgg16_bn", "densenet121"]
+_RELOAD = """
+import json, sys, torch
+from safetensors.torch import load_file
+import dnnprune
+results = {}
+for item in json.loads(sys.argv[1]):
+    model = dnnprune.load(item["checkpoint"])
+    data = load_file(item["io"])
+    with torch.inference_mode():
+        results[item["checkpoint"]] = bool(torch.equal(model(data["input"]), data["output"]))
+print(json.dumps(results))
+"""
+
+
+def _shape(arch: str) -> tuple[int, int, int]:
+    if arch in ("lenet5", "mlp"):
+        return (1, 28, 28)
+    if arch == "torchvision.alexnet":
+        return (3, 64, 64)
+    return (3, 32, 32) if arch.startswith("torchvision.") else (1, 32, 32)
+
+
+def _model(arch: str) -> nn.Module:
+    """A registered model with non-trivial BatchNorm statistics and its checkpoint metadata."""
+    shape = _shape(arch)
+    args = {"num_classes": 10, "in_channels": shape[0]}
+    model = create_model(arch, **args).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return attach_meta(model, CheckpointMeta(arch=arch, arch_args=args, input_shape=shape))
+
+
+def _prune_save_reload(archs: list[str], folder: Path) -> None:
+    items, macs = [], {}
+    for arch in archs:
+        model = _model(arch)
+        before = model_size(model, _shape(arch))["macs"]
+        model, report = prune(model, PruneSection(ratio=0.5, criterion="l1", evaluate=False))
+        macs[arch] = (before, model_size(model, _shape(arch))["macs"], report["after"]["macs"])
+        stem = arch.replace(".", "_")
+        save(model, folder / f"{stem}.safetensors")
+        sample = torch.randn(2, *_shape(arch))
+        with torch.inference_mode():
+            save_file({"input": sample, "output": model(sample)}, str(folder / f"{stem}.io.safetensors"))
+        items.append({"checkpoint": str(folder / f"{stem}.safetensors"), "io": str(folder / f"{stem}.io.safetensors")})
+    done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(items)], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(items) and all(results.values()), results
+    for arch, (before, after, reported) in macs.items():
+        assert after < 0.75 * before and after == reported, (arch, before, after)
+
+
+def test_zoo_and_torchvision_prune_half_save_reload_identical_in_new_process(tmp_path: Path) -> None:
+    _prune_save_reload(zoo_names() + [f"torchvision.{n}" for n in FAST_TORCHVISION], tmp_path)
+
+
+@pytest.mark.slow
+def test_heavy_torchvision_prune_half_save_reload_identical_in_new_process(tmp_path: Path) -> None:
+    _prune_save_reload([f"torchvision.{n}" for n in SLOW_TORCHVISION], tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["resnet20", "mobilenetv2_cifar", "vgg11_bn", "torchvision.resnet18",
+                                  "torchvision.mobilenet_v3_small", "torchvision.googlenet",
+                                  "torchvision.shufflenet_v2_x1_0", "torchvision.regnet_x_400mf"])
+def test_pruned_model_computes_what_the_zero_masked_model_computes(arch: str) -> None:
+    """The coupling is right: removing channels equals zeroing them (residual, depthwise, SE, concat, shuffle, groups)."""
+    model = _model(arch)
+    graph = ChannelGraph(model, _shape(arch))
+    plan = {g.name: graph.choose(g.name, graph.importance(g.name, "l1"), g.width - channels_to_keep(g.width, 0.5))
+            for g in graph.groups}
+    sample = torch.randn(2, *_shape(arch))
+    with torch.no_grad():
+        original = model(sample)
+        undo = graph.zero_channels(plan)
+        masked = model(sample)
+        undo()
+        assert torch.equal(model(sample), original)
+        graph.zero_channels(plan)
+        graph.prune(plan)
+        pruned = model(sample)
+    assert not torch.allclose(masked, original)
+    assert torch.allclose(pruned, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item())
+
+
+def test_shufflenet_locks_the_channels_that_cross_the_shuffle() -> None:
+    graph = ChannelGraph(_model("torchvision.shufflenet_v2_x1_0"), (3, 32, 32))
+    assert graph.locked and all("stage" in name for name in graph.locked)
+    names = {g.name for g in graph.groups}
+    assert "conv1.0" in names and "stage2.1.branch2.0" in names
+    assert not any(name.endswith("branch2.5") for name in names)
+
+
+def test_grouped_convolutions_shrink_every_block_equally() -> None:
+    model = _model("torchvision.regnet_x_400mf")
+    graph = ChannelGraph(model, (3, 32, 32))
+    group = next(g for g in graph.groups if g.divisor > 1)
+    removed = graph.choose(group.name, torch.rand(group.width), group.width // 2 + 1)
+    assert len(removed) % group.divisor == 0
+    with pytest.raises(PruningError, match="same positions"):
+        graph.prune({group.name: [0]})
+
+
+# ----------------------------------------------------------------------------- criteria
+
+
+_FILTER_SCALE = [3.0, 6.0, 1.0, 5.0, 2.0, 4.0]
+
+
+def _lenet_with_ranked_filters() -> tuple[nn.Module, ChannelGraph]:
+    """features.0 filter i has every weight equal to _FILTER_SCALE[i] (its consumer weighs all inputs the same)."""
+    model = _model("lenet5")
+    with torch.no_grad():
+        conv, consumer = model.features[0], model.features[3]
+        for i in range(conv.out_channels):
+            conv.weight[i].fill_(_FILTER_SCALE[i])
+        conv.bias.zero_()
+        consumer.weight.fill_(0.01)
+    return model, ChannelGraph(model, (1, 28, 28))
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2"])
+def test_magnitude_criteria_remove_the_smallest_filters(criterion: str) -> None:
+    model, graph = _lenet_with_ranked_filters()
+    scores = graph.importance("features.0", criterion)
+    norms = model.features[0].weight.detach().flatten(1).abs().sum(1)
+    assert lowest(scores, 2) == sorted(range(6), key=lambda i: float(norms[i]))[:2]
+    assert lowest(scores, 2) == [2, 4]
+
+
+def test_bn_scale_criterion_follows_gamma() -> None:
+    model = _model("vgg11_bn")
+    graph = ChannelGraph(model, (1, 32, 32))
+    bn = model.features[1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(1.0, 0.1, bn.num_features))
+        bn.weight[5] = -0.001
+    assert lowest(graph.importance("features.0", "bn_scale"), 3) == [5, bn.num_features - 1, bn.num_features - 2]
+    with pytest.raises(PruningError, match="bn_scale"):
+        ChannelGraph(_model("lenet5"), (1, 28, 28)).importance("features.0", "bn_scale")
+
+
+def test_random_criterion_is_seeded() -> None:
+    _, graph = _lenet_with_ranked_filters()
+    first, again = graph.importance("features.0", "random", seed=3), graph.importance("features.0", "random", seed=3)
+    assert torch.equal(first, again) and not torch.equal(first, graph.importance("features.0", "random", seed=4))
+
+
+def test_taylor_criterion_uses_gradients() -> None:
+    from dnnprune.surgery import accumulate_gradients
+
+    model, graph = _lenet_with_ranked_filters()
+    with torch.no_grad():
+        model.features[0].weight[4].zero_()
+    generator = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator))]
+    assert accumulate_gradients(model, batches) == 1
+    scores = graph.importance("features.0", "taylor")
+    assert scores.shape == (6,) and lowest(scores, 1) == [4]
+    with pytest.raises(PruningError, match="Taylor"):
+        accumulate_gradients(model, [])
+
+
+# ----------------------------------------------------------------------------- limits and plans
+
+
+def test_channels_to_keep_honours_floor_and_cap() -> None:
+    assert channels_to_keep(64, 0.5) == 32
+    assert channels_to_keep(64, 0.99, max_ratio=0.75) == 16
+    assert channels_to_keep(64, 0.9, min_fraction=0.25) == 16
+    assert channels_to_keep(4, 0.99, min_channels=3) == 3
+    assert channels_to_keep(2, 0.99, min_channels=8) == 2
+    assert all(channels_to_keep(w, r) >= 1 for w in (1, 2, 3, 17) for r in (0.0, 0.5, 0.99, 1.0))
+
+
+def test_a_plan_never_empties_a_layer_and_surgery_refuses_to() -> None:
+    model = _model("vgg11_bn")
+    graph = ChannelGraph(model, (1, 32, 32))
+    plan = ratio_plan(graph, {g.name: 0.999 for g in graph.groups}, Limits(max_ratio=0.95))
+    assert all(g.width - plan[g.name] >= 1 for g in graph.groups)
+    with pytest.raises(PruningError, match="empty"):
+        graph.prune({"features.0": list(range(64))})
+
+
+def test_global_threshold_keeps_each_layer_floor() -> None:
+    model = _model("vgg11_bn")
+    graph = ChannelGraph(model, (1, 32, 32))
+    scores = {g.name: torch.ones(g.width) for g in graph.groups}
+    scores["features.0"] = torch.full((64,), 1e-6)
+    scores["features.0"][0] = 1e6  # normalised by the mean, the other 63 are ~0: cut first
+    limits = Limits(min_channels=4, max_ratio=0.99)
+    plan = GlobalRanking(graph, scores, limits).plan(0.02)
+    assert plan["features.0"] == 60 and sum(plan.values()) == round(0.02 * sum(g.width for g in graph.groups))
+    assert all(count <= g.width - 4 for g, count in zip(graph.groups, plan.values()))
+
+
+def test_pattern_ratios_resolve_and_unmatched_patterns_fail() -> None:
+    model = _model("resnet20")
+    graph = ChannelGraph(model, (1, 32, 32))
+    resolved = pattern_ratios(model, graph, {"layer3.*": 0.5, "layer3.2.conv1": 0.25})
+    assert resolved["layer3.2.conv1"] == 0.25 and resolved["layer3.0.conv1"] == 0.5
+    assert all(name.startswith("layer3") or name == "conv1" for name in resolved)
+    with pytest.raises(Exception, match="matches no layer"):
+        pattern_ratios(model, graph, {"nothing.*": 0.5})
+    with pytest.raises(PruningError, match="no prunable layer"):
+        pattern_ratios(model, graph, {"fc": 0.5})
+
+
+def test_excluded_layers_keep_their_filters() -> None:
+    model = _model("vgg11_bn")
+    model, report = prune(model, PruneSection(ratio=0.5, exclude=["features.0", "features.4"], evaluate=False))
+    widths = {row["name"]: row for row in report["layers"]}
+    assert widths["features.0"]["width_after"] == 64 and widths["features.0"]["excluded"]
+    assert widths["features.8"]["width_after"] == 128
+    assert model.classifier[-1].out_features == 10
+
+
+@pytest.mark.parametrize("metric, factor", [("macs", 2.5), ("params", 3.0), ("bytes", 2.0)])
+def test_target_is_solved_with_real_counts(metric: str, factor: float) -> None:
+    model = _model("resnet20")
+    base = model_size(model, (1, 32, 32))
+    model, report = prune(model, PruneSection(target=metric, target_factor=factor, evaluate=False))
+    reached = base[metric] / model_size(model, (1, 32, 32))[metric]
+    assert factor <= reached <= factor * 1.08
+    assert report["target"]["met"] and report["target"]["reached"] == pytest.approx(reached)
+
+
+def test_global_target_is_solved() -> None:
+    model = _model("vgg11_bn")
+    base = model_size(model, (1, 32, 32))["macs"]
+    model, report = prune(model, PruneSection(target="macs", target_factor=2.0, global_threshold=True, evaluate=False))
+    assert 2.0 <= base / model_size(model, (1, 32, 32))["macs"] <= 2.2 and report["mode"] == "target-global"
+
+
+def test_unreachable_target_names_the_best_factor() -> None:
+    with pytest.raises(PruningError, match=r"1000x smaller in macs .* is \d+\.\d\dx"):
+        prune(_model("lenet5"), PruneSection(target="macs", target_factor=1000, evaluate=False))
+    graph = ChannelGraph(_model("lenet5"), (1, 28, 28))
+    with pytest.raises(PruningError, match="without emptying"):
+        solve_target(lambda plan: {"macs": 100}, lambda knob: {}, "macs", 5.0, {"macs": 200})
+    assert graph.groups
+
+
+@pytest.mark.parametrize("text, message", [("macs", "METRIC:FACTOR"), ("flops:3", "METRIC:FACTOR"),
+                                           ("macs:x", "number"), ("macs:0.5", "greater than 1")])
+def test_bad_target_text(text: str, message: str) -> None:
+    with pytest.raises(PruningError, match=message):
+        parse_target(text)
+    assert parse_target("params:4") == ("params", 4.0)
+
+
+# ----------------------------------------------------------------------------- orders and the analysis report
+
+
+def _analysis(model: nn.Module, graph: ChannelGraph, order: list[str], arch: str | None = None) -> dict:
+    arch = arch or meta_of(model).arch
+    return {"command": "analyze", "model": {"arch": arch, "fingerprint": model_fingerprint(arch, graph),
+                                            "groups": [[g.name, g.width] for g in graph.all_groups]},
+            "layers": [], "order": order, "baseline": {"top1": 0.9, "loss": 0.3}}
+
+
+def test_orders(tmp_path: Path) -> None:
+    model = _model("resnet20")
+    graph = ChannelGraph(model, (1, 32, 32))
+    names = [g.name for g in graph.groups]
+    assert names[0] == "conv1" and layer_order(graph, "sequential") == names
+    assert layer_order(graph, "reverse") == names[::-1]
+    shuffled = layer_order(graph, "random", seed=1)
+    assert sorted(shuffled) == sorted(names) and shuffled != names and shuffled == layer_order(graph, "random", seed=1)
+    ranked = names[::-2]
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(_analysis(model, graph, ranked)))
+    report = load_analysis(path, "resnet20", graph)
+    order = layer_order(graph, "sensitivity", analysis=report)
+    assert order[: len(ranked)] == ranked and sorted(order) == sorted(names)
+    weights = order_weights(order, "sensitivity")
+    assert weights[order[0]] == 1.0 and weights[order[-1]] == 0.5
+
+
+def test_analysis_of_another_model_is_refused(tmp_path: Path) -> None:
+    other = _model("resnet56")
+    other_graph = ChannelGraph(other, (1, 32, 32))
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps(_analysis(other, other_graph, [g.name for g in other_graph.groups])))
+    graph = ChannelGraph(_model("resnet20"), (1, 32, 32))
+    with pytest.raises(PruningError, match="another model"):
+        load_analysis(path, "resnet20", graph)
+    (tmp_path / "junk.json").write_text("{\"command\": \"train\"}")
+    with pytest.raises(PruningError, match="not an analysis report"):
+        load_analysis(tmp_path / "junk.json", "resnet20", graph)
+    with pytest.raises(PruningError, match="not found"):
+        load_analysis(tmp_path / "missing.json", "resnet20", graph)
+
+
+def test_fingerprint_ignores_exclusions_but_not_widths() -> None:
+    model = _model("resnet20")
+    plain, excluded = ChannelGraph(model, (1, 32, 32)), ChannelGraph(model, (1, 32, 32), exclude=["layer1.*"])
+    assert model_fingerprint("resnet20", plain) == model_fingerprint("resnet20", excluded)
+    pruned, _ = prune(copy.deepcopy(model), PruneSection(ratio=0.25, evaluate=False))
+    assert model_fingerprint("resnet20", ChannelGraph(pruned, (1, 32, 32))) != model_fingerprint("resnet20", plain)
+
+
+def test_one_shot_sensitivity_target_prunes_least_sensitive_layers_more(tmp_path: Path) -> None:
+    model = _model("vgg11_bn")
+    graph = ChannelGraph(model, (1, 32, 32))
+    ranked = [g.name for g in graph.groups][::-1]
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(_analysis(model, graph, ranked)))
+    model, report = prune(model, PruneSection(target="macs", target_factor=2.0, order="sensitivity", analysis=path,
+                                              evaluate=False))
+    ratios = {row["name"]: row["ratio"] for row in report["layers"]}
+    assert ratios[ranked[0]] > ratios[ranked[-1]] and report["target"]["met"]
+
+
+# ----------------------------------------------------------------------------- accuracy-aware
+
+
+def _fake_env(model: nn.Module, **kwargs) -> tuple[StepEnvironment, list[str]]:
+    """An honest stand-in for training: accuracy falls when features.3 (LeNet's 2nd conv) drops below 8 filters."""
+    calls: list[str] = []
+
+    def evaluate(m: nn.Module) -> float:
+        return 0.9 if m.features[3].out_channels >= 8 else 0.5
+
+    base = model_size(model, (1, 28, 28))
+    env = StepEnvironment(input_shape=(1, 28, 28), limits=Limits(max_ratio=0.9), step=0.25, max_drop=0.05,
+                          score=lambda m, g, name: g.importance(name, "l1"), finetune=lambda m, name: calls.append(name),
+                          evaluate=evaluate, target_met=lambda size: base["macs"] / size["macs"] >= 100, **kwargs)
+    return env, calls
+
+
+def test_accuracy_aware_backs_off_a_layer_that_drops_accuracy() -> None:
+    model = _model("lenet5")
+    order = ["features.3", "features.0", "classifier.1", "classifier.3"]
+    env, finetuned = _fake_env(model)
+    result = accuracy_aware(model, order, env)
+    rows = result.rows
+    conv2 = [r for r in rows if r["layer"] == "features.3"]
+    assert [r["accepted"] for r in conv2] == [True, True, False]
+    assert conv2[-1]["width_after"] == 4 and result.model.features[3].out_channels == 8
+    assert result.ratios["features.3"] == 0.5 and not result.target_met
+    assert result.ratios["features.0"] == pytest.approx(0.9) and result.ratios["classifier.1"] == pytest.approx(0.9)
+    assert finetuned == [r["layer"] for r in rows]
+    assert all({"layer", "ratio", "params", "macs", "val_top1", "accepted"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+def test_accuracy_aware_stops_at_the_target() -> None:
+    model = _model("lenet5")
+    env, _ = _fake_env(model)
+    base = model_size(model, (1, 28, 28))["macs"]
+    env.target_met = lambda size: base / size["macs"] >= 1.5
+    result = accuracy_aware(model, ["features.0", "features.3"], env)
+    assert result.target_met and result.rows[-1]["target_met"]
+    assert base / model_size(result.model, (1, 28, 28))["macs"] >= 1.5
+
+
+@needs_fmnist
+def test_accuracy_aware_end_to_end_on_fashion_mnist() -> None:
+    from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
+    from dnnprune.loaders import train_loader
+    from dnnprune.training import train
+
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    data = DataSection(train_limit=2000, batch_size=256)
+    train(model, train_loader(meta_of(model), data, 64, 0), TrainSection(max_steps=40, lr=0.05, eval_every_epoch=False),
+          device=torch.device("cpu"))
+    config = PruneSection(target="macs", target_factor=2.0, accuracy_aware=True, step=0.3, max_accuracy_drop=0.05,
+                          val_samples=300, samples=300, criterion="taylor", taylor_batches=1,
+                          step_finetune=FineTuneSection(max_steps=3, epochs=1, lr=0.01),
+                          finetune=FineTuneSection(max_steps=5, epochs=1, lr=0.01))
+    seen: list[dict] = []
+    model, report = prune(model, config, data=data, on_step=seen.append)
+    assert report["steps"] == seen and seen
+    assert report["before"]["test"]["samples"] == 300 and report["after"]["val"] is not None
+    assert report["final_finetune"]["steps"] == 5 and report["seconds"]["total"] > 0
+    assert report["target"]["met"] == (report["target"]["reached"] >= 2.0)
+    assert meta_of(model).lineage[-1]["command"] == "prune"
+
+
+def test_pruned_size_leaves_the_original_alone() -> None:
+    model = _model("resnet20")
+    graph = ChannelGraph(model, (1, 32, 32))
+    before = model_size(model, (1, 32, 32))
+    size = pruned_size(model, (1, 32, 32), score_groups(graph, "l1"), {"conv1": 8})
+    assert size["macs"] < before["macs"] and model_size(model, (1, 32, 32)) == before
