@@ -33,7 +33,7 @@ from dnnprune.checkpoint import meta_of
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_macs, count_parameters, measure_latency
 from dnnprune.pruning import prune
-from dnnprune.recipe import FineTuneSection, Recipe, load_recipe
+from dnnprune.recipe import Recipe, load_recipe
 from dnnprune.surgery import output_layers
 from dnnprune.training import evaluate, progress_bar, resolve_device, train
 
@@ -100,15 +100,19 @@ def _row_line(row: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- (b) Torch-Pruning
 
 
-def tp_uniform_l1(baseline: nn.Module, shape: tuple[int, ...], factor: float) -> tuple[nn.Module, float, float]:
-    """MagnitudePruner, uniform L1 (no global ranking): the smallest ratio reaching `factor` x fewer MACs."""
+def tp_uniform_l1(baseline: nn.Module, shape: tuple[int, ...], factor: float,
+                  round_to: int) -> tuple[nn.Module, float, float]:
+    """MagnitudePruner, uniform L1 (no global ranking): the smallest ratio reaching `factor` x fewer MACs.
+
+    It rounds channel counts like our recipe does (`round_to`), so latencies compare like with like."""
     base = sum(count_macs(baseline, shape).values())
 
     def pruned(ratio: float) -> tuple[nn.Module, float]:
         model = copy.deepcopy(baseline).cpu().eval()
         ignored = [model.get_submodule(name) for name in output_layers(model, shape)]
         pruner = tp.pruner.MagnitudePruner(model, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                           pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False)
+                                           pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
+                                           round_to=round_to if round_to > 1 else None)
         pruner.step()
         return model, base / sum(count_macs(model, shape).values())
 
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ours_seconds = time.perf_counter() - started
     reached = report["reduction"]["macs"]
     factor = max(recipe.prune.target_factor or 3.0, reached)
-    theirs, tp_ratio, tp_reached = tp_uniform_l1(baseline, shape, factor)
+    theirs, tp_ratio, tp_reached = tp_uniform_l1(baseline, shape, factor, recipe.prune.round_to)
     tp_steps = our_steps if args.tp_budget == "total" else recipe.prune.finetune.max_steps or our_steps
     started = time.perf_counter()
     tp_history = finetune(theirs, recipe, tp_steps, device)
@@ -206,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "reload_identical": check_reload(ours, args.out / "vgg16_bn-fmnist-pruned.safetensors")},
               "torch_pruning": {"ratio": tp_ratio, "macs_reduction_at_prune": tp_reached, "optimizer_steps": tp_steps,
                                 "seconds": tp_seconds, "finetune": tp_history},
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "torch_pruning": tp.__version__}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "torch_pruning_version": tp.__version__}
     (args.out / "prune_vgg16.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     table = markdown(rows)
     (args.out / "prune_vgg16.md").write_text(table + "\n")

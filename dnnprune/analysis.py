@@ -156,6 +156,7 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
                       "seconds_per_cell": seconds / len(plan.cells), "processes": world, "strategy": strategy,
                       "batch_size": batch_size, "channels_last": config.channels_last,
                       "prefix_cache": engine.trace is not None, "fallback_layers": sorted(engine.fallbacks),
+                      "evaluations_by_route": dict(engine.stats),
                       "threads": torch.get_num_threads()}
     return body
 
@@ -306,28 +307,44 @@ def _module_state(source: Any, fresh: bool = True) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the traced model
 
 
+_CHANNELWISE = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid,
+                nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.MaxPool2d, nn.AvgPool2d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.MaxPool1d, nn.AvgPool1d)
+_FRESH = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Where a layer's cells start: the cached activation at `start`; with `select`, the activation at
+    `select` with the removed channels dropped (exact when the layers in between act channel by channel)."""
+
+    start: int
+    select: int | None = None
+
+
 class _Trace:
     """The model as an fx graph, and the points where a single activation carries everything forward."""
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], device: torch.device) -> None:
         self.model = model
         self.module = torch.fx.symbolic_trace(model)
-        self.graph = self.module.graph
-        self.nodes = list(self.graph.nodes)
+        self.nodes = list(self.module.graph.nodes)
         if sum(n.op == "placeholder" for n in self.nodes) != 1 or self.nodes[0].op != "placeholder":
             raise _NoTrace("the model takes more than one input")
         self.pos = {n: i for i, n in enumerate(self.nodes)}
         last = {n: max((self.pos[u] for u in n.users), default=self.pos[n]) for n in self.nodes}
-        self.release = [[] for _ in self.nodes]  # values no longer needed once node i ran
+        self.release: list[list[torch.fx.Node]] = [[] for _ in self.nodes]  # values no longer needed after node i
         for n, i in last.items():
             if n.op != "get_attr" and i > self.pos[n]:
                 self.release[i].append(n)
         self.cuts = self._cuts(last)
         self.mutates = any(_maybe_inplace(model, n) for n in self.nodes)
+        self.relu_in_place = {i for i, n in enumerate(self.nodes) if self._can_relu_in_place(n)}
         self.numel = self._numel(input_shape, device)
 
     def _cuts(self, last: dict[torch.fx.Node, int]) -> list[int]:
-        cuts, live = [], set()
+        cuts: list[int] = []
+        live: set[torch.fx.Node] = set()
         for i, node in enumerate(self.nodes):
             if node.op == "output":
                 break
@@ -338,6 +355,16 @@ class _Trace:
                 cuts.append(i)
         return cuts
 
+    def _can_relu_in_place(self, node: torch.fx.Node) -> bool:
+        """A ReLU whose input is a fresh conv/BN/linear output used nowhere else: same values, no new tensor."""
+        if node.op != "call_module" or type(self.model.get_submodule(str(node.target))) is not nn.ReLU:
+            return False
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], torch.fx.Node):
+            return False
+        source = node.args[0]
+        return (source.op == "call_module" and len(source.users) == 1
+                and isinstance(self.model.get_submodule(str(source.target)), _FRESH))
+
     def _numel(self, input_shape: Sequence[int], device: torch.device) -> dict[int, int]:
         """Elements per sample of each cut's activation."""
         sizes: dict[int, int] = {}
@@ -345,8 +372,8 @@ class _Trace:
             self.run(0, torch.zeros(1, *input_shape, device=device), record=sizes)
         return sizes
 
-    def first_affected(self, members: Sequence[str]) -> int | None:
-        """Position of the first node that pruning these modules changes."""
+    def route(self, members: Sequence[str], root: str) -> _Route:
+        """The latest cut before the first node pruning changes, and where channel selection can start."""
         def touches(target: str) -> bool:
             return any(target == m or target.startswith(m + ".") or m.startswith(target + ".") for m in members)
 
@@ -356,18 +383,35 @@ class _Trace:
                 found.append(self.pos[node])
             elif node.op == "get_attr" and touches(str(node.target)):
                 found.extend(self.pos[u] for u in node.users)
-        return min(found) if found else None
+        if not found:
+            return _Route(0)
+        first = min(found)
+        start = max((c for c in self.cuts if c < first), default=0)
+        return _Route(start, self._selection_point(self.nodes[first], root, set(members)))
 
-    def cut_before(self, position: int | None) -> int:
-        if position is None:
-            return 0
-        return max((c for c in self.cuts if c < position), default=0)
+    def _selection_point(self, node: torch.fx.Node, root: str, members: set[str]) -> int | None:
+        """The node before the first layer that mixes the pruned channels, if only channel-wise layers lead there."""
+        if node.op != "call_module" or str(node.target) != root:
+            return None
+        while True:
+            users = list(node.users)
+            if len(users) != 1 or users[0].op != "call_module":
+                return None
+            user = users[0]
+            module = self.model.get_submodule(str(user.target))
+            if str(user.target) in members and not isinstance(module, _CHANNELWISE):
+                index = self.pos[node]
+                return index if index in self.cuts and list(user.args) == [node] and not user.kwargs else None
+            if not isinstance(module, _CHANNELWISE):
+                return None
+            node = user
 
     def run(self, start: int, value: torch.Tensor, stop: int | None = None,
             record: dict[int, int] | None = None) -> torch.Tensor:
         """Execute the nodes after `start` given its value; the value at `stop`, else the output."""
         env: dict[torch.fx.Node, Any] = {self.nodes[start]: value}
-        cuts = set(self.cuts)
+        start_node = self.nodes[start]
+        cuts = set(self.cuts) if record is not None else set()
 
         def load(node: torch.fx.Node) -> Any:
             if node not in env and node.op == "get_attr":
@@ -382,7 +426,9 @@ class _Trace:
                 continue
             args = torch.fx.node.map_arg(node.args, load)
             kwargs = torch.fx.node.map_arg(node.kwargs, load)
-            if node.op == "call_module":
+            if i in self.relu_in_place and node.args[0] is not start_node:
+                env[node] = torch.relu_(args[0])
+            elif node.op == "call_module":
                 env[node] = self.model.get_submodule(str(node.target))(*args, **kwargs)
             elif node.op == "call_function":
                 env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
@@ -390,8 +436,8 @@ class _Trace:
                 env[node] = getattr(args[0], str(node.target))(*args[1:], **kwargs)
             else:
                 raise _NoTrace(f"unexpected fx node {node.op}")
-            if record is not None and i in cuts and isinstance(env[node], torch.Tensor):
-                record[i] = env[node][0].numel()
+            if i in cuts and isinstance(env[node], torch.Tensor):
+                record[i] = env[node][0].numel()  # type: ignore[index]
             if i == stop:
                 return env[node]
             for gone in self.release[i]:
@@ -426,6 +472,15 @@ def _maybe_inplace(model: nn.Module, node: torch.fx.Node) -> bool:
                                                              or name.startswith("__i"))
 
 
+def _select(value: torch.Tensor, keep: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    out = value.index_select(1, keep)
+    channels_last = like.is_contiguous(memory_format=torch.channels_last) if like is not None else (
+        value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last))
+    if out.dim() == 4 and channels_last:
+        out = out.contiguous(memory_format=torch.channels_last)
+    return out
+
+
 # ----------------------------------------------------------------------------- the engine
 
 
@@ -449,11 +504,19 @@ def _share(jobs: list[_Job], cost: Callable[[_Job], float], world: int) -> list[
     """Longest-processing-time-first split: deterministic, so every process agrees on it."""
     shares: list[list[_Job]] = [[] for _ in range(world)]
     load = [0.0] * world
-    for job in sorted(jobs, key=lambda j: -cost(j)):
+    for job in sorted(jobs, key=lambda j: (-cost(j), j.layer, j.removed)):
         target = min(range(world), key=lambda r: (load[r], r))
         shares[target].append(job)
         load[target] += cost(job)
     return shares
+
+
+class _Cache:
+    """The activation at one position of the trace, for every batch, moved forward only."""
+
+    def __init__(self, batches: Batches) -> None:
+        self.at = 0
+        self.values = [x for x, _ in batches]
 
 
 class _Engine:
@@ -464,34 +527,37 @@ class _Engine:
         self.work, self.plan, self.config, self.batches, self.macs = work, plan, config, batches, macs
         self.input_shape, self.strategy, self.original = tuple(input_shape), strategy, original
         self.unpruned = unpruned
-        self.channels_last = config.channels_last
         self.total_macs = max(1, sum(macs.values()))
+        self.samples = sum(len(y) for _, y in batches)
         self.fallbacks: set[str] = set()
         self.guarded: set[str] = set()
+        self.stats = {"selected": 0, "from_cache": 0, "full": 0}
         self.trace: _Trace | None = None
         if strategy == "fast":
             try:
                 self.trace = _Trace(work, input_shape, batches[0][0].device)
             except Exception:  # noqa: BLE001 - anything fx cannot trace is evaluated with full forwards
                 self.trace = None
-        self.cut = {name: self._cut(name) for name in plan.layers}
+        self.routes = {name: self._route(name) for name in plan.layers}
 
-    def _cut(self, layer: str) -> int:
+    def _route(self, layer: str) -> _Route:
         if self.trace is None:
-            return 0
-        return self.trace.cut_before(self.trace.first_affected(self.plan.graph.group(layer).members))
+            return _Route(0)
+        group = self.plan.graph.group(layer)
+        return self.trace.route(group.members, group.name)
 
     def cost(self, job: _Job) -> float:
-        """Estimated MACs of one evaluation (the part after the cut, pruned layers shrunk)."""
-        members = set(self.plan.graph.group(job.layer).members)
-        keep = 1.0 - job.removed / max(1, self.plan.graph.group(job.layer).width)
+        """Estimated MACs of one evaluation (the part after its start, the pruned layers shrunk)."""
+        group = self.plan.graph.group(job.layer)
+        keep = 1.0 - job.removed / max(1, group.width)
         if self.trace is None:
-            return sum(m * (keep if n in members else 1.0) for n, m in self.macs.items())
-        start = self.cut[job.layer]
+            return sum(m * (keep if n in group.members else 1.0) for n, m in self.macs.items())
+        route = self.routes[job.layer]
+        begin = route.select if route.select is not None else route.start
         total = 0.0
-        for node in self.trace.nodes[start + 1:]:
+        for node in self.trace.nodes[begin + 1:]:
             if node.op == "call_module" and str(node.target) in self.macs:
-                total += self.macs[str(node.target)] * (keep if str(node.target) in members else 1.0)
+                total += self.macs[str(node.target)] * (keep if str(node.target) in group.members else 1.0)
         return total
 
     def run(self, jobs: list[_Job], progress: ProgressFn | None) -> dict[tuple[str, int], dict[str, Any]]:
@@ -499,71 +565,119 @@ class _Engine:
         done = 0.0
         results: dict[tuple[str, int], dict[str, Any]] = {}
         order = {name: i for i, name in enumerate(self.plan.layers)}
-        jobs = sorted(jobs, key=lambda j: (self.cut[j.layer], order[j.layer], j.removed))
-        cache_at, cache = 0, [x for x, _ in self.batches]
+        jobs = sorted(jobs, key=lambda j: (self.routes[j.layer].start, order[j.layer], j.removed))
+        starts = [self.routes[j.layer].start for j in jobs]
+        cache = _Cache(self.batches)
+        probes: dict[int, torch.Tensor] = {}
         if progress is not None:
             progress(0.0, total, f"0/{len(jobs)} cells")
-        for count, job in enumerate(jobs, 1):
+        for index, job in enumerate(jobs):
             if job.removed == 0:
                 results[(job.layer, 0)] = dict(self.unpruned)
             elif self.strategy == "naive":
                 results[(job.layer, job.removed)] = self._naive(job)
             else:
-                if self.trace is not None and job.layer not in self.fallbacks:
-                    cache_at, cache = self._advance(cache_at, cache, self.cut[job.layer])
-                results[(job.layer, job.removed)] = self._measure(job, cache_at, cache)
+                if self.trace is not None and (index == 0 or jobs[index - 1].layer != job.layer):
+                    later = min((s for s, j in zip(starts[index:], jobs[index:]) if j.layer != job.layer),
+                                default=len(self.trace.nodes))
+                    probes = self._prepare(job.layer, cache, later)
+                results[(job.layer, job.removed)] = self._measure(job, cache, probes)
             done += self.cost(job) / self.total_macs
             if progress is not None:
-                progress(done, total, f"{count}/{len(jobs)} cells")
+                progress(done, total, f"{index + 1}/{len(jobs)} cells")
         return results
 
-    def _advance(self, at: int, cache: list[torch.Tensor], cut: int) -> tuple[int, list[torch.Tensor]]:
-        """Move the cached activation forward to `cut`, unless it would not fit in memory."""
-        assert self.trace is not None
-        if cut <= at:
-            return at, cache
-        samples = sum(len(y) for _, y in self.batches)
-        size = self.trace.numel.get(cut, 0) * samples * self.batches[0][0].element_size()
-        if size > CACHE_BYTES:
-            return at, cache
-        with torch.inference_mode():
-            return cut, [self.trace.run(at, value, stop=cut) for value in cache]
+    def _prepare(self, layer: str, cache: _Cache, later: int) -> dict[int, torch.Tensor]:
+        """Bring the cache to the layer's start (or its selection point); keep what checking a selection needs."""
+        route = self.routes[layer]
+        self._advance(cache, route.start)
+        if route.select is None or cache.at != route.start or route.select > later:
+            return {}
+        probes = {i: cache.values[i] for i in {0, len(self.batches) - 1}}
+        if not self._advance(cache, route.select):
+            return {}
+        return probes
 
-    def _measure(self, job: _Job, cache_at: int, cache: list[torch.Tensor]) -> dict[str, Any]:
+    def _advance(self, cache: _Cache, target: int) -> bool:
+        """Move the cached activation forward to `target` unless it would not fit in memory."""
+        assert self.trace is not None
+        if target == cache.at:
+            return True
+        if target < cache.at:
+            return False
+        size = self.trace.numel.get(target, 0) * self.samples * self.batches[0][0].element_size()
+        if size > CACHE_BYTES:
+            return False
+        with torch.inference_mode():
+            cache.values = [self.trace.run(cache.at, value, stop=target) for value in cache.values]
+        cache.at = target
+        return True
+
+    def _measure(self, job: _Job, cache: _Cache, probes: dict[int, torch.Tensor]) -> dict[str, Any]:
         snapshot = _Snapshot(self.plan.graph)
         try:
+            idxs = removal(self.plan, Cell(job.layer, job.ratio, job.removed))
             with torch.no_grad():
-                self.plan.graph.prune({job.layer: removal(self.plan, Cell(job.layer, job.ratio, job.removed))})
-            if self.channels_last:
+                self.plan.graph.prune({job.layer: idxs})
+            if self.config.channels_last:
                 for name in self.plan.graph.group(job.layer).members:
                     self.work.get_submodule(name).to(memory_format=torch.channels_last)
             size = _size(self.work, self.input_shape)
-            if self.trace is None or job.layer in self.fallbacks or not self._guard(job, cache_at, cache):
-                return {**_as_cell(_evaluate(self.work, self.batches)), **size}
-            trace = self.trace
-            inputs = [c.clone() for c in cache] if trace.mutates else cache
-            result = _evaluate(lambda x: trace.run(cache_at, x), self.batches, inputs)
-            return {**_as_cell(result), **size}
+            return {**_as_cell(self._evaluate_pruned(job, idxs, cache, probes)), **size}
         finally:
             snapshot.restore()
 
-    def _guard(self, job: _Job, cache_at: int, cache: list[torch.Tensor]) -> bool:
-        """Once per layer: does the traced suffix agree with the real pruned model?"""
+    def _evaluate_pruned(self, job: _Job, idxs: list[int], cache: _Cache,
+                         probes: dict[int, torch.Tensor]) -> EvalResult:
+        trace, route = self.trace, self.routes[job.layer]
+        if trace is None or job.layer in self.fallbacks:
+            self.stats["full"] += 1
+            return _evaluate(self.work, self.batches)
+        if probes and cache.at == route.select:
+            width = self.plan.graph.group(job.layer).width + len(idxs)  # the graph is pruned now
+            removed = set(idxs)
+            keep = torch.tensor([i for i in range(width) if i not in removed], device=cache.values[0].device)
+            if self._selection_exact(route, keep, cache, probes):
+                inputs = [_select(v, keep) for v in cache.values]
+                if self._guard(job.layer, cache.at, inputs[0]):
+                    self.stats["selected"] += 1
+                    return _evaluate(lambda x: trace.run(cache.at, x), self.batches, inputs)
+        elif cache.at <= route.start and self._guard(job.layer, cache.at, cache.values[0]):
+            inputs = [v.clone() for v in cache.values] if trace.mutates else cache.values
+            self.stats["from_cache"] += 1
+            return _evaluate(lambda x: trace.run(cache.at, x), self.batches, inputs)
+        self.stats["full"] += 1
+        return _evaluate(self.work, self.batches)
+
+    def _selection_exact(self, route: _Route, keep: torch.Tensor, cache: _Cache,
+                         probes: dict[int, torch.Tensor]) -> bool:
+        """Dropping channels of the unpruned activation must equal the pruned layers' output, bit for bit."""
+        assert self.trace is not None and route.select is not None
+        with torch.inference_mode():
+            for i, value in probes.items():
+                real = self.trace.run(route.start, value, stop=route.select)
+                chosen = _select(cache.values[i], keep, like=real)
+                if real.stride() != chosen.stride() or not torch.equal(real, chosen):
+                    return False
+        return True
+
+    def _guard(self, layer: str, start: int, first: torch.Tensor) -> bool:
+        """Once per layer: does the traced run agree with the real pruned model?"""
         assert self.trace is not None
-        if job.layer in self.guarded:
-            return job.layer not in self.fallbacks
-        self.guarded.add(job.layer)
+        if layer in self.guarded:
+            return layer not in self.fallbacks
+        self.guarded.add(layer)
         x = self.batches[0][0][:_GUARD_SAMPLES]
         with torch.inference_mode():
             expected = self.work(x)
             try:
-                got = self.trace.run(cache_at, cache[0][:_GUARD_SAMPLES].clone())
-                ok = isinstance(got, torch.Tensor) and got.shape == expected.shape and torch.allclose(
-                    got, expected, rtol=1e-3, atol=1e-4)
-            except (RuntimeError, TypeError, ValueError, IndexError):
+                got = self.trace.run(start, first[:_GUARD_SAMPLES].clone())
+                ok = (isinstance(got, torch.Tensor) and got.shape == expected.shape
+                      and torch.allclose(got, expected, rtol=1e-3, atol=1e-4))
+            except (RuntimeError, TypeError, ValueError, IndexError, _NoTrace):
                 ok = False
         if not ok:
-            self.fallbacks.add(job.layer)
+            self.fallbacks.add(layer)
         return ok
 
     def _naive(self, job: _Job) -> dict[str, Any]:
@@ -573,8 +687,9 @@ class _Engine:
         scores = graph.importance(job.layer, self.config.criterion, seed=self.config.seed)
         with torch.no_grad():
             graph.prune({job.layer: lowest(scores, job.removed)})
-        if self.channels_last:
+        if self.config.channels_last:
             model.to(memory_format=torch.channels_last)
+        self.stats["full"] += 1
         return {**_as_cell(_evaluate(model, self.batches)), **_size(model, self.input_shape)}
 
 

@@ -135,6 +135,7 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Temp file in the same folder, fsync, rename: a crash never leaves half a file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)
             handle.flush()
@@ -143,6 +144,12 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def describe_structure(model: nn.Module, arch: str, arch_args: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:

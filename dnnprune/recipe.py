@@ -132,6 +132,7 @@ class PruneSection(Section):
     min_channels: int = Field(1, ge=1)
     min_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_ratio: float = Field(0.95, gt=0.0, lt=1.0)
+    round_to: int = Field(1, ge=1, description="keep channel counts a multiple of this (8 suits CPU kernels)")
     exclude: list[str] = Field(default_factory=list)
     accuracy_aware: bool = False
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)

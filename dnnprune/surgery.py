@@ -99,8 +99,19 @@ class ChannelGraph:
                 if ignored & {self.model.get_submodule(n) for n in outputs}:
                     continue
                 groups.append(self._describe(module, group, outputs))
-        groups = [g for g in groups if g.name not in self.locked]
-        return sorted(groups, key=lambda g: position.get(g.name, len(position)))
+        return sorted(self._without_locked(groups), key=lambda g: position.get(g.name, len(position)))
+
+    def _without_locked(self, groups: list[ChannelGroup]) -> list[ChannelGroup]:
+        """A group sharing a filter-producing layer with a locked one is the same coupled set: lock it too."""
+        kept = []
+        for group in groups:
+            reason = next((self.locked[n] for n in group.outputs if n in self.locked), None)
+            if reason is None:
+                kept.append(group)
+            else:
+                self.locked.setdefault(group.name, reason)
+                self._roots.pop(group.name, None)
+        return kept
 
     def _full_group(self, module: nn.Module) -> Any:
         name = self._names[module]
@@ -146,15 +157,21 @@ class ChannelGraph:
         raise PruningError(f"layer {name!r} is not a prunable channel group of this model")
 
     def width(self, name: str) -> int:
-        root, _ = self._roots[name]
+        root, _ = self._root(name)
         return int(self.graph.get_out_channels(root))
+
+    def _root(self, name: str) -> tuple[nn.Module, Callable[..., Any]]:
+        if name not in self._roots:
+            why = f" ({self.locked[name]})" if name in self.locked else ""
+            raise PruningError(f"layer {name!r} is not a prunable channel group of this model{why}")
+        return self._roots[name]
 
     def widths(self) -> dict[str, int]:
         """Current width of every group, in forward order."""
         return {g.name: self.width(g.name) for g in self.all_groups}
 
     def _tp_group(self, name: str, idxs: Sequence[int]) -> Any:
-        root, handler = self._roots[name]
+        root, handler = self._root(name)
         with _tolerant_reshapes(), _index_mapping_frozen(self.graph, refresh=self._stale):
             self._stale = False
             return self.graph.get_pruning_group(root, handler, list(idxs))
@@ -232,9 +249,9 @@ class ChannelGraph:
             idxs = sorted(set(int(i) for i in idxs))
             if not idxs:
                 continue
-            if name not in self._roots:
-                raise PruningError(f"layer {name!r} is not a prunable channel group of this model")
             width = self.width(name)
+            if idxs[0] < 0 or idxs[-1] >= width:
+                raise PruningError(f"channel indices for layer {name!r} must be in 0..{width - 1}")
             if len(idxs) >= width:
                 raise PruningError(f"pruning {len(idxs)} of {width} channels would empty layer {name!r}; keep at least one")
             self._check_blocks(name, idxs, width)

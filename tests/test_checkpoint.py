@@ -179,3 +179,11 @@ def test_tensors_stored_are_the_model_tensors(tmp_path: Path, lenet_checkpoint: 
     stored = load_file(str(lenet_checkpoint))
     assert set(stored) == set(model.state_dict())
     assert all(torch.equal(stored[k], v) for k, v in model.state_dict().items())
+
+
+def test_written_files_get_normal_permissions(tmp_path: Path, lenet_checkpoint: Path) -> None:
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert lenet_checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask

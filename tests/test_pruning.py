@@ -217,6 +217,15 @@ def test_a_plan_never_empties_a_layer_and_surgery_refuses_to() -> None:
         graph.prune({"features.0": list(range(64))})
 
 
+@pytest.mark.parametrize("kwargs", [{"ratio": 0.43}, {"target": "macs", "target_factor": 3.0},
+                                    {"ratio": 0.4, "global_threshold": True}])
+def test_round_to_keeps_channel_counts_multiples(kwargs: dict) -> None:
+    model, report = prune(_model("vgg11_bn"), PruneSection(round_to=8, evaluate=False, **kwargs))
+    widths = [row["width_after"] for row in report["layers"]]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) < sum(row["width_before"] for row in report["layers"])
+    assert Limits(round_to=8).keep(6, 0.5) == 6 and Limits(round_to=8).keep(64, 0.43) == 40
+
+
 def test_global_threshold_keeps_each_layer_floor() -> None:
     model = _model("vgg11_bn")
     graph = ChannelGraph(model, (1, 32, 32))
@@ -420,3 +429,10 @@ def test_pruned_size_leaves_the_original_alone() -> None:
     before = model_size(model, (1, 32, 32))
     size = pruned_size(model, (1, 32, 32), score_groups(graph, "l1"), {"conv1": 8})
     assert size["macs"] < before["macs"] and model_size(model, (1, 32, 32)) == before
+
+
+def test_quantized_checkpoints_are_refused() -> None:
+    model = _model("lenet5")
+    meta_of(model).encodings = {"classifier.1.weight": {"codec": "kmeans"}}
+    with pytest.raises(PruningError, match="quantized"):
+        prune(model, PruneSection(ratio=0.5, evaluate=False))

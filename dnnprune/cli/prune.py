@@ -34,6 +34,7 @@ def prune_command(
     global_threshold: Annotated[bool | None, typer.Option("--global/--per-layer", help="One threshold over all layers' normalised scores.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Accuracy-aware: largest val top-1 drop a step may cause (0.01 = 1 point).")] = None,
     step: Annotated[float | None, typer.Option(help="Accuracy-aware: ratio added to a layer per step.")] = None,
+    round_to: Annotated[int | None, typer.Option(help="Keep channel counts a multiple of this (8 suits CPU kernels).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
     samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,
@@ -48,7 +49,7 @@ def prune_command(
     overrides = {"prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
-                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.exclude": exclude or None,
+                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     prepare_output(output, force=force, inputs=(checkpoint,))

@@ -48,7 +48,7 @@ def prune(model: nn.Module, config: PruneSection, *, data: DataSection | None = 
             details = job.run_one_shot()
         history = job.finetune(model, config.finetune, "final fine-tune")
         after = job.measure(model, "after")
-    report = job.report(model, before, after, details, history, time.perf_counter() - started)
+    report = job.report(before, after, details, history, time.perf_counter() - started)
     model.to("cpu").eval()
     meta_of(model).lineage_entry("prune", recipe_sha256, _lineage_metrics(report))
     return model, report
@@ -124,6 +124,9 @@ class _Job:
     def validate(self) -> None:
         config = self.config
         _check_how_much(config)
+        if self.meta.encodings:
+            raise PruningError("this checkpoint has quantized layers, whose codes pruning would cut through; "
+                               "prune the float checkpoint, then quantize it")
         self.graph = ChannelGraph(self.model, self.shape, exclude=config.exclude)
         if not self.graph.groups:
             raise PruningError(f"{self.meta.arch} has no prunable layer left (all excluded, locked or output layers)")
@@ -131,6 +134,7 @@ class _Job:
         self.fixed = pattern_ratios(self.model, self.graph, config.ratios) if config.ratios else {}
         self.analysis = load_analysis(config.analysis, self.meta.arch, self.graph) if config.analysis else None
         self.order = layer_order(self.graph, config.order, analysis=self.analysis, seed=config.seed)
+        self.scores = self._scores(self.model, self.graph) if config.criterion != "taylor" else None
         if self._needs_data():
             self.feeds.check()
         self.base_size = model_size(self.model, self.shape)
@@ -161,7 +165,7 @@ class _Job:
 
     def run_one_shot(self) -> dict[str, Any]:
         started = time.perf_counter()
-        scores = self._scores(self.model, self.graph)
+        scores = self.scores if self.scores is not None else self._scores(self.model, self.graph)
         solution = self._plan(scores)
         removed = apply_plan(self.graph, scores, solution.plan)
         self.seconds["plan_and_surgery"] = time.perf_counter() - started
@@ -209,8 +213,6 @@ class _Job:
 
     def run_accuracy_aware(self, on_step: Callable[[StepRow], None] | None) -> tuple[nn.Module, dict[str, Any]]:
         config = self.config
-        if config.target is None and config.ratio is None and not self.fixed:
-            raise PruningError("accuracy-aware pruning needs a target (--target macs:3) or a ratio to reach")
         val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
         caps = self.fixed if config.target is not None else uniform_ratios(self.graph, config.ratio or 0.0, self.fixed)
         env = StepEnvironment(
@@ -264,7 +266,7 @@ class _Job:
 
     # -- the report ---------------------------------------------------------------------------
 
-    def report(self, model: nn.Module, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
+    def report(self, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
                history: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
         config = self.config
         return {

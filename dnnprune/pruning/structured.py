@@ -33,14 +33,19 @@ class Limits:
     min_channels: int = 1
     min_fraction: float = 0.0
     max_ratio: float = 0.95
+    round_to: int = 1
 
     @classmethod
     def of(cls, config: PruneSection) -> Limits:
-        return cls(config.min_channels, config.min_fraction, config.max_ratio)
+        return cls(config.min_channels, config.min_fraction, config.max_ratio, config.round_to)
 
     def keep(self, width: int, ratio: float) -> int:
-        return channels_to_keep(width, ratio, min_channels=self.min_channels, min_fraction=self.min_fraction,
+        """Channels left; rounded up to a multiple of `round_to` (odd widths make CPU kernels slow)."""
+        keep = channels_to_keep(width, ratio, min_channels=self.min_channels, min_fraction=self.min_fraction,
                                 max_ratio=self.max_ratio)
+        if self.round_to > 1 and keep < width:
+            keep = min(width, math.ceil(keep / self.round_to) * self.round_to)
+        return keep
 
     def removable(self, width: int) -> int:
         return width - self.keep(width, 1.0)
@@ -90,6 +95,7 @@ class GlobalRanking:
     def __init__(self, graph: ChannelGraph, scores: dict[str, torch.Tensor], limits: Limits) -> None:
         self.widths = {g.name: g.width for g in graph.groups}
         self.caps = {name: limits.removable(width) for name, width in self.widths.items()}
+        self.limits = limits
         entries = []
         for name, values in scores.items():
             normalised = values / values.abs().mean().clamp_min(1e-12)
@@ -107,7 +113,11 @@ class GlobalRanking:
             if name not in fixed and counts[name] < self.caps[name]:
                 counts[name] += 1
                 budget -= 1
-        return counts
+        return {name: self._rounded(name, count) if name not in fixed else count for name, count in counts.items()}
+
+    def _rounded(self, name: str, count: int) -> int:
+        width = self.widths[name]
+        return width - self.limits.keep(width, count / width) if count else 0
 
 
 # ----------------------------------------------------------------------------- applying and measuring

@@ -91,6 +91,7 @@ def test_accuracy_aware_prune_with_a_recipe(runner: CliRunner, tmp_path: Path, l
     ([], ("say how much",)),
     (["--target", "macs:2", "--order", "sensitivity"], ("--analysis",)),
     (["--ratio", "0.5", "--criterion", "magic"], ("prune.criterion",)),
+    (["--ratio", "0.5", "--criterion", "bn_scale"], ("bn_scale", "l1")),
 ])
 def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                    args: list[str], fragments: tuple[str, ...]) -> None:
