@@ -18,9 +18,7 @@ the default engine gets there much faster:
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
-import json
 import math
 import os
 import time
@@ -41,10 +39,10 @@ from dnnprune.metrics import count_macs
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import AnalyzeSection
 from dnnprune.report import write_report
-from dnnprune.surgery import ChannelGraph, channels_to_keep, lowest
+from dnnprune.surgery import ChannelGraph, channels_to_keep, model_fingerprint
 from dnnprune.training import EvalResult
 
-Strategy = Literal["fast", "restore", "naive"]
+Strategy = Literal["fast", "cache", "restore", "naive"]
 ProgressFn = Callable[[float, float, str], None]
 """(work done, total work, note); work is in estimated cell units, so an ETA from it is fair."""
 
@@ -70,7 +68,9 @@ class Plan:
     graph: ChannelGraph
     layers: list[str]
     cells: list[Cell]
-    scores: dict[str, torch.Tensor]
+    widths: dict[str, int]
+    indices: dict[tuple[str, float], list[int]]
+    """The channels each cell removes: `ChannelGraph.choose` on scores of the unpruned model, as `prune` does."""
 
 
 def plan_analysis(model: nn.Module, config: AnalyzeSection, input_shape: Sequence[int]) -> Plan:
@@ -81,23 +81,23 @@ def plan_analysis(model: nn.Module, config: AnalyzeSection, input_shape: Sequenc
     if config.criterion not in CRITERIA:
         raise RecipeError(f"analyze.criterion: {config.criterion!r} is not available for sensitivity analysis; "
                           f"choose one of {', '.join(CRITERIA)}")
-    graph = ChannelGraph(model, input_shape)
-    names = [g.name for g in graph.groups]
-    if not names:
-        raise PruningError(f"the model ({type(model).__name__}) has no prunable layer: no conv/linear layer has output "
-                           "channels that can be removed (the output layer never is); nothing to analyze")
-    chosen = select_layers(model, config.layers, within=names, what="analyze.layers pattern") if config.layers else names
-    dropped = set(select_layers(model, config.exclude, within=names, what="analyze.exclude pattern")) if config.exclude else set()
-    layers = [n for n in names if n in set(chosen) - dropped]
-    if not layers:
+    graph = ChannelGraph(model, input_shape, exclude=config.exclude, include=config.layers)
+    if not graph.all_groups:
+        locked = f" ({len(graph.locked)} locked: {next(iter(graph.locked.values()))})" if graph.locked else ""
+        raise PruningError(f"the model ({type(model).__name__}) has no prunable layer{locked}: no conv/linear layer has "
+                           "output channels that can be removed (the output layer never is); nothing to analyze")
+    if not graph.groups:
         raise RecipeError("analyze.layers/exclude leave no layer to analyze; loosen the patterns")
-    scores = {name: _scores(graph, name, config) for name in layers}
-    cells = []
+    layers = [g.name for g in graph.groups]
+    widths = {g.name: g.width for g in graph.groups}
+    cells, indices = [], {}
     for name in layers:
-        width = graph.group(name).width
+        scores = _scores(graph, name, config)
         for ratio in config.ratios:
-            cells.append(Cell(name, ratio, width - channels_to_keep(width, ratio)))
-    return Plan(graph, layers, cells, scores)
+            idxs = graph.choose(name, scores, widths[name] - channels_to_keep(widths[name], ratio))
+            indices[(name, ratio)] = idxs
+            cells.append(Cell(name, ratio, len(idxs)))
+    return Plan(graph, layers, cells, widths, indices)
 
 
 def _scores(graph: ChannelGraph, name: str, config: AnalyzeSection) -> torch.Tensor:
@@ -105,10 +105,6 @@ def _scores(graph: ChannelGraph, name: str, config: AnalyzeSection) -> torch.Ten
         return graph.importance(name, config.criterion, seed=config.seed)
     except PruningError as exc:
         raise PruningError(f"{exc}; or leave the layer out with analyze.exclude: [{name!r}]") from None
-
-
-def removal(plan: Plan, cell: Cell) -> list[int]:
-    return lowest(plan.scores[cell.layer], cell.removed)
 
 
 # ----------------------------------------------------------------------------- the library entry
@@ -123,7 +119,8 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
     recipe have been checked, so a bad request fails before any data is loaded. With `world > 1`
     (torch.distributed initialised) each process measures its share of the cells and all of them
     return the same, complete report. `strategy="naive"` prunes a fresh copy per cell (the
-    reference the fast engine must match); "restore" skips the activation cache.
+    reference the fast engine must match); "restore" prunes and restores one copy but runs full
+    forwards; "cache" adds the cached activations but not the channel selection; "fast" is all of it.
     """
     start = time.perf_counter()
     meta = meta_of(model)
@@ -135,7 +132,7 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
     batches = _batches(data() if callable(data) else data, batch_size, device, config.channels_last)
     layer_macs = count_macs(work, input_shape)
     fingerprint = model_fingerprint(meta.arch, plan.graph)
-    full_groups = [[g.name, g.width] for g in plan.graph.groups]
+    full_groups = [[g.name, g.width] for g in plan.graph.all_groups]
     layer_info = [_layer_info(work, plan, name, layer_macs) for name in plan.layers]
     if config.channels_last:
         work.to(memory_format=torch.channels_last)  # after scoring: scores must not depend on memory layout
@@ -145,35 +142,30 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
                      {**_as_cell(baseline), **_size(work, input_shape)})
     jobs = _distinct_jobs(plan)
     mine = _share(jobs, engine.cost, world)[rank]
+    work_gmacs = (sum(engine.cost(j) for j in jobs) + engine.total_macs) * baseline.samples / 1e9
     measured = engine.run(mine, progress)
+    stats, fallbacks = dict(engine.stats), set(engine.fallbacks)
     if world > 1:
         gathered: list[Any] = [None] * world
-        torch.distributed.all_gather_object(gathered, measured)
-        measured = {key: value for part in gathered for key, value in part.items()}
+        torch.distributed.all_gather_object(gathered, (measured, stats, fallbacks))
+        measured = {key: value for part, _, _ in gathered for key, value in part.items()}
+        stats = {key: sum(part[key] for _, part, _ in gathered) for key in stats}
+        fallbacks = set().union(*(part for _, _, part in gathered))
     seconds = time.perf_counter() - start
     body = _report(meta, model, plan, config, baseline, measured, layer_info, fingerprint, full_groups, split)
     body["timing"] = {"seconds": seconds, "cells": len(plan.cells), "evaluations": len(jobs),
-                      "seconds_per_cell": seconds / len(plan.cells), "processes": world, "strategy": strategy,
-                      "batch_size": batch_size, "channels_last": config.channels_last,
-                      "prefix_cache": engine.trace is not None, "fallback_layers": sorted(engine.fallbacks),
-                      "evaluations_by_route": dict(engine.stats),
-                      "threads": torch.get_num_threads()}
+                      "seconds_per_cell": seconds / len(plan.cells), "processes": world,
+                      "threads_per_process": torch.get_num_threads(), "strategy": strategy, "batch_size": batch_size,
+                      "channels_last": config.channels_last, "work_gmacs": work_gmacs,
+                      "prefix_cache": engine.trace is not None, "fallback_layers": sorted(fallbacks),
+                      "evaluations_by_route": stats}
     return body
-
-
-def model_fingerprint(arch: str, graph: ChannelGraph) -> str:
-    """Identifies a model's prunable structure; an analysis only applies to a model with the same one."""
-    try:
-        from dnnprune.surgery import model_fingerprint as shared
-    except ImportError:
-        return hashlib.sha256(json.dumps([arch, [[g.name, g.width] for g in graph.groups]]).encode()).hexdigest()
-    return shared(arch, graph)
 
 
 def _layer_info(model: nn.Module, plan: Plan, name: str, macs: dict[str, int]) -> dict[str, Any]:
     group = plan.graph.group(name)
     module = model.get_submodule(name)
-    return {"name": name, "type": group.layer_type, "width": group.width,
+    return {"name": name, "type": group.layer_type, "width": plan.widths[name],
             "params": sum(p.numel() for p in module.parameters()), "macs": macs.get(name, 0),
             "members": list(group.members)}
 
@@ -281,18 +273,22 @@ class _Snapshot:
         modules = {id(m): m for m in graph.model.modules()}
         modules.update({id(m): m for m in dg.module2node if isinstance(m, nn.Module)})
         self.modules = [(m, _module_state(m)) for m in modules.values()]
-        self.dg = dg
-        self.dg_state = {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(dg).items()}
+        self.objects = [(obj, _shallow(vars(obj))) for obj in (dg, graph)]
         self.nodes = [(node, node.module) for node in dg.module2node.values()]
 
     def restore(self) -> None:
         for module, state in self.modules:
             module.__dict__.clear()
             module.__dict__.update(_module_state(state, fresh=False))
-        self.dg.__dict__.clear()
-        self.dg.__dict__.update({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in self.dg_state.items()})
+        for obj, state in self.objects:
+            obj.__dict__.clear()
+            obj.__dict__.update(_shallow(state))
         for node, module in self.nodes:
             node.module = module
+
+
+def _shallow(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.copy() if isinstance(v, (dict, list, set)) else v) for k, v in state.items()}
 
 
 def _module_state(source: Any, fresh: bool = True) -> dict[str, Any]:
@@ -490,13 +486,14 @@ class _Job:
 
     layer: str
     removed: int
-    ratio: float
+    indices: tuple[int, ...]
 
 
 def _distinct_jobs(plan: Plan) -> list[_Job]:
     seen: dict[tuple[str, int], _Job] = {}
     for cell in plan.cells:
-        seen.setdefault((cell.layer, cell.removed), _Job(cell.layer, cell.removed, cell.ratio))
+        seen.setdefault((cell.layer, cell.removed), _Job(cell.layer, cell.removed,
+                                                         tuple(plan.indices[(cell.layer, cell.ratio)])))
     return list(seen.values())
 
 
@@ -533,7 +530,7 @@ class _Engine:
         self.guarded: set[str] = set()
         self.stats = {"selected": 0, "from_cache": 0, "full": 0}
         self.trace: _Trace | None = None
-        if strategy == "fast":
+        if strategy in ("fast", "cache"):
             try:
                 self.trace = _Trace(work, input_shape, batches[0][0].device)
             except Exception:  # noqa: BLE001 - anything fx cannot trace is evaluated with full forwards
@@ -544,12 +541,13 @@ class _Engine:
         if self.trace is None:
             return _Route(0)
         group = self.plan.graph.group(layer)
-        return self.trace.route(group.members, group.name)
+        route = self.trace.route(group.members, group.name)
+        return route if self.strategy == "fast" else _Route(route.start)
 
     def cost(self, job: _Job) -> float:
         """Estimated MACs of one evaluation (the part after its start, the pruned layers shrunk)."""
         group = self.plan.graph.group(job.layer)
-        keep = 1.0 - job.removed / max(1, group.width)
+        keep = 1.0 - job.removed / max(1, self.plan.widths[job.layer])
         if self.trace is None:
             return sum(m * (keep if n in group.members else 1.0) for n, m in self.macs.items())
         route = self.routes[job.layer]
@@ -616,7 +614,7 @@ class _Engine:
     def _measure(self, job: _Job, cache: _Cache, probes: dict[int, torch.Tensor]) -> dict[str, Any]:
         snapshot = _Snapshot(self.plan.graph)
         try:
-            idxs = removal(self.plan, Cell(job.layer, job.ratio, job.removed))
+            idxs = list(job.indices)
             with torch.no_grad():
                 self.plan.graph.prune({job.layer: idxs})
             if self.config.channels_last:
@@ -634,7 +632,7 @@ class _Engine:
             self.stats["full"] += 1
             return _evaluate(self.work, self.batches)
         if probes and cache.at == route.select:
-            width = self.plan.graph.group(job.layer).width + len(idxs)  # the graph is pruned now
+            width = self.plan.widths[job.layer]
             removed = set(idxs)
             keep = torch.tensor([i for i in range(width) if i not in removed], device=cache.values[0].device)
             if self._selection_exact(route, keep, cache, probes):
@@ -686,7 +684,7 @@ class _Engine:
         graph = ChannelGraph(model, self.input_shape)
         scores = graph.importance(job.layer, self.config.criterion, seed=self.config.seed)
         with torch.no_grad():
-            graph.prune({job.layer: lowest(scores, job.removed)})
+            graph.prune({job.layer: graph.choose(job.layer, scores, job.removed)})
         if self.config.channels_last:
             model.to(memory_format=torch.channels_last)
         self.stats["full"] += 1
@@ -788,6 +786,32 @@ def write_outputs(report: dict[str, Any], json_path: Path) -> dict[str, Path]:
     atomic_write_bytes(paths["csv"], csv_bytes)
     atomic_write_bytes(paths["png"], png_bytes)
     return paths
+
+
+# ----------------------------------------------------------------------------- process setup
+
+
+def tune_malloc() -> bool:
+    """Let glibc keep freed activation memory instead of returning it to the OS after every layer.
+
+    Each cell allocates the same large activations thousands of times; with glibc's defaults the
+    big ones are fresh mmaps whose page faults cost ~10% of an analysis on a VM. Process-wide, so
+    only the command-line entry (which owns the process) calls it. False where glibc is absent.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not name.startswith("libc.so"):
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    return all([mallopt(m_mmap_threshold, 32 << 20) == 1, mallopt(m_trim_threshold, 1 << 30) == 1,
+                mallopt(m_top_pad, 64 << 20) == 1])
 
 
 # ----------------------------------------------------------------------------- torchrun
