@@ -186,7 +186,8 @@ def markdown(result: dict[str, Any]) -> str:
     def row(name: str, s: dict[str, Any], goal: str) -> str:
         work = f"{s['work_gmacs']:,.0f}" if s.get("work_gmacs") else "-"
         return (f"| {name} | {s['layers']} x {s['ratios']} = {s['cells']} | {s['samples']} | {s['processes']} | "
-                f"{s['wall_seconds']:.0f} | {s['seconds_per_cell']:.2f} | {s['analysis_seconds']:.0f} | {work} | {goal} |")
+                f"{s['wall_seconds']:.0f} | {s['seconds_per_cell']:.2f} | {s['analysis_seconds']:.0f} | {work} | "
+                f"{goal} |")
 
     verdict = "met" if main["wall_seconds"] < GOAL_SECONDS else "NOT met"
     lines.append(row("VGG-16 trained, subset", main, f"< {GOAL_SECONDS:.0f} s: {verdict}"))
@@ -199,8 +200,8 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(row(f"{entry['arch']} untrained", entry, f"{per_gmac * 1000:.1f} analysis s per TMAC"))
     text = "\n".join(lines)
     if "ablation" in result:
-        text += ("\n\n| speed-up (4 layers x 2 ratios, in-process) | seconds | x vs naive | same top-1 | max loss diff |"
-                 "\n|---|---|---|---|---|\n")
+        text += ("\n\n| speed-up (4 layers x 2 ratios, in-process) | seconds | x vs naive | same top-1 "
+                 "| max loss diff |\n|---|---|---|---|---|\n")
         text += "\n".join(f"| {r['step']} | {r['seconds']:.1f} | {r['speedup']:.2f} | {r['same_top1']} | "
                           f"{r['max_loss_difference']:.1e} |" for r in result["ablation"])
     return text

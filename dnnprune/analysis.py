@@ -5,12 +5,16 @@ model and the result is evaluated on the validation data. The numbers are exactl
 freshly pruned copy (`strategy="naive"` computes them that way, and tests compare the two), but
 the default engine gets there much faster:
 
-* the evaluation batches are built once and the baseline is measured once;
+* the evaluation batches are built once; channels-last layout (faster convolutions on CPU);
 * one working copy is pruned in place and restored after each cell (no copy, no re-tracing);
 * a cell only recomputes the part of the network its pruning changes: the model is traced with
   torch.fx, cut where one activation carries everything forward, and the activation entering a
   group's first affected layer is cached once for all ratios (models fx cannot trace, or where a
   traced run disagrees with the real one, fall back to full forwards);
+* where only channel-wise layers (BN, ReLU, pooling) separate the pruned conv from the next one,
+  the cell starts after them from the unpruned activation with the removed channels dropped
+  (checked bit for bit against the pruned layers on the first batch of every cell);
+* the baseline is the cached activations finishing their forward pass at the end;
 * under `torchrun`, cells are shared out across processes by estimated cost and gathered again,
   so every process ends up with the same report.
 """
@@ -36,7 +40,6 @@ from dnnprune.checkpoint import atomic_write_bytes, meta_of
 from dnnprune.data import make_loader
 from dnnprune.errors import DnnpruneError, PruningError, RecipeError
 from dnnprune.metrics import count_macs
-from dnnprune.patterns import select_layers
 from dnnprune.recipe import AnalyzeSection
 from dnnprune.report import write_report
 from dnnprune.surgery import ChannelGraph, channels_to_keep, model_fingerprint
@@ -84,8 +87,8 @@ def plan_analysis(model: nn.Module, config: AnalyzeSection, input_shape: Sequenc
     graph = ChannelGraph(model, input_shape, exclude=config.exclude, include=config.layers)
     if not graph.all_groups:
         locked = f" ({len(graph.locked)} locked: {next(iter(graph.locked.values()))})" if graph.locked else ""
-        raise PruningError(f"the model ({type(model).__name__}) has no prunable layer{locked}: no conv/linear layer has "
-                           "output channels that can be removed (the output layer never is); nothing to analyze")
+        raise PruningError(f"the model ({type(model).__name__}) has no prunable layer{locked}: no conv/linear layer "
+                           "has output channels that can be removed (the output layer never is); nothing to analyze")
     if not graph.groups:
         raise RecipeError("analyze.layers/exclude leave no layer to analyze; loosen the patterns")
     layers = [g.name for g in graph.groups]
@@ -137,13 +140,15 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
     if config.channels_last:
         work.to(memory_format=torch.channels_last)  # after scoring: scores must not depend on memory layout
 
-    baseline = _evaluate(work, batches)
-    engine = _Engine(work, plan, config, batches, layer_macs, input_shape, strategy, model,
-                     {**_as_cell(baseline), **_size(work, input_shape)})
+    engine = _Engine(work, plan, config, batches, layer_macs, input_shape, strategy, model)
     jobs = _distinct_jobs(plan)
     mine = _share(jobs, engine.cost, world)[rank]
-    work_gmacs = (sum(engine.cost(j) for j in jobs) + engine.total_macs) * baseline.samples / 1e9
     measured = engine.run(mine, progress)
+    baseline = engine.baseline()
+    for key, value in measured.items():
+        if value is _UNPRUNED:
+            measured[key] = {**_as_cell(baseline), **engine.unpruned_size}
+    work_gmacs = (sum(engine.cost(j) for j in jobs) + engine.total_macs) * baseline.samples / 1e9
     stats, fallbacks = dict(engine.stats), set(engine.fallbacks)
     if world > 1:
         gathered: list[Any] = [None] * world
@@ -152,7 +157,8 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
         stats = {key: sum(part[key] for _, part, _ in gathered) for key in stats}
         fallbacks = set().union(*(part for _, _, part in gathered))
     seconds = time.perf_counter() - start
-    body = _report(meta, model, plan, config, baseline, measured, layer_info, fingerprint, full_groups, split)
+    body = _report(meta, model, plan, config, baseline, measured, layer_info, fingerprint, full_groups, layer_macs,
+                   split)
     body["timing"] = {"seconds": seconds, "cells": len(plan.cells), "evaluations": len(jobs),
                       "seconds_per_cell": seconds / len(plan.cells), "processes": world,
                       "threads_per_process": torch.get_num_threads(), "strategy": strategy, "batch_size": batch_size,
@@ -172,7 +178,7 @@ def _layer_info(model: nn.Module, plan: Plan, name: str, macs: dict[str, int]) -
 
 def _report(meta: Any, model: nn.Module, plan: Plan, config: AnalyzeSection, baseline: EvalResult,
             measured: dict[tuple[str, int], dict[str, Any]], layer_info: list[dict[str, Any]], fingerprint: str,
-            full_groups: list[list[Any]], split: str) -> dict[str, Any]:
+            full_groups: list[list[Any]], layer_macs: dict[str, int], split: str) -> dict[str, Any]:
     layers = []
     for info in layer_info:
         cells = []
@@ -186,7 +192,7 @@ def _report(meta: Any, model: nn.Module, plan: Plan, config: AnalyzeSection, bas
     return {
         "model": {"arch": meta.arch, "fingerprint": fingerprint, "groups": full_groups,
                   "checkpoint_sha256": meta.file_sha256, "params": sum(p.numel() for p in model.parameters()),
-                  "macs": sum(count_macs(model, tuple(meta.input_shape)).values())},
+                  "macs": sum(layer_macs.values())},
         "dataset": meta.dataset,
         "criterion": config.criterion,
         "granularity": config.granularity,
@@ -253,12 +259,12 @@ class _Tally:
 
 
 def _evaluate(forward: Callable[[torch.Tensor], torch.Tensor], batches: Batches,
-              inputs: Sequence[torch.Tensor] | None = None) -> EvalResult:
-    """Batch i is fed `inputs[i]` when given (a cached activation), else its images."""
+              inputs: Callable[[int], torch.Tensor] | None = None) -> EvalResult:
+    """Batch i is fed `inputs(i)` when given (built from a cached activation), else its images."""
     tally = _Tally()
     with torch.inference_mode():
         for i, (x, y) in enumerate(batches):
-            tally.add(forward(x if inputs is None else inputs[i]), y)
+            tally.add(forward(x if inputs is None else inputs(i)), y)
     return tally.result()
 
 
@@ -508,6 +514,9 @@ def _share(jobs: list[_Job], cost: Callable[[_Job], float], world: int) -> list[
     return shares
 
 
+_UNPRUNED = object()
+
+
 class _Cache:
     """The activation at one position of the trace, for every batch, moved forward only."""
 
@@ -520,10 +529,12 @@ class _Engine:
     """Measures cells on one working copy: prune, evaluate from the cached activation, restore."""
 
     def __init__(self, work: nn.Module, plan: Plan, config: AnalyzeSection, batches: Batches, macs: dict[str, int],
-                 input_shape: Sequence[int], strategy: Strategy, original: nn.Module, unpruned: dict[str, Any]) -> None:
+                 input_shape: Sequence[int], strategy: Strategy, original: nn.Module) -> None:
         self.work, self.plan, self.config, self.batches, self.macs = work, plan, config, batches, macs
         self.input_shape, self.strategy, self.original = tuple(input_shape), strategy, original
-        self.unpruned = unpruned
+        self.unpruned_size = _size(work, input_shape)
+        self.dims = {name: _dims(work.get_submodule(name)) for name in macs}
+        self.cache = _Cache(batches)
         self.total_macs = max(1, sum(macs.values()))
         self.samples = sum(len(y) for _, y in batches)
         self.fallbacks: set[str] = set()
@@ -565,13 +576,13 @@ class _Engine:
         order = {name: i for i, name in enumerate(self.plan.layers)}
         jobs = sorted(jobs, key=lambda j: (self.routes[j.layer].start, order[j.layer], j.removed))
         starts = [self.routes[j.layer].start for j in jobs]
-        cache = _Cache(self.batches)
+        cache = self.cache
         probes: dict[int, torch.Tensor] = {}
         if progress is not None:
             progress(0.0, total, f"0/{len(jobs)} cells")
         for index, job in enumerate(jobs):
             if job.removed == 0:
-                results[(job.layer, 0)] = dict(self.unpruned)
+                results[(job.layer, 0)] = _UNPRUNED  # type: ignore[assignment]  # the baseline, known at the end
             elif self.strategy == "naive":
                 results[(job.layer, job.removed)] = self._naive(job)
             else:
@@ -584,6 +595,31 @@ class _Engine:
             if progress is not None:
                 progress(done, total, f"{index + 1}/{len(jobs)} cells")
         return results
+
+    def _pruned_size(self) -> dict[str, int]:
+        """Parameters and MACs of the pruned working copy without a forward pass: channel pruning
+        leaves every spatial size alone, so each layer's MACs scale with outputs x inputs per output."""
+        macs = 0
+        for name, base in self.macs.items():
+            out, per = self.dims[name]
+            new_out, new_per = _dims(self.work.get_submodule(name))
+            macs += base // (out * per) * new_out * new_per if out * per else base
+        return {"params": sum(p.numel() for p in self.work.parameters()), "macs": macs}
+
+    def baseline(self) -> EvalResult:
+        """The unpruned model's numbers: the cached activations finish their forward pass (cheap, since
+        the cells already paid for the prefix) when that gives exactly what the eager model gives."""
+        trace, cache = self.trace, self.cache
+        if trace is not None and self.strategy != "naive":
+            with torch.inference_mode():
+                first = trace.run(cache.at, cache.values[0].clone() if trace.mutates else cache.values[0])
+                if isinstance(first, torch.Tensor) and torch.equal(first, self.work(self.batches[0][0])):
+                    rest = [trace.run(cache.at, v.clone() if trace.mutates else v) for v in cache.values[1:]]
+                    tally = _Tally()
+                    for logits, (_, targets) in zip([first, *rest], self.batches):
+                        tally.add(logits, targets)
+                    return tally.result()
+        return _evaluate(self.work, self.batches)
 
     def _prepare(self, layer: str, cache: _Cache, later: int) -> dict[int, torch.Tensor]:
         """Bring the cache to the layer's start (or its selection point); keep what checking a selection needs."""
@@ -620,7 +656,7 @@ class _Engine:
             if self.config.channels_last:
                 for name in self.plan.graph.group(job.layer).members:
                     self.work.get_submodule(name).to(memory_format=torch.channels_last)
-            size = _size(self.work, self.input_shape)
+            size = self._pruned_size()
             return {**_as_cell(self._evaluate_pruned(job, idxs, cache, probes)), **size}
         finally:
             snapshot.restore()
@@ -635,15 +671,15 @@ class _Engine:
             width = self.plan.widths[job.layer]
             removed = set(idxs)
             keep = torch.tensor([i for i in range(width) if i not in removed], device=cache.values[0].device)
-            if self._selection_exact(route, keep, cache, probes):
-                inputs = [_select(v, keep) for v in cache.values]
-                if self._guard(job.layer, cache.at, inputs[0]):
-                    self.stats["selected"] += 1
-                    return _evaluate(lambda x: trace.run(cache.at, x), self.batches, inputs)
+            if self._selection_exact(route, keep, cache, probes) and self._guard(
+                    job.layer, cache.at, _select(cache.values[0][:_GUARD_SAMPLES], keep)):
+                self.stats["selected"] += 1
+                return _evaluate(lambda x: trace.run(cache.at, x), self.batches,
+                                 lambda i: _select(cache.values[i], keep))
         elif cache.at <= route.start and self._guard(job.layer, cache.at, cache.values[0]):
-            inputs = [v.clone() for v in cache.values] if trace.mutates else cache.values
             self.stats["from_cache"] += 1
-            return _evaluate(lambda x: trace.run(cache.at, x), self.batches, inputs)
+            return _evaluate(lambda x: trace.run(cache.at, x), self.batches,
+                             lambda i: cache.values[i].clone() if trace.mutates else cache.values[i])
         self.stats["full"] += 1
         return _evaluate(self.work, self.batches)
 
@@ -695,8 +731,16 @@ def _as_cell(result: EvalResult) -> dict[str, Any]:
     return {"top1": result.top1, "top5": result.top5, "loss": result.loss}
 
 
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs per output) of a conv/linear: its MACs are proportional to their product."""
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    return module.out_channels, module.in_channels // module.groups  # type: ignore[operator]
+
+
 def _size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    return {"params": sum(p.numel() for p in model.parameters()), "macs": sum(count_macs(model, tuple(input_shape)).values())}
+    return {"params": sum(p.numel() for p in model.parameters()),
+            "macs": sum(count_macs(model, tuple(input_shape)).values())}
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -765,7 +809,7 @@ def plot_png(report: dict[str, Any]) -> bytes:
         ax.plot(xs, ys, marker=markers[i % len(markers)], markersize=3.5, linewidth=1.3,
                 color=cmap(i % 20), label=layer["name"])
     ax.axhline(base - report["budget"] * 100, color="grey", linestyle="--", linewidth=1,
-               label=f"budget ({report['budget'] * 100:g} points)")
+               label=f"budget: {report['budget'] * 100:g} pt below baseline")
     ax.set_xlabel("fraction of channels removed from the layer (pruned alone, no fine-tuning)")
     ax.set_ylabel(f"top-1 accuracy on {report['samples']} {report['split']} samples (%)")
     ax.set_title(f"{report['model']['arch']}: sensitivity to pruning ({report['criterion']} criterion)")

@@ -100,8 +100,10 @@ def test_report_contract(lenet: torch.nn.Module) -> None:
     config = AnalyzeSection(ratios=[0.3, 0.6], batch_size=16, budget=0.05)
     report = analyze(lenet, config, _data((1, 28, 28), 32))
     assert report["model"]["arch"] == "lenet5" and len(report["model"]["fingerprint"]) == 64
-    assert report["model"]["groups"] == [["features.0", 6], ["features.3", 16], ["classifier.1", 120], ["classifier.3", 84]]
-    assert (report["criterion"], report["granularity"], report["split"], report["samples"]) == ("l1", "filter", "val", 32)
+    assert report["model"]["groups"] == [["features.0", 6], ["features.3", 16], ["classifier.1", 120],
+                                         ["classifier.3", 84]]
+    assert (report["criterion"], report["granularity"], report["split"]) == ("l1", "filter", "val")
+    assert report["samples"] == 32
     assert report["ratios"] == [0.3, 0.6] and report["budget"] == 0.05
     assert set(report["baseline"]) >= {"top1", "loss"}
     for layer in report["layers"]:
@@ -127,8 +129,8 @@ def test_suggested_ratio_is_the_largest_ratio_within_budget() -> None:
 
 
 def test_order_is_ascending_sensitivity_with_deterministic_ties() -> None:
-    layers = [{"name": "a", "sensitivity": 0.2, "loss_increase": 0.1}, {"name": "b", "sensitivity": 0.0, "loss_increase": 0.3},
-              {"name": "c", "sensitivity": 0.0, "loss_increase": 0.1}, {"name": "d", "sensitivity": 0.0, "loss_increase": 0.1}]
+    layers = [{"name": name, "sensitivity": s, "loss_increase": loss}
+              for name, s, loss in [("a", 0.2, 0.1), ("b", 0.0, 0.3), ("c", 0.0, 0.1), ("d", 0.0, 0.1)]]
     assert sensitivity_order(layers) == ["c", "d", "b", "a"]
 
 
@@ -187,3 +189,12 @@ def test_plan_removes_nested_channel_sets(lenet: torch.nn.Module) -> None:
     for layer in plan.layers:
         sets = [set(plan.indices[(layer, r)]) for r in (0.2, 0.5, 0.8)]
         assert sets[0] <= sets[1] <= sets[2]
+
+
+def test_a_ratio_that_removes_nothing_measures_the_baseline(lenet: torch.nn.Module) -> None:
+    report = analyze(lenet, AnalyzeSection(ratios=[0.05, 0.5], batch_size=16, layers=["features.0"]),
+                     _data((1, 28, 28), 32))
+    first = report["layers"][0]["cells"][0]
+    assert first["removed"] == 0  # round(0.05 * 6) == 0
+    assert (first["top1"], first["loss"]) == (report["baseline"]["top1"], report["baseline"]["loss"])
+    assert first["params"] == sum(p.numel() for p in lenet.parameters())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,14 +26,14 @@ from dnnprune.training import resolve_device
 def analyze_command(
     checkpoint: Annotated[Path, typer.Argument(help="A dnnprune checkpoint (.safetensors).")],
     recipe: RecipeOption = None,
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Analysis to write (.json; a .csv and a .png "
-                                                "land next to it) [default: CKPT.analysis.json].")] = None,
-    ratios: Annotated[str | None, typer.Option(help="Comma-separated pruning ratios in (0, 1), e.g. 0.1,0.3,0.5.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help=(
+        "JSON to write; its .csv and .png go beside it (default: NAME.analysis.json next to CKPT)."))] = None,
+    ratios: Annotated[str | None, typer.Option(help="Pruning ratios in (0, 1), e.g. 0.1,0.3,0.5.")] = None,
     criterion: Annotated[str | None, typer.Option(help="Channel ranking: l1, l2, bn_scale or random.")] = None,
-    samples: Annotated[int | None, typer.Option(help="Class-stratified validation subset size [default: 2000].")] = None,
-    budget: Annotated[float | None, typer.Option(help="Top-1 drop allowed for the suggested ratios, e.g. 0.01.")] = None,
-    layers: Annotated[list[str] | None, typer.Option("--layers", help="Only these layers (glob or type:NAME); repeatable.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size [default: data.batch_size].")] = None,
+    samples: Annotated[int | None, typer.Option(help="Class-stratified validation subset (default 2000).")] = None,
+    budget: Annotated[float | None, typer.Option(help="Top-1 drop allowed for suggested ratios, e.g. 0.01.")] = None,
+    layers: Annotated[list[str] | None, typer.Option(help="Only these layers (glob or type:NAME); repeatable.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default: data.batch_size).")] = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,
@@ -97,8 +98,6 @@ def _check_outputs(path: Path, force: bool, checkpoint: Path) -> None:
 def _device(name: str, world: int) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda" and world > 1:
-        import os
-
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     return device
 
@@ -135,7 +134,8 @@ def sensitivity_table(body: dict[str, Any]) -> Table:
     total_macs = max(1, body["model"]["macs"])
     rank_of = {name: i + 1 for i, name in enumerate(body["order"])}
     table = Table(title=f"sensitivity of {body['model']['arch']}: top-1 drop in points when one layer is pruned "
-                        f"(baseline {base * 100:.2f} % on {body['samples']} {body['split']} samples, {body['criterion']})")
+                        f"(baseline {base * 100:.2f} % on {body['samples']} {body['split']} samples, "
+                        f"{body['criterion']})")
     for column in ("order", "layer", "width", "MACs %"):
         table.add_column(column, justify="left" if column == "layer" else "right")
     for ratio in body["ratios"]:
@@ -149,6 +149,6 @@ def sensitivity_table(body: dict[str, Any]) -> Table:
             cells.append(Text(f"{drop * 100:.1f}", style=style))
         table.add_row(str(rank_of[layer["name"]]), layer["name"], str(layer["width"]),
                       f"{layer['macs'] / total_macs * 100:.1f}", *cells, f"{layer['suggested_ratio']:g}")
-    table.caption = (f"green: drop ≤ {budget * 100:g} points (the budget), yellow: ≤ {5 * budget * 100:g}, red: more; "
-                     "order 1 = least sensitive, pruned first by `prune --order sensitivity`")
+    table.caption = (f"green: drop ≤ {budget * 100:g} points (the budget), yellow: ≤ {5 * budget * 100:g}, "
+                     "red: more; order 1 = least sensitive, pruned first by `prune --order sensitivity`")
     return table
