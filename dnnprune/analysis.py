@@ -632,18 +632,23 @@ class _Engine:
             return {}
         return probes
 
+    def _require_trace(self) -> Any:
+        if self.trace is None:
+            raise RuntimeError("the fast engine was used without a traced model")
+        return self.trace
+
     def _advance(self, cache: _Cache, target: int) -> bool:
         """Move the cached activation forward to `target` unless it would not fit in memory."""
-        assert self.trace is not None
+        trace = self._require_trace()
         if target == cache.at:
             return True
         if target < cache.at:
             return False
-        size = self.trace.numel.get(target, 0) * self.samples * self.batches[0][0].element_size()
+        size = trace.numel.get(target, 0) * self.samples * self.batches[0][0].element_size()
         if size > CACHE_BYTES:
             return False
         with torch.inference_mode():
-            cache.values = [self.trace.run(cache.at, value, stop=target) for value in cache.values]
+            cache.values = [trace.run(cache.at, value, stop=target) for value in cache.values]
         cache.at = target
         return True
 
@@ -686,7 +691,9 @@ class _Engine:
     def _selection_exact(self, route: _Route, keep: torch.Tensor, cache: _Cache,
                          probes: dict[int, torch.Tensor]) -> bool:
         """Dropping channels of the unpruned activation must equal the pruned layers' output, bit for bit."""
-        assert self.trace is not None and route.select is not None
+        self._require_trace()
+        if route.select is None:
+            raise RuntimeError("channel selection was asked for a route without a selection point")
         with torch.inference_mode():
             for i, value in probes.items():
                 real = self.trace.run(route.start, value, stop=route.select)
@@ -697,7 +704,7 @@ class _Engine:
 
     def _guard(self, layer: str, start: int, first: torch.Tensor) -> bool:
         """Once per layer: does the traced run agree with the real pruned model?"""
-        assert self.trace is not None
+        self._require_trace()
         if layer in self.guarded:
             return layer not in self.fallbacks
         self.guarded.add(layer)
