@@ -6,7 +6,7 @@ RUNS ?= runs
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install dataset demo test test-all bench clean
+.PHONY: install dataset demo test test-all bench bench-foundation bench-analyze bench-prune bench-quantize clean
 
 install: $(VENV)/.installed
 
@@ -37,8 +37,40 @@ test: install dataset
 test-all: install dataset
 	$(BIN)/python -m pytest -q
 
-bench: install dataset
-	$(BIN)/python bench/run.py all
+# Benchmarks (BENCHMARKS.md). Trained baselines are cached in $(CACHE) and reused.
+CACHE := $(RUNS)/cache
+BENCH := $(RUNS)/bench
+
+bench: bench-foundation bench-analyze bench-prune bench-quantize
+
+bench-foundation: install dataset
+	@mkdir -p $(BENCH)
+	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(BENCH)/lenet5.safetensors --force
+	$(BIN)/python bench/resnet18_import.py --steps 300 --out $(BENCH)/resnet18-import
+
+$(CACHE)/vgg16_bn-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train vgg16_bn -r recipes/vgg16-fmnist.yaml -o $@ --force
+
+$(CACHE)/alexnet-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train alexnet -r recipes/alexnet-fmnist.yaml -o $@ --force
+
+$(CACHE)/alexnet2-fmnist.safetensors: $(CACHE)/alexnet-fmnist.safetensors
+	$(BIN)/dnnprune train $< -r recipes/alexnet-fmnist-finetune.yaml -o $@ --force
+
+$(CACHE)/vgg16_bn-fmnist.analysis.json: $(CACHE)/vgg16_bn-fmnist.safetensors
+	$(BIN)/dnnprune analyze $< -o $@ --samples 2000 --force
+
+bench-analyze: $(CACHE)/vgg16_bn-fmnist.analysis.json
+	$(BIN)/python bench/analyze_vgg.py --linearity --out $(BENCH)/analyze
+
+bench-prune: $(CACHE)/vgg16_bn-fmnist.analysis.json
+	$(BIN)/python bench/prune_vgg16.py --step 0.3 --step-steps 10 --final-steps 150 --threads 1 --out $(BENCH)/prune
+
+bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors
+	@mkdir -p $(BENCH)
+	$(BIN)/dnnprune quantize $< -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/alexnet-q.safetensors --force
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +13,9 @@ import dnnprune
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, describe_structure, save
 from dnnprune.errors import CheckpointError, OutputError
 from dnnprune.models import create_model, zoo_names
+from tests.reload import record_io, reload_in_new_process
 
 TORCHVISION = ["torchvision.resnet18", "torchvision.mobilenet_v3_small", "torchvision.efficientnet_b0", "torchvision.densenet121"]
-_RELOAD_SCRIPT = """
-import json, sys, torch
-from safetensors.torch import load_file
-import dnnprune
-results = {}
-for item in json.loads(sys.argv[1]):
-    model = dnnprune.load(item["checkpoint"])
-    data = load_file(item["io"])
-    with torch.inference_mode():
-        out = model(data["input"])
-    results[item["checkpoint"]] = bool(torch.equal(out, data["output"]))
-print(json.dumps(results))
-"""
 
 
 def _shape_for(arch: str) -> tuple[int, int, int]:
@@ -45,17 +30,7 @@ def _save_with_io(model: nn.Module, arch: str, args: dict, shape: tuple, folder:
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=(0.5,) * shape[0], std=(0.25,) * shape[0])
     stem = arch.replace(".", "_")
     checkpoint = save(attach_meta(model.eval(), meta), folder / f"{stem}.safetensors")
-    sample = torch.randn(2, *shape)
-    with torch.inference_mode():
-        output = model(sample)
-    save_file({"input": sample, "output": output}, str(folder / f"{stem}.io.safetensors"))
-    return {"checkpoint": str(checkpoint), "io": str(folder / f"{stem}.io.safetensors")}
-
-
-def _reload_in_new_process(items: list[dict[str, str]]) -> dict[str, bool]:
-    done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, json.dumps(items)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return record_io(model, checkpoint, shape)
 
 
 def test_every_model_reloads_bit_identical_in_new_process(tmp_path: Path) -> None:
@@ -66,7 +41,7 @@ def test_every_model_reloads_bit_identical_in_new_process(tmp_path: Path) -> Non
         model = create_model(arch, **args)
         _randomise_bn(model)
         items.append(_save_with_io(model, arch, args, shape, tmp_path))
-    results = _reload_in_new_process(items)
+    results = reload_in_new_process(items)
     assert len(results) == len(items)
     assert all(results.values()), {k: v for k, v in results.items() if not v}
 
@@ -110,7 +85,7 @@ def test_structural_changes_and_identity_replacement_round_trip(tmp_path: Path) 
     assert replaced == {"layer1.1": "Identity"}
     items = [_save_with_io(model, "vgg11_bn", args, (1, 32, 32), tmp_path),
              _save_with_io(resnet, "resnet20", args, (1, 32, 32), tmp_path)]
-    assert all(_reload_in_new_process(items).values())
+    assert all(reload_in_new_process(items).values())
 
 
 def test_metadata_and_lineage_survive(tmp_path: Path) -> None:

@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, save
 from dnnprune.errors import PruningError
@@ -25,22 +22,11 @@ from dnnprune.recipe import PruneSection
 from dnnprune.surgery import ChannelGraph, channels_to_keep, lowest, model_fingerprint
 
 from tests.conftest import needs_fmnist
+from tests.reload import record_io, reload_in_new_process
 
 FAST_TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "efficientnet_b0", "googlenet",
                     "shufflenet_v2_x1_0", "regnet_x_400mf"]
 SLOW_TORCHVISION = ["alexnet", "vgg16_bn", "densenet121"]
-_RELOAD = """
-import json, sys, torch
-from safetensors.torch import load_file
-import dnnprune
-results = {}
-for item in json.loads(sys.argv[1]):
-    model = dnnprune.load(item["checkpoint"])
-    data = load_file(item["io"])
-    with torch.inference_mode():
-        results[item["checkpoint"]] = bool(torch.equal(model(data["input"]), data["output"]))
-print(json.dumps(results))
-"""
 
 
 def _shape(arch: str) -> tuple[int, int, int]:
@@ -73,15 +59,9 @@ def _prune_save_reload(archs: list[str], folder: Path) -> None:
         model, report = prune(model, PruneSection(ratio=0.5, criterion="l1", evaluate=False))
         macs[arch] = (before, model_size(model, _shape(arch))["macs"], report["after"]["macs"])
         stem = arch.replace(".", "_")
-        save(model, folder / f"{stem}.safetensors")
-        sample = torch.randn(2, *_shape(arch))
-        with torch.inference_mode():
-            save_file({"input": sample, "output": model(sample)}, str(folder / f"{stem}.io.safetensors"))
-        items.append({"checkpoint": str(folder / f"{stem}.safetensors"), "io": str(folder / f"{stem}.io.safetensors")})
-    done = subprocess.run([sys.executable, "-c", _RELOAD, json.dumps(items)], capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-2000:]
-    results = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(results) == len(items) and all(results.values()), results
+        items.append(record_io(model, save(model, folder / f"{stem}.safetensors"), _shape(arch)))
+    results = reload_in_new_process(items)
+    assert all(results.values()), results
     for arch, (before, after, reported) in macs.items():
         assert after < 0.75 * before and after == reported, (arch, before, after)
 

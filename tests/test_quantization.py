@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,6 @@ import torch.nn as nn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
 import dnnprune
@@ -23,20 +19,8 @@ from dnnprune.errors import CheckpointError, DnnpruneError, RecipeError
 from dnnprune.models import create_model
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import FineTuneSection, QuantizeSection
+from tests.reload import record_io, reload_in_new_process
 
-_RELOAD_SCRIPT = """
-import json, sys, torch
-from safetensors.torch import load_file
-import dnnprune
-results = {}
-for item in json.loads(sys.argv[1]):
-    model = dnnprune.load(item["checkpoint"])
-    data = load_file(item["io"])
-    with torch.inference_mode():
-        out = model(data["input"])
-    results[item["checkpoint"]] = bool(torch.equal(out, data["output"]))
-print(json.dumps(results))
-"""
 _SHAPE = (1, 28, 28)
 
 
@@ -182,12 +166,7 @@ def _save_and_record(model: nn.Module, path: Path) -> dict[str, str | int]:
     meta.lineage_entry("quantize", None, {})
     predicted = q.predicted_file_bytes(model, meta)
     save(model, path)
-    sample = torch.randn(3, *_SHAPE)
-    with torch.inference_mode():
-        output = model(sample)
-    io = path.with_suffix(".io.safetensors")
-    save_file({"input": sample, "output": output}, str(io))
-    return {"checkpoint": str(path), "io": str(io), "predicted": predicted}
+    return {**record_io(model, path, _SHAPE, batch=3), "predicted": predicted}
 
 
 _CASES = {
@@ -218,7 +197,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     q.quantize(then_pruned, QuantizeSection(method="linear", bits=4))
     _shrink(then_pruned, "classifier.3", "classifier.5", keep=30)
     cases["then_pruned"] = _save_and_record(then_pruned, folder / "then_pruned.safetensors")
-    identical = _reload(list(cases.values()))
+    identical = reload_in_new_process(list(cases.values()))
     for case in cases.values():
         case["identical"] = identical[case["checkpoint"]]
     return cases
@@ -274,13 +253,6 @@ def test_a_quantized_layer_is_not_quantized_twice() -> None:
     q.quantize(model, QuantizeSection(method="kmeans", bits=5))
     with pytest.raises(DnnpruneError, match="already quantized"):
         q.quantize(model, QuantizeSection(method="kmeans", bits=5))
-
-
-def _reload(items: list[dict]) -> dict[str, bool]:
-    payload = json.dumps([{"checkpoint": i["checkpoint"], "io": i["io"]} for i in items])
-    done = subprocess.run([sys.executable, "-c", _RELOAD_SCRIPT, payload], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- fine-tuning
