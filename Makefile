@@ -66,7 +66,7 @@ bench-analyze: $(CACHE)/vgg16_bn-fmnist.analysis.json
 	$(BIN)/python bench/analyze_vgg.py --linearity --out $(BENCH)/analyze
 
 bench-prune: $(CACHE)/vgg16_bn-fmnist.analysis.json
-	$(BIN)/python bench/prune_vgg16.py --step 0.3 --step-steps 10 --final-steps 150 --threads 1 --out $(BENCH)/prune
+	$(BIN)/python bench/prune_vgg16.py --recipe recipes/prune-vgg16-oneshot.yaml --final-steps 300 --threads 2 --out $(BENCH)/prune
 
 bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors
 	@mkdir -p $(BENCH)

@@ -1,6 +1,7 @@
 """Benchmark: VGG-16 (BN, CIFAR-style) on Fashion-MNIST pruned to >= 3x fewer MACs, two ways.
 
-(a) dnnprune: sensitivity-ordered, accuracy-aware pruning (recipes/prune-vgg16-fmnist.yaml + an
+(a) dnnprune: sensitivity-ordered pruning, accuracy-aware or one-shot per the recipe (default
+    recipes/prune-vgg16-fmnist.yaml; recipes/prune-vgg16-oneshot.yaml for one-shot) + an
     `analyze` report), then its final fine-tune;
 (b) Torch-Pruning's own MagnitudePruner, uniform group-L1, its ratio bisected until MACs are at least
     as far down as (a) reached (and at least the target), then the same fine-tune budget: by default
@@ -202,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     tp_history = finetune(theirs, recipe, tp_steps, device)
     tp_seconds = time.perf_counter() - started
     rows = summarise([measure("baseline", baseline, recipe, device, args),
-                      measure("dnnprune sensitivity accuracy-aware", ours, recipe, device, args),
+                      measure(_our_label(recipe), ours, recipe, device, args),
                       measure("Torch-Pruning MagnitudePruner uniform L1", theirs, recipe, device, args)],
                      recipe.prune.target_factor or 3.0)
     result = {"checkpoint": str(args.checkpoint), "analysis": str(args.analysis), "recipe": recipe.model_dump(mode="json"),
@@ -217,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     print(f"\nJSON: {args.out / 'prune_vgg16.json'}")
     return 0
+
+
+def _our_label(recipe: Recipe) -> str:
+    mode = "accuracy-aware" if recipe.prune.accuracy_aware else "one-shot"
+    return f"dnnprune {recipe.prune.order} order, {mode}"
 
 
 if __name__ == "__main__":
