@@ -68,9 +68,13 @@ bench-analyze: $(CACHE)/vgg16_bn-fmnist.analysis.json
 bench-prune: $(CACHE)/vgg16_bn-fmnist.analysis.json
 	$(BIN)/python bench/prune_vgg16.py --recipe recipes/prune-vgg16-oneshot.yaml --final-steps 300 --threads 2 --out $(BENCH)/prune
 
-bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors
+bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors $(CACHE)/vgg16_bn-fmnist.analysis.json
 	@mkdir -p $(BENCH)
 	$(BIN)/dnnprune quantize $< -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/alexnet-q.safetensors --force
+	$(BIN)/dnnprune prune $< -r recipes/prune-alexnet-fmnist.yaml -o $(BENCH)/alexnet-p8.safetensors --force
+	$(BIN)/dnnprune quantize $(BENCH)/alexnet-p8.safetensors -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/alexnet-p8q.safetensors --force
+	$(BIN)/dnnprune prune $(CACHE)/vgg16_bn-fmnist.safetensors -r recipes/prune-vgg16-params.yaml -o $(BENCH)/vgg16-p10.safetensors --force
+	$(BIN)/dnnprune quantize $(BENCH)/vgg16-p10.safetensors -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/vgg16-p10q.safetensors --force
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
