@@ -6,7 +6,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -23,10 +23,16 @@ def count_nonzero_parameters(model: nn.Module) -> int:
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
     """Multiply-accumulates per conv/linear layer for one sample (batch 1)."""
     macs: dict[str, int] = {}
-    hooks = []
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            hooks.append(module.register_forward_hook(_mac_hook(name, macs)))
+    hooks = [(module, _mac_hook(name, macs)) for name, module in model.named_modules()
+             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    hooked_forward(model, input_shape, hooks)
+    return macs
+
+
+def hooked_forward(model: nn.Module, input_shape: Sequence[int],
+                   hooks: list[tuple[nn.Module, Callable[..., Any]]]) -> None:
+    """One zero sample through the model in eval mode with temporary forward hooks; the mode is restored."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
     was_training = model.training
     model.eval()
     try:
@@ -34,10 +40,9 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]
         with torch.inference_mode():
             model(torch.zeros(1, *input_shape, device=device))
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
-    return macs
 
 
 def _mac_hook(name: str, macs: dict[str, int]) -> Any:

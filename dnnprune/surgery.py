@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch_pruning.dependency import index_mapping as _index_mapping
 
 from dnnprune.errors import PruningError
+from dnnprune.metrics import hooked_forward
 from dnnprune.patterns import select_layers
 
 Criterion = str
@@ -301,18 +302,9 @@ def output_layers(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
 def execution_order(model: nn.Module, input_shape: Sequence[int]) -> list[str]:
     """Conv/linear layer names in the order a forward pass first runs them."""
     executed: dict[str, None] = {}
-    hooks = [m.register_forward_hook(lambda mod, _i, _o, name=n: executed.setdefault(name))
+    hooks = [(m, lambda mod, _i, _o, name=n: executed.setdefault(name))
              for n, m in model.named_modules() if isinstance(m, _PRUNABLE_ROOTS)]
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros(1, *input_shape, device=device))
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
+    hooked_forward(model, input_shape, hooks)
     return list(executed)
 
 
