@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from torch.utils.data import DataLoader, Dataset
 
@@ -12,7 +13,7 @@ from dnnprune.data import InputSpec, Splits, load_splits, make_loader, stratifie
 from dnnprune.errors import DatasetError
 from dnnprune.recipe import DataSection
 
-SplitName = str
+SplitName = Literal["train", "val", "test"]
 
 
 def spec_for(meta: CheckpointMeta) -> InputSpec:
