@@ -108,6 +108,8 @@ class AnalyzeSection(Section):
     exclude: list[str] = Field(default_factory=list)
     batch_size: int | None = Field(None, gt=0, description="evaluation batch size [default: data.batch_size]")
     channels_last: bool = Field(True, description="evaluate in channels-last layout (faster conv on CPU)")
+    winograd: bool = Field(True, description="run 3x3 convs on small maps as Winograd F(2x2,3x3) in the cells "
+                                             "(faster on CPU; equal to direct convolution to float rounding)")
     seed: int = 0
 
     @field_validator("ratios")

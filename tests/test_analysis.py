@@ -59,7 +59,7 @@ def lenet() -> torch.nn.Module:
 def test_fast_engine_equals_naive_exactly(arch: str, shape: tuple[int, int, int], ratios: list[float], samples: int,
                                           channels_last: bool) -> None:
     model = _model(arch, shape)
-    config = AnalyzeSection(ratios=ratios, batch_size=16, channels_last=channels_last)
+    config = AnalyzeSection(ratios=ratios, batch_size=16, channels_last=channels_last, winograd=False)
     data = _data(shape, samples)
     naive = analyze(model, config, data, strategy="naive")
     for strategy in ("restore", "cache", "fast"):
@@ -198,3 +198,19 @@ def test_a_ratio_that_removes_nothing_measures_the_baseline(lenet: torch.nn.Modu
     assert first["removed"] == 0  # round(0.05 * 6) == 0
     assert (first["top1"], first["loss"]) == (report["baseline"]["top1"], report["baseline"]["loss"])
     assert first["params"] == sum(p.numel() for p in lenet.parameters())
+
+
+def test_winograd_cells_equal_naive_to_float_rounding() -> None:
+    shape = (1, 32, 32)
+    model = _model("vgg11_bn", shape)  # 256-512 channels on 8x8 / 4x4 / 2x2 maps: Winograd-eligible
+    data = _data(shape, 20)
+    naive = analyze(model, AnalyzeSection(ratios=[0.5], batch_size=16, winograd=False), data, strategy="naive")
+    fast = analyze(model, AnalyzeSection(ratios=[0.5], batch_size=16), data)
+    assert fast["timing"]["winograd_convs"] > 0
+    assert fast["baseline"] == naive["baseline"], "the baseline keeps the direct convolution"
+    for got, expected in zip(_cells(fast), _cells(naive)):
+        assert got[0] == expected[0]
+        for g, e in zip(got[1], expected[1]):
+            assert g[:2] == e[:2] and g[5:] == e[5:]
+            assert abs(g[2] - e[2]) <= 1 / 20 + 1e-12  # at most one near-tied sample may flip
+            assert g[4] == pytest.approx(e[4], rel=1e-4)
