@@ -104,16 +104,19 @@ def ablation(checkpoint: Path, samples: int) -> list[dict[str, Any]]:
     meta = dnnprune.meta_of(model)
     data = split_dataset(meta, DataSection(), "val", samples, 0)
     layers = ["features.0", "features.10", "features.20", "features.30"]
-    steps = [("naive: fresh copy + re-trace per cell, NCHW", "naive", False),
-             ("prune & restore one copy", "restore", False),
-             ("+ channels-last", "restore", True),
-             ("+ cached activations before the pruned layer", "cache", True),
-             ("+ channel selection after it", "fast", True)]
+    steps = [("naive: fresh copy + re-trace per cell, NCHW", "naive", False, False),
+             ("prune & restore one copy", "restore", False, False),
+             ("+ channels-last", "restore", True, False),
+             ("+ cached activations before the pruned layer", "cache", True, False),
+             ("+ channel selection after it", "fast", True, False),
+             ("+ glibc malloc tuning (as the CLI does)", "fast", True, False),
+             ("+ Winograd F(2x2,3x3) on maps <= 8x8", "fast", True, True)]
     rows, reference = [], None
-    for label, strategy, channels_last in steps + [("+ glibc malloc tuning", "fast", True)]:
+    for label, strategy, channels_last, winograd in steps:
         if label.startswith("+ glibc"):
             tune_malloc()
-        config = AnalyzeSection(ratios=[0.3, 0.7], layers=layers, channels_last=channels_last, samples=samples)
+        config = AnalyzeSection(ratios=[0.3, 0.7], layers=layers, channels_last=channels_last, samples=samples,
+                                winograd=winograd)
         start = time.perf_counter()
         report = analyze(model, config, data, strategy=strategy)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start

@@ -170,7 +170,7 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
                       "threads_per_process": torch.get_num_threads(), "strategy": strategy, "batch_size": batch_size,
                       "channels_last": config.channels_last, "work_gmacs": work_gmacs,
                       "prefix_cache": engine.trace is not None, "fallback_layers": sorted(fallbacks),
-                      "winograd_convs": stats.pop("winograd_convs"), "evaluations_by_route": stats}
+                      "winograd": engine.convs is not None, "winograd_convs": stats.pop("winograd_convs"), "evaluations_by_route": stats}
     return body
 
 
@@ -891,3 +891,11 @@ def init_distributed(world: int) -> bool:
         return False
     torch.distributed.init_process_group("gloo")
     return True
+
+
+def leave_distributed(completed: bool) -> None:
+    """Destroy the process group; after a completed run only once every process is done with it:
+    gloo torn down on one side while the other still holds its connection can abort the other."""
+    if completed:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()

@@ -12,7 +12,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from dnnprune.analysis import analyze, distributed_env, init_distributed, output_paths, tune_malloc, write_outputs
+from dnnprune.analysis import (analyze, distributed_env, init_distributed, leave_distributed, output_paths, tune_malloc,
+                               write_outputs)
 from dnnprune.checkpoint import check_output_path, load, meta_of
 from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, RecipeOption,
                                command, common_overrides, console, parse_floats, recipe_with)
@@ -34,6 +35,9 @@ def analyze_command(
     budget: Annotated[float | None, typer.Option(help="Top-1 drop allowed for suggested ratios, e.g. 0.01.")] = None,
     layers: Annotated[list[str] | None, typer.Option(help="Only these layers (glob or type:NAME); repeatable.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default: data.batch_size).")] = None,
+    winograd: Annotated[bool | None, typer.Option("--winograd/--no-winograd", help=(
+        "Winograd 3x3 convolutions on small maps in the cells (default on; off: direct convolution, "
+        "bit for bit the naive engine)."))] = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,
@@ -45,11 +49,12 @@ def analyze_command(
     Run it under `torchrun --nproc-per-node N -m dnnprune analyze ...` to share the cells across processes.
     """
     rank, world = distributed_env()
-    started = False
+    started = completed = False
     try:
         overrides = {"analyze.ratios": list(parse_floats(ratios, "--ratios") or ()) if ratios is not None else None,
                      "analyze.criterion": criterion, "analyze.samples": samples, "analyze.budget": budget,
                      "analyze.layers": layers or None, "analyze.batch_size": batch_size,
+                     "analyze.winograd": winograd,
                      **common_overrides(device, data_root, dataset, download)}
         config = recipe_with(recipe, overrides)
         path = output or default_report_path(checkpoint, ".analysis.json")
@@ -70,13 +75,14 @@ def analyze_command(
                            progress=bar.update, rank=rank, world=world)
         finally:
             bar.close()
+        completed = True
     except DnnpruneError:
         if rank != 0:  # every process fails the same way; one line is enough
             raise typer.Exit(2) from None
         raise
     finally:
         if started:
-            torch.distributed.destroy_process_group()
+            leave_distributed(completed)
     if rank != 0:
         return
     report = envelope("analyze", body, inputs={"checkpoint": str(checkpoint), "recipe": recipe})

@@ -37,6 +37,13 @@ def test_analyze_writes_report_csv_and_plot_next_to_the_checkpoint(runner: CliRu
     assert lines[0].startswith("layer,ratio,") and len(lines) == 1 + 8
     assert lenet_checkpoint.with_name("lenet5.analysis.png").read_bytes()[:4] == b"\x89PNG"
     assert "features.3" in result.output and "order (least sensitive first)" in result.output
+    assert report["timing"]["winograd"] is True
+    direct = runner.invoke(app, ["analyze", str(lenet_checkpoint), *_QUICK, "--no-winograd",
+                                 "-o", str(lenet_checkpoint.with_name("direct.json"))])
+    assert direct.exit_code == 0, direct.output
+    direct_report = json.loads(lenet_checkpoint.with_name("direct.json").read_text())
+    assert direct_report["timing"]["winograd"] is False
+    assert direct_report["layers"] == report["layers"], "LeNet-5 has no Winograd-eligible conv"
 
 
 @pytest.mark.parametrize("options, fragments", [
