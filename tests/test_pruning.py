@@ -369,6 +369,19 @@ def test_accuracy_aware_backs_off_a_layer_that_drops_accuracy() -> None:
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
 
 
+def test_accuracy_aware_jumps_to_suggested_ratios_and_steps_on_after_a_rejected_jump() -> None:
+    model = _model("lenet5")
+    order = ["features.3", "features.0"]
+    env, finetuned = _fake_env(model, jumps={"features.3": 0.75, "features.0": 0.5})
+    result = accuracy_aware(model, order, env)
+    conv2 = [(r["kind"], r["ratio"], r["accepted"]) for r in result.rows if r["layer"] == "features.3"]
+    # the jump to 0.75 leaves 4 filters (accuracy falls): undone, then steps of 0.25 from 0 as usual
+    assert conv2 == [("jump", 0.75, False), ("step", 0.25, True), ("step", 0.5, True), ("step", 0.75, False)]
+    conv1 = [(r["kind"], r["ratio"], r["accepted"]) for r in result.rows if r["layer"] == "features.0"]
+    assert conv1[0] == ("jump", 0.5, True) and conv1[1][:2] == ("step", 0.75)
+    assert result.model.features[3].out_channels == 8 and finetuned == [r["layer"] for r in result.rows]
+
+
 def test_accuracy_aware_stops_at_the_target() -> None:
     model = _model("lenet5")
     env, _ = _fake_env(model)

@@ -221,12 +221,19 @@ class _Job:
             finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune {name}") or {}).get("steps", 0),
             evaluate=lambda m: evaluate(m, val, self.device).top1,
             target_met=target_check(config.target, config.target_factor, self.base_size),
-            exclude=config.exclude, caps=caps, on_step=on_step)
+            exclude=config.exclude, caps=caps, on_step=on_step, jumps=self._jumps())
         started = time.perf_counter()
         result = accuracy_aware(self.model, self.order, env)
         self.seconds["accuracy_aware"] = time.perf_counter() - started
         self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
         return result.model, _loop_details(result)
+
+    def _jumps(self) -> dict[str, float]:
+        """The analysis's suggested ratio per layer (largest grid ratio within its accuracy budget)."""
+        if self.analysis is None or not self.config.jump_to_suggested:
+            return {}
+        return {layer["name"]: float(layer["suggested_ratio"]) for layer in self.analysis.get("layers", [])
+                if isinstance(layer, dict) and isinstance(layer.get("suggested_ratio"), (int, float))}
 
     # -- fine-tuning and measuring -------------------------------------------------------------
 

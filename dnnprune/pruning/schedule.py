@@ -97,6 +97,8 @@ class StepEnvironment:
     exclude: Sequence[str] = ()
     caps: dict[str, float] = field(default_factory=dict)
     on_step: Callable[[StepRow], None] | None = None
+    jumps: dict[str, float] = field(default_factory=dict)
+    """First try per layer (e.g. the analysis's suggested ratio); if rejected, the layer goes on by `step`."""
 
 
 @dataclass
@@ -110,15 +112,19 @@ class LoopResult:
 
 def accuracy_aware(model: nn.Module, order: Sequence[str], env: StepEnvironment) -> LoopResult:
     """Round-robin over `order`: each visit raises one layer's ratio by `step`; a step that costs more than
-    `max_drop` of the original accuracy is undone and that layer is left alone from then on."""
+    `max_drop` of the original accuracy is undone and that layer is left alone from then on. A layer's
+    first visit may jump straight to `env.jumps[name]` (the sensitivity analysis's suggestion), which saves
+    the fine-tuning of every step below it; a rejected jump only sends the layer back to stepping."""
     widths = ChannelGraph(model, env.input_shape, exclude=env.exclude).widths()
     baseline = env.evaluate(model)
     ratios = dict.fromkeys(order, 0.0)
+    jumps = {name: r for name, r in env.jumps.items() if name in ratios and r > env.step}
     active = list(order)
     rows: list[StepRow] = []
     while active:
         for name in list(active):
-            outcome = _try_step(model, name, ratios[name], widths[name], baseline, env, len(rows) + 1)
+            jump = jumps.pop(name, None)
+            outcome = _try_step(model, name, ratios[name], widths[name], baseline, env, len(rows) + 1, jump)
             if outcome is None:
                 active.remove(name)
                 continue
@@ -130,7 +136,8 @@ def accuracy_aware(model: nn.Module, order: Sequence[str], env: StepEnvironment)
             if env.on_step is not None:
                 env.on_step(row)
             if not row["accepted"]:
-                active.remove(name)
+                if jump is None:
+                    active.remove(name)
                 continue
             model, ratios[name] = candidate, new_ratio
             if row["target_met"]:
@@ -139,10 +146,10 @@ def accuracy_aware(model: nn.Module, order: Sequence[str], env: StepEnvironment)
 
 
 def _try_step(model: nn.Module, name: str, ratio: float, width: int, baseline: float, env: StepEnvironment,
-              number: int) -> tuple[nn.Module, float, StepRow | None] | None:
+              number: int, jump: float | None = None) -> tuple[nn.Module, float, StepRow | None] | None:
     """None: the layer can take no more. A None row: the higher ratio removes no channel yet."""
     cap = min(env.caps.get(name, 1.0), env.limits.max_ratio)
-    new_ratio = min(round(ratio + env.step, 6), cap)
+    new_ratio = min(max(round(ratio + env.step, 6), jump or 0.0), cap)
     if new_ratio <= ratio:
         return None
     candidate = copy.deepcopy(model)
@@ -157,7 +164,8 @@ def _try_step(model: nn.Module, name: str, ratio: float, width: int, baseline: f
     steps = env.finetune(candidate, name) or 0
     top1 = env.evaluate(candidate)
     size = model_size(candidate, env.input_shape)
-    row = {"step": number, "layer": name, "ratio": new_ratio, "width_before": before, "width_after": graph.width(name),
+    row = {"step": number, "layer": name, "kind": "step" if jump is None else "jump", "ratio": new_ratio,
+           "width_before": before, "width_after": graph.width(name),
            **size, "val_top1": top1, "drop": baseline - top1, "accepted": baseline - top1 <= env.max_drop,
            "target_met": env.target_met(size), "finetune_steps": steps, "seconds": time.perf_counter() - started}
     row["target_met"] = row["target_met"] and row["accepted"]

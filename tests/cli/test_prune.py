@@ -20,7 +20,8 @@ def resnet_checkpoint(tmp_path: Path) -> Path:
     return make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
 
 
-def _write_analysis(path: Path, checkpoint: Path, order_reversed: bool = True) -> Path:
+def _write_analysis(path: Path, checkpoint: Path, order_reversed: bool = True,
+                    suggested: dict[str, float] | None = None) -> Path:
     model = dnnprune.load(checkpoint)
     meta = dnnprune.meta_of(model)
     graph = ChannelGraph(model, meta.input_shape)
@@ -29,7 +30,8 @@ def _write_analysis(path: Path, checkpoint: Path, order_reversed: bool = True) -
         "command": "analyze",
         "model": {"arch": meta.arch, "fingerprint": model_fingerprint(meta.arch, graph),
                   "groups": [[g.name, g.width] for g in graph.all_groups]},
-        "layers": [], "order": names[::-1] if order_reversed else names, "baseline": {"top1": 0.1, "loss": 2.3},
+        "layers": [{"name": n, "suggested_ratio": r} for n, r in (suggested or {}).items()],
+        "order": names[::-1] if order_reversed else names, "baseline": {"top1": 0.1, "loss": 2.3},
         "criterion": "l1", "ratios": [0.5], "samples": 100, "granularity": "filter"}))
     return path
 
@@ -79,6 +81,24 @@ def test_accuracy_aware_prune_with_a_recipe(runner: CliRunner, tmp_path: Path, l
     assert report["mode"] == "accuracy-aware" and report["steps"][0]["layer"] == "features.0"
     assert report["after"]["test"]["samples"] == 200 and report["target"]["met"]
     assert dnnprune.load(out).features[0].out_channels < 6
+
+
+@needs_fmnist
+def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: CliRunner, tmp_path: Path,
+                                                                     lenet_checkpoint: Path) -> None:
+    analysis = _write_analysis(tmp_path / "analysis.json", lenet_checkpoint, suggested={"classifier.3": 0.6})
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(
+        "data:\n  train_limit: 500\nprune:\n  target: macs\n  target_factor: 1.3\n  accuracy_aware: true\n"
+        "  step: 0.2\n  max_accuracy_drop: 0.5\n  val_samples: 100\n  samples: 100\n"
+        "  step_finetune:\n    max_steps: 1\n    epochs: 1\n")
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out),
+                                 "--order", "sensitivity", "--analysis", str(analysis)])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(out.with_suffix(".json").read_text())["steps"]
+    assert (steps[0]["layer"], steps[0]["kind"], steps[0]["ratio"]) == ("classifier.3", "jump", 0.6)
+    assert all(row["kind"] == "step" for row in steps[1:])
 
 
 @pytest.mark.parametrize("args, fragments", [
