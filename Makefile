@@ -70,11 +70,11 @@ bench-prune: $(CACHE)/vgg16_bn-fmnist.analysis.json
 
 bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors $(CACHE)/vgg16_bn-fmnist.analysis.json
 	@mkdir -p $(BENCH)
-	$(BIN)/dnnprune quantize $< -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/alexnet-q.safetensors --force
+	$(BIN)/dnnprune quantize $< -r recipes/quantize-fc5-conv8.yaml -o $(BENCH)/alexnet-q.safetensors --force
 	$(BIN)/dnnprune prune $< -r recipes/prune-alexnet-fmnist.yaml -o $(BENCH)/alexnet-p8.safetensors --force
-	$(BIN)/dnnprune quantize $(BENCH)/alexnet-p8.safetensors -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/alexnet-p8q.safetensors --force
+	$(BIN)/dnnprune quantize $(BENCH)/alexnet-p8.safetensors -r recipes/quantize-fc5-conv8.yaml -o $(BENCH)/alexnet-p8q.safetensors --force
 	$(BIN)/dnnprune prune $(CACHE)/vgg16_bn-fmnist.safetensors -r recipes/prune-vgg16-params.yaml -o $(BENCH)/vgg16-p10.safetensors --force
-	$(BIN)/dnnprune quantize $(BENCH)/vgg16-p10.safetensors -r recipes/quantize-alexnet-fmnist.yaml -o $(BENCH)/vgg16-p10q.safetensors --force
+	$(BIN)/dnnprune quantize $(BENCH)/vgg16-p10.safetensors -r recipes/quantize-fc5-conv8.yaml -o $(BENCH)/vgg16-p10q.safetensors --force
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
