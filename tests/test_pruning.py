@@ -382,6 +382,25 @@ def test_accuracy_aware_jumps_to_suggested_ratios_and_steps_on_after_a_rejected_
     assert result.model.features[3].out_channels == 8 and finetuned == [r["layer"] for r in result.rows]
 
 
+def test_a_step_fine_tune_that_lowers_accuracy_is_rolled_back() -> None:
+    model = _model("lenet5")
+
+    def harmful_finetune(m: nn.Module, name: str) -> int:
+        with torch.no_grad():
+            m.classifier[5].weight.zero_()  # what a bad fine-tune could do: the classifier forgets
+        return 7
+
+    def evaluate(m: nn.Module) -> float:
+        return 0.2 if float(m.classifier[5].weight.detach().abs().sum()) == 0 else 0.9
+
+    env, _ = _fake_env(model, jumps={})
+    env.finetune, env.evaluate = harmful_finetune, evaluate
+    result = accuracy_aware(model, ["features.0"], env)
+    assert result.rows and all(r["accepted"] and not r["finetune_kept"] for r in result.rows)
+    assert all(r["finetune_steps"] == 7 and r["val_top1"] == r["val_top1_pruned"] == 0.9 for r in result.rows)
+    assert float(result.model.classifier[5].weight.detach().abs().sum()) > 0
+
+
 def test_accuracy_aware_stops_at_the_target() -> None:
     model = _model("lenet5")
     env, _ = _fake_env(model)

@@ -68,7 +68,14 @@ def _step_line(row: dict[str, Any]) -> str:
     verdict = "[green]kept[/]" if row["accepted"] else "[red]undone[/]"
     return (f"step {row['step']:>3}  {row['layer']:<28} ratio {row['ratio']:.2f}  width {row['width_before']}->"
             f"{row['width_after']}  params {row['params']:,}  MACs {row['macs']:,}  val top-1 {row['val_top1']:.4f}"
-            f"  drop {row['drop'] * 100:.2f} pts  {verdict}")
+            f"  drop {row['drop'] * 100:.2f} pts  {verdict}{_step_notes(row)}")
+
+
+def _step_notes(row: dict[str, Any]) -> str:
+    notes = ["jump to the suggested ratio"] if row.get("kind") == "jump" else []
+    if row.get("finetune_steps") and not row.get("finetune_kept"):
+        notes.append("fine-tune rolled back")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 def _print_summary(result: dict[str, Any], output: Path, report_path: Path) -> None:
