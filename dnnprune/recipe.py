@@ -139,6 +139,8 @@ class PruneSection(Section):
     accuracy_aware: bool = False
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     step: float = Field(0.1, gt=0.0, lt=1.0, description="ratio added per accuracy-aware step")
+    rollback_finetune: bool = Field(False, description="accuracy-aware: undo a step's fine-tune that lowers "
+                                                       "val top-1 (one more evaluation per step)")
     jump_to_suggested: bool = Field(True, description="accuracy-aware with an analysis report: a layer's first "
                                                       "step goes straight to the analysis's suggested ratio")
     val_samples: int | None = Field(None, gt=0, description="accuracy-aware steps evaluate on a stratified val subset of this size")

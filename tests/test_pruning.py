@@ -382,7 +382,7 @@ def test_accuracy_aware_jumps_to_suggested_ratios_and_steps_on_after_a_rejected_
     assert result.model.features[3].out_channels == 8 and finetuned == [r["layer"] for r in result.rows]
 
 
-def test_a_step_fine_tune_that_lowers_accuracy_is_rolled_back() -> None:
+def test_with_rollback_a_step_fine_tune_that_lowers_accuracy_is_undone() -> None:
     model = _model("lenet5")
 
     def harmful_finetune(m: nn.Module, name: str) -> int:
@@ -393,8 +393,11 @@ def test_a_step_fine_tune_that_lowers_accuracy_is_rolled_back() -> None:
     def evaluate(m: nn.Module) -> float:
         return 0.2 if float(m.classifier[5].weight.detach().abs().sum()) == 0 else 0.9
 
-    env, _ = _fake_env(model, jumps={})
+    env, _ = _fake_env(model)
     env.finetune, env.evaluate = harmful_finetune, evaluate
+    kept = accuracy_aware(model, ["features.0"], env)
+    assert [(r["val_top1"], r["finetune_kept"], r["accepted"]) for r in kept.rows] == [(0.2, True, False)]
+    env.rollback = True
     result = accuracy_aware(model, ["features.0"], env)
     assert result.rows and all(r["accepted"] and not r["finetune_kept"] for r in result.rows)
     assert all(r["finetune_steps"] == 7 and r["val_top1"] == r["val_top1_pruned"] == 0.9 for r in result.rows)

@@ -221,7 +221,8 @@ class _Job:
             finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune {name}") or {}).get("steps", 0),
             evaluate=lambda m: evaluate(m, val, self.device).top1,
             target_met=target_check(config.target, config.target_factor, self.base_size),
-            exclude=config.exclude, caps=caps, on_step=on_step, jumps=self._jumps())
+            exclude=config.exclude, caps=caps, on_step=on_step, jumps=self._jumps(),
+            rollback=config.rollback_finetune)
         started = time.perf_counter()
         result = accuracy_aware(self.model, self.order, env)
         self.seconds["accuracy_aware"] = time.perf_counter() - started

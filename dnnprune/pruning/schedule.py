@@ -99,6 +99,8 @@ class StepEnvironment:
     on_step: Callable[[StepRow], None] | None = None
     jumps: dict[str, float] = field(default_factory=dict)
     """First try per layer (e.g. the analysis's suggested ratio); if rejected, the layer goes on by `step`."""
+    rollback: bool = False
+    """Undo a step's fine-tune when it lowers val top-1 (costs one more evaluation per step)."""
 
 
 @dataclass
@@ -172,10 +174,13 @@ def _try_step(model: nn.Module, name: str, ratio: float, width: int, baseline: f
     return candidate, new_ratio, row
 
 
-def _recover(candidate: nn.Module, name: str, env: StepEnvironment) -> tuple[float, float, int, bool]:
-    """Fine-tune the pruned model, keeping the fine-tuning only if validation top-1 does not fall: a few
-    steps at a fixed learning rate can knock a converged model off its minimum (seen on VGG-16).
-    Returns (top-1, top-1 before fine-tuning, fine-tune steps, fine-tuning kept)."""
+def _recover(candidate: nn.Module, name: str, env: StepEnvironment) -> tuple[float, float | None, int, bool]:
+    """Fine-tune the pruned model; with `env.rollback`, keep the fine-tuning only if val top-1 does not
+    fall (a few steps at a fixed learning rate can knock a converged model off its minimum).
+    Returns (top-1, top-1 before fine-tuning if measured, fine-tune steps, fine-tuning kept)."""
+    if not env.rollback:
+        steps = env.finetune(candidate, name) or 0
+        return env.evaluate(candidate), None, steps, steps > 0
     pruned_top1 = env.evaluate(candidate)
     saved = {key: value.clone() for key, value in candidate.state_dict().items()}
     steps = env.finetune(candidate, name) or 0
