@@ -155,7 +155,7 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
             measured[key] = {**_as_cell(baseline), **engine.unpruned_size}
     work_gmacs = (sum(engine.cost(j) for j in jobs) + engine.total_macs) * baseline.samples / 1e9
     stats, fallbacks = dict(engine.stats), set(engine.fallbacks)
-    stats["winograd_convs"] = engine.convs.calls if engine.convs is not None else 0
+    stats["winograd_convs"] = engine.convs.calls if engine.convs is not None else 0  # summed over ranks below
     if world > 1:
         gathered: list[Any] = [None] * world
         torch.distributed.all_gather_object(gathered, (measured, stats, fallbacks))
@@ -170,7 +170,8 @@ def analyze(model: nn.Module, config: AnalyzeSection, data: Dataset | Callable[[
                       "threads_per_process": torch.get_num_threads(), "strategy": strategy, "batch_size": batch_size,
                       "channels_last": config.channels_last, "work_gmacs": work_gmacs,
                       "prefix_cache": engine.trace is not None, "fallback_layers": sorted(fallbacks),
-                      "winograd": engine.convs is not None, "winograd_convs": stats.pop("winograd_convs"), "evaluations_by_route": stats}
+                      "winograd": engine.convs is not None, "winograd_convs": stats.pop("winograd_convs"),
+                      "evaluations_by_route": stats}
     return body
 
 
