@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dnnprune.analysis import spearman  # noqa: E402
+from dnnprune.analysis import spearman
 
 RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 LAYERS = "type:Conv2d"  # the 13 conv layers (the classifier's hidden Linear is a 14th group)
@@ -67,7 +67,7 @@ def run_analyze(checkpoint: Path, output: Path, args: argparse.Namespace, *, sam
     if args.threads is not None:
         env["OMP_NUM_THREADS"] = str(args.threads)
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, *command], env=env, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, *command], env=env, cwd=ROOT, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"analyze failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
@@ -96,7 +96,8 @@ def ablation(checkpoint: Path, samples: int) -> list[dict[str, Any]]:
     import torch
 
     import dnnprune
-    from dnnprune.analysis import analyze, tune_malloc
+    from dnnprune.analysis import analyze
+    from dnnprune.distributed import tune_malloc
     from dnnprune.loaders import split_dataset
     from dnnprune.recipe import AnalyzeSection, DataSection
 
@@ -118,9 +119,9 @@ def ablation(checkpoint: Path, samples: int) -> list[dict[str, Any]]:
         config = AnalyzeSection(ratios=[0.3, 0.7], layers=layers, channels_last=channels_last, samples=samples,
                                 winograd=winograd)
         start = time.perf_counter()
-        report = analyze(model, config, data, strategy=strategy)  # type: ignore[arg-type]
+        _, report = analyze(model, config, val_data=data, strategy=strategy)  # type: ignore[arg-type]
         seconds = time.perf_counter() - start
-        cells = [(c["top1"], c["loss"]) for layer in report["layers"] for c in layer["cells"]]
+        cells = [(c.metrics()["top1"], c.metrics()["loss"]) for layer in report.layers for c in layer.cells]
         reference = reference or cells
         rows.append({"step": label, "seconds": seconds, "speedup": rows[0]["seconds"] / seconds if rows else 1.0,
                      "same_top1": [c[0] for c in cells] == [c[0] for c in reference],
@@ -167,7 +168,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
             "samples": report["samples"], "wall_seconds": report["bench_wall_seconds"],
             "analysis_seconds": timing["seconds"], "seconds_per_cell": report["bench_wall_seconds"] / timing["cells"],
             "work_gmacs": timing.get("work_gmacs"), "processes": timing["processes"],
-            "threads_per_process": timing.get("threads_per_process"), "baseline_top1": report["baseline"]["top1"],
+            "threads_per_process": timing.get("threads_per_process"),
+            "baseline": report["baseline"].get(report.get("primary_metric", "top1")),
             "order": report["order"], "sensitivity": {l["name"]: l["sensitivity"] for l in report["layers"]},
             "routes": timing.get("evaluations_by_route")}
 

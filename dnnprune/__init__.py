@@ -1,8 +1,39 @@
-"""dnnprune: make trained PyTorch networks smaller and faster while keeping their accuracy."""
+"""dnnprune: make trained PyTorch networks smaller and faster while keeping their accuracy.
+
+    import dnnprune
+    model = dnnprune.load("vgg16.safetensors")
+    model, report = dnnprune.prune(model, dnnprune.recipe.PruneSection(ratio=0.5))
+    dnnprune.save(model, "vgg16-pruned.safetensors")
+
+Every command has the shape `fn(model, section, *, data, device, observer) -> (model, report)`; the
+commands are imported on first use, so `import dnnprune` stays light.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 __version__ = "0.1.0"
 
 from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save  # noqa: E402
 from dnnprune.errors import DnnpruneError  # noqa: E402
 
-__all__ = ["CheckpointMeta", "DnnpruneError", "__version__", "load", "meta_of", "save"]
+_COMMANDS = {
+    "train": "dnnprune.training",
+    "analyze": "dnnprune.analysis",
+    "prune": "dnnprune.pruning",
+    "quantize": "dnnprune.quantization",
+    "double_prune": "dnnprune.pruning.double",
+    "score": "dnnprune.scoring",
+    "export": "dnnprune.export",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _COMMANDS:
+        return getattr(import_module(_COMMANDS[name]), name)
+    raise AttributeError(f"module 'dnnprune' has no attribute {name!r}")
+
+
+__all__ = ["CheckpointMeta", "DnnpruneError", "__version__", "load", "meta_of", "save", *_COMMANDS]

@@ -139,6 +139,8 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "imagefolder": DatasetInfo("imagefolder", _IMAGENET, None, "image"),
     "csv": DatasetInfo("csv", None, None, "tabular"),
+    # Kaggle's credit-card fraud data (ULB): creditcard.csv with Time, V1..V28, Amount and the label Class.
+    "creditcard": DatasetInfo("creditcard", None, None, "tabular"),
 }
 
 _IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # name -> torchvision class (and folder) name
@@ -148,6 +150,7 @@ _SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"), "mni
 _INSTALL_HINTS = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 _DEFAULT_TEST_FRACTION = 0.15
+_CREDITCARD = "creditcard.csv"
 
 
 def _info(name: str) -> DatasetInfo:
@@ -208,6 +211,8 @@ def _find_in(name: str, base: Path) -> Path | None:
         return next((c for c in (base, base / name) if (c / folder).is_dir()), None)
     if name == "csv":
         return _find_csv(base)
+    if name == "creditcard":
+        return next((c for c in (base, base / _CREDITCARD, base / name / _CREDITCARD) if c.is_file()), None)
     return base if base.is_dir() else None
 
 
@@ -237,6 +242,9 @@ def resolve_root(name: str, data_root: Path | None) -> Path:
 def _how_to_get(name: str) -> str:
     if name in ("imagefolder", "csv"):
         return "to fix: pass --data-root with an existing " + ("CSV file" if name == "csv" else "directory")
+    if name == "creditcard":
+        return (f"to fix: download {_CREDITCARD} (Kaggle: mlg-ulb/creditcardfraud) and pass --data-root with the folder "
+                "that holds it (or the file itself)")
     ways = [_INSTALL_HINTS[name]] if name in _INSTALL_HINTS else []
     ways += ["pass --data-root DIR (or set DNNPRUNE_DATA)", "add --download"]
     return "to fix: " + ", or ".join(ways)
@@ -311,10 +319,14 @@ def stratified_subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """A fixed, class-balanced sample (for quick analysis/scoring) that is the same for the same seed."""
     if n < 1 or n > len(ds):
         raise DatasetError(f"asked for {n} samples but the dataset has {len(ds)}; use a number from 1 to {len(ds)}")
-    pick = _stratified_parts(dataset_targets(ds), [n], seed)[0].tolist()
-    if isinstance(ds, Subset):  # stay one level deep so targets and batched fetches stay cheap
-        return Subset(ds.dataset, [ds.indices[i] for i in pick])
-    return Subset(ds, pick)
+    return subset(ds, _stratified_parts(dataset_targets(ds), [n], seed)[0].tolist())
+
+
+def subset(ds: Dataset, indices: list[int]) -> Dataset:
+    """A subset that stays one level deep, so targets and batched fetches stay cheap."""
+    if isinstance(ds, Subset):
+        return Subset(ds.dataset, [ds.indices[i] for i in indices])
+    return Subset(ds, indices)
 
 
 def dataset_targets(ds: Dataset) -> torch.Tensor:
@@ -589,6 +601,17 @@ def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
     return classes, torch.tensor([index[v] for v in labels], dtype=torch.long)
 
 
+def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.Tensor, parts: list[list[int]]) -> None:
+    """A rare class (frauds) must reach train, val and test, or its metrics there are undefined."""
+    for split, indices in zip(("train", "val", "test"), parts):
+        present = set(y[indices].tolist())
+        missing = [classes[c] for c in range(len(classes)) if c not in present]
+        if missing:
+            count = int((y == classes.index(missing[0])).sum())
+            raise DatasetError(f"{path}: class {missing[0]!r} has {count} row(s), too few to put one in the {split} "
+                               "split; add rows of that class or use a file with more of them")
+
+
 def _load_csv(
     path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int
 ) -> Splits:
@@ -601,7 +624,11 @@ def _load_csv(
             f"{path} has {len(names)} feature columns but the model input is {spec.shape};"
             f" expected (1, 1, {len(names)})"
         )
+    if len(classes) < 2:
+        raise DatasetError(f"{path}: the label column {label_column!r} holds one class only ({classes[0]!r}); a "
+                           "classifier or an anomaly detector needs at least two (check the column or the file)")
     parts = _three_way_indices(y, val_fraction, test_fraction, seed)
+    _check_every_split_has_every_class(path, classes, y, parts)
     mu, sd = x[parts[0]].mean(0), x[parts[0]].std(0)
     sd[sd == 0] = 1.0
     z = ((x - mu) / sd - spec.mean[0]) / spec.std[0]
@@ -630,7 +657,7 @@ def load_splits(
     info = _info(name)
     if spec is None and info.kind == "image":
         spec = default_spec(name)
-    if name == "csv":
+    if info.kind == "tabular":
         splits = _load_csv(resolve_root(name, path or data_root), spec, label_column, val_fraction, test_fraction, seed)
     elif name == "imagefolder":
         root = resolve_root(name, path or data_root)

@@ -8,37 +8,80 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
+from torch import nn
 
-from dnnprune.checkpoint import CheckpointMeta, attach_meta
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of
 from dnnprune.data import DATASETS, InputSpec, default_spec
 from dnnprune.errors import CheckpointError, DnnpruneError
 from dnnprune.models import create_model
+from dnnprune.models.registry import TORCHVISION_PREFIX
+from dnnprune.models.tv import auxiliary_keys
+from dnnprune.reports import Report
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+
+
+class ImportReport(Report):
+    """What `import` built, and the file's tensors it left out (auxiliary training heads)."""
+
+    arch: str
+    arch_args: dict[str, Any]
+    input_shape: tuple[int, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    dropped_keys: list[str] = Field(default_factory=list)
+
+    def lineage_metrics(self) -> dict[str, Any]:
+        return {"dropped_keys": len(self.dropped_keys)}
+
+    def dropped_summary(self) -> str | None:
+        """One line naming the heads whose tensors were left out, or None."""
+        if not self.dropped_keys:
+            return None
+        heads = sorted({key.split(".")[0] for key in self.dropped_keys})
+        return (f"left out {len(self.dropped_keys)} tensors of the auxiliary training heads {', '.join(heads)} "
+                f"(used only by the training loss; inference never runs them)")
 
 
 def import_weights(weights: Path, arch: str, *, num_classes: int | None = None,
                    input_shape: tuple[int, int, int] | None = None, mean: tuple[float, ...] | None = None,
                    std: tuple[float, ...] | None = None, dataset: str | None = None,
-                   arch_args: dict[str, Any] | None = None) -> nn.Module:
-    state = read_state_dict(weights)
+                   arch_args: dict[str, Any] | None = None) -> tuple[nn.Module, ImportReport]:
+    """Rebuild `arch` around a plain state dict file; the model carries checkpoint metadata."""
+    model, report = import_state_dict(read_state_dict(weights), arch, num_classes=num_classes, input_shape=input_shape,
+                                      mean=mean, std=std, dataset=dataset, arch_args=arch_args, source=str(weights))
+    meta_of(model).file_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return model, report
+
+
+def import_state_dict(state: dict[str, torch.Tensor], arch: str, *, num_classes: int | None = None,
+                      input_shape: tuple[int, int, int] | None = None, mean: tuple[float, ...] | None = None,
+                      std: tuple[float, ...] | None = None, dataset: str | None = None,
+                      arch_args: dict[str, Any] | None = None, source: str = "the state dict"
+                      ) -> tuple[nn.Module, ImportReport]:
+    """`import_weights` on tensors already read (tests also run it on the meta device)."""
     spec = _input_spec(dataset, input_shape, mean, std)
-    args = {"num_classes": num_classes or _classes_count(dataset) or _infer_classes(state), "in_channels": spec.shape[0],
-            **(arch_args or {})}
+    auxiliary = set(_auxiliary_keys(arch, state))
+    args = {"num_classes": num_classes or _classes_count(dataset)
+            or _infer_classes({k: v for k, v in state.items() if k not in auxiliary}),
+            "in_channels": spec.shape[0], **(arch_args or {})}
     model = create_model(arch, **args)
-    _load_strict(model, state, weights, arch)
+    state, dropped = _drop_auxiliary_heads(model, state, arch)
+    _load_strict(model, state, source, arch)
     classes = list(DATASETS[dataset].classes) if dataset and DATASETS[dataset].classes else None
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=spec.shape, mean=spec.mean, std=spec.std,
                           dataset=dataset, classes=classes)
-    meta.file_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
-    return attach_meta(model.eval(), meta)
+    report = ImportReport(arch=arch, arch_args=args, input_shape=spec.shape, mean=spec.mean, std=spec.std,
+                          dropped_keys=dropped)
+    return attach_meta(model.eval(), meta), report
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -83,7 +126,23 @@ def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, arch: str) -> None:
+def _auxiliary_keys(arch: str, keys: Iterable[str]) -> list[str]:
+    if not arch.startswith(TORCHVISION_PREFIX):
+        return []
+    return auxiliary_keys(arch[len(TORCHVISION_PREFIX):], keys)
+
+
+def _drop_auxiliary_heads(model: nn.Module, state: dict[str, torch.Tensor], arch: str
+                          ) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """googlenet and inception_v3 are built without their training-only heads; weights saved with
+    them would otherwise not fit, though inference never uses those tensors."""
+    own = model.state_dict().keys()
+    dropped = [key for key in _auxiliary_keys(arch, state) if key not in own]
+    left_out = set(dropped)
+    return {k: v for k, v in state.items() if k not in left_out}, dropped
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: str, arch: str) -> None:
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -105,11 +164,21 @@ def _input_spec(dataset: str | None, shape: tuple[int, int, int] | None, mean: t
                 std: tuple[float, ...] | None) -> InputSpec:
     base = default_spec(dataset) if dataset else InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     shape = shape or base.shape
-    mean = mean or _fit_channels(base.mean, shape[0])
-    std = std or _fit_channels(base.std, shape[0])
-    if len(mean) != shape[0] or len(std) != shape[0]:
-        raise DnnpruneError(f"--mean and --std need {shape[0]} values, one per input channel")
-    return InputSpec(shape, tuple(mean), tuple(std))
+    mean = _per_channel(mean, shape[0], "--mean") if mean else _fit_channels(base.mean, shape[0])
+    std = _per_channel(std, shape[0], "--std") if std else _fit_channels(base.std, shape[0])
+    if any(s <= 0 for s in std):
+        raise DnnpruneError(f"--std values must be positive (inputs are divided by them); got {','.join(map(str, std))}")
+    return InputSpec(shape, mean, std)
+
+
+def _per_channel(values: tuple[float, ...], channels: int, option: str) -> tuple[float, ...]:
+    """One value serves every channel, as numpy broadcasting does; otherwise one value per channel."""
+    if len(values) == 1:
+        return tuple(values) * channels
+    if len(values) != channels:
+        raise DnnpruneError(f"{option} takes 1 value (for every channel) or {channels}, one per input channel; "
+                            f"got {len(values)}")
+    return tuple(values)
 
 
 def _fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:

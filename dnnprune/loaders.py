@@ -6,12 +6,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from dnnprune.checkpoint import CheckpointMeta
-from dnnprune.data import InputSpec, Splits, load_splits, make_loader, stratified_subset
+from dnnprune.data import InputSpec, Splits, dataset_targets, load_splits, make_loader, stratified_subset, subset
 from dnnprune.errors import DatasetError
 from dnnprune.recipe import DataSection
+from dnnprune.tasks import make_task
 
 SplitName = Literal["train", "val", "test"]
 
@@ -51,4 +53,23 @@ def eval_loader(meta: CheckpointMeta, section: DataSection, split: SplitName = "
 
 
 def train_loader(meta: CheckpointMeta, section: DataSection, batch_size: int, seed: int) -> DataLoader:
-    return make_loader(splits_for(meta, section).train, batch_size, shuffle=True, seed=seed, workers=section.workers)
+    """Shuffled training batches; an anomaly detector sees only its normal classes."""
+    return make_loader(train_dataset(meta, section), batch_size, shuffle=True, seed=seed, workers=section.workers)
+
+
+def train_dataset(meta: CheckpointMeta, section: DataSection) -> Dataset:
+    dataset = splits_for(meta, section).train
+    keep = make_task(meta.task).trains_on(dataset_targets(dataset))
+    if keep is None:
+        return dataset
+    if not bool(keep.any()):
+        raise DatasetError(f"the training split holds no sample of the normal classes {list(meta.task.normal_classes)}; "
+                           "check model.task.normal_classes against the dataset's labels")
+    return subset(dataset, keep.nonzero().squeeze(1).tolist())
+
+
+def calibration_inputs(meta: CheckpointMeta, section: DataSection, samples: int, seed: int) -> torch.Tensor:
+    """A fixed, seeded draw of training inputs (never validation or test) for fitting least-squares bridges."""
+    dataset = train_dataset(meta, section)
+    picked = stratified_subset(dataset, min(samples, len(dataset)), seed)
+    return torch.cat([inputs for inputs, _ in make_loader(picked, 256)])

@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -21,12 +24,39 @@ def count_nonzero_parameters(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, int]:
-    """Multiply-accumulates per conv/linear layer for one sample (batch 1)."""
-    macs: dict[str, int] = {}
-    hooks = [(module, _mac_hook(name, macs)) for name, module in model.named_modules()
-             if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
-    hooked_forward(model, input_shape, hooks)
-    return macs
+    """Multiply-accumulates per module for one sample (batch 1), from torch's own FLOP counter.
+
+    torch's formulas cover functional ops too (matmul, bmm, F.linear, attention, transposed convs), which
+    hooks on conv/linear layers miss. Each module gets only its own ops, those run outside its submodules
+    ("" is the model's own forward), so the values add up to the total; modules without any are left out.
+    A conv or linear layer's entry is its output elements x inputs per output, as before.
+    """
+    counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
+    flops: dict[str, int] = {}
+    running: list[list[int]] = []  # per module being run: [counter total at its start, flops of its finished submodules]
+
+    def enter(_module: nn.Module, _inputs: Any) -> None:
+        running.append([counter.get_total_flops(), 0])
+
+    def leave_hook(name: str) -> Callable[..., None]:
+        def leave(_module: nn.Module, _inputs: Any, _output: Any) -> None:
+            start, inner = running.pop()
+            spent = counter.get_total_flops() - start
+            flops[name] = flops.get(name, 0) + spent - inner
+            if running:
+                running[-1][1] += spent
+
+        return leave
+
+    modules = list(model.named_modules())
+    handles = [module.register_forward_pre_hook(enter) for _, module in modules]
+    try:
+        with _mha_fastpath(False), counter:
+            hooked_forward(model, input_shape, [(module, leave_hook(name)) for name, module in modules])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: count // 2 for name, count in flops.items() if count}
 
 
 def hooked_forward(model: nn.Module, input_shape: Sequence[int],
@@ -45,16 +75,26 @@ def hooked_forward(model: nn.Module, input_shape: Sequence[int],
         model.train(was_training)
 
 
-def _mac_hook(name: str, macs: dict[str, int]) -> Any:
-    def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Linear):
-            count = output.numel() * module.in_features
-        else:
-            kernel = math.prod(module.kernel_size)
-            count = output.numel() * (module.in_channels // module.groups) * kernel
-        macs[name] = macs.get(name, 0) + int(count)
+def _sdpa_flops(query_shape: Sequence[int], key_shape: Sequence[int], value_shape: Sequence[int], *_args: Any,
+                out_shape: Any = None, **_kwargs: Any) -> int:
+    """torch has formulas for the CUDA attention kernels, not the CPU one: scores plus weighted sum, dense."""
+    *batch, queries, head_dim = query_shape
+    return 2 * math.prod(batch) * queries * key_shape[-2] * (head_dim + value_shape[-1])
 
-    return hook
+
+_EXTRA_FORMULAS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+@contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """The fused inference kernels of MultiheadAttention and TransformerEncoderLayer have no FLOP formula;
+    the regular path computes the same outputs with ops that have one."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def netscore(top1_percent: float, params_m: float, macs_m: float, alpha: float = 2.0, beta: float = 0.5,

@@ -1,17 +1,19 @@
 """Layer selection by name pattern, shared by every command that acts on some layers only.
 
-A pattern is either an fnmatch glob on the module name (`classifier.*`, `features.0`) or `type:NAME`
-for every module of that class (`type:Linear` also matches subclasses of Linear). A pattern that
-matches a container (a Sequential, a block) selects the candidate layers inside it; a pattern that
-names an unsupported layer directly is an error, so a recipe never silently skips what it names.
+A pattern is either an fnmatch glob on the module name (`classifier.*`, `features.0`, `*`) or
+`type:NAME` for every module of that class (`type:Linear` also matches subclasses of Linear). A pattern
+that matches a container (a Sequential, a block) selects the candidate layers inside it. A glob, type or
+container pattern picks the layers it can and passes over the others (`*` next to BatchNorm layers);
+only a layer named exactly, of a type the command cannot handle, is an error, so a recipe never
+silently skips what it names one by one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from fnmatch import fnmatchcase
-from typing import Callable, Iterable
 
-import torch.nn as nn
+from torch import nn
 
 from dnnprune.errors import RecipeError
 
@@ -23,9 +25,8 @@ def select_layers(model: nn.Module, patterns: Iterable[str], *, within: Iterable
     """Names of the candidate layers the patterns pick, in model order.
 
     Candidates are the modules owning parameters, or only the names in `within` when given (and, with
-    `supported`, only layers of those types). A pattern that matches a layer with parameters that is
-    not a candidate because of its type is an error naming the layer and its type; a pattern that picks
-    nothing is an error naming the pattern.
+    `supported`, only layers of those types). Naming one layer exactly whose type is not supported is an
+    error naming the layer and its type; so is a pattern that picks nothing, naming the pattern.
     """
     modules = dict(model.named_modules())
     allowed = set(within) if within is not None else None
@@ -42,20 +43,23 @@ def select_layers(model: nn.Module, patterns: Iterable[str], *, within: Iterable
         if pattern.startswith(TYPE_PREFIX) and not pattern[len(TYPE_PREFIX):]:
             raise RecipeError(f"{what} {pattern!r} names no type; write e.g. type:Linear or type:Conv2d")
         picked: set[str] = set()
+        passed_over: list[str] = []
         for name, module in modules.items():
             if not matches(name, module, pattern):
                 continue
             if candidate(name, module):
                 picked.add(name)
             elif supported is not None and owns_parameters(module):
-                raise RecipeError(f"layer {name!r} is a {type(module).__name__} (matched by {what} {pattern!r}), which "
-                                  f"cannot be handled here: only {_names(supported)} layers can; narrow the pattern")
+                if pattern == name:
+                    raise RecipeError(f"layer {name!r} is a {type(module).__name__}, which cannot be handled here: only "
+                                      f"{_names(supported)} layers can; leave it out of the {what}s")
+                passed_over.append(f"{name} ({type(module).__name__})")
             else:
                 prefix = f"{name}." if name else ""
                 picked.update(inner for inner, child in modules.items()
                               if inner.startswith(prefix) and inner != name and candidate(inner, child))
         if not picked:
-            raise RecipeError(f"{what} {pattern!r} matches no layer; {_hint(modules, candidate)}")
+            raise RecipeError(_nothing_picked(what, pattern, passed_over, supported, modules, candidate))
         chosen |= picked
     return [name for name in modules if name in chosen]
 
@@ -74,6 +78,15 @@ def owns_parameters(module: nn.Module) -> bool:
 
 def _names(types: tuple[type[nn.Module], ...]) -> str:
     return "/".join(t.__name__ for t in types)
+
+
+def _nothing_picked(what: str, pattern: str, passed_over: list[str], supported: tuple[type[nn.Module], ...] | None,
+                    modules: dict[str, nn.Module], candidate: Callable[[str, nn.Module], bool]) -> str:
+    if passed_over and supported is not None:
+        shown = ", ".join(passed_over[:3]) + (", ..." if len(passed_over) > 3 else "")
+        return (f"{what} {pattern!r} matches only layers that cannot be handled here ({shown}): only "
+                f"{_names(supported)} layers can; {_hint(modules, candidate)}")
+    return f"{what} {pattern!r} matches no layer; {_hint(modules, candidate)}"
 
 
 def _hint(modules: dict[str, nn.Module], candidate: Callable[[str, nn.Module], bool]) -> str:

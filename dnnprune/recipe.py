@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dnnprune.errors import RecipeError
+from dnnprune.tasks import TaskSpec
 
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
@@ -20,10 +21,12 @@ class Section(BaseModel):
 
 
 class ModelSection(Section):
-    """The architecture `train` builds when it starts from scratch."""
+    """The architecture `train` builds when it starts from scratch, and the task it serves."""
 
     arch: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    task: TaskSpec | None = Field(None, description="default: the architecture's own task (classification "
+                                                    "for every classifier)")
 
 
 class DataSection(Section):
@@ -102,7 +105,10 @@ class AnalyzeSection(Section):
     ratios: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     criterion: Criterion = "l1"
     samples: int | None = Field(2000, gt=0, description="class-stratified val subset; null = the whole val split")
-    granularity: Literal["filter", "layer"] = "filter"
+    granularity: Literal["filter", "layer"] = Field("filter", description="filter: prune each channel group over the "
+                                                                          "ratio grid; layer: remove each unit whole")
+    calibration_samples: int = Field(1024, gt=1, description="layer granularity: training samples that fit the "
+                                                             "least-squares bridge of a removed hidden Linear layer")
     budget: float = Field(0.01, ge=0.0, le=1.0, description="accuracy drop allowed for suggested ratios")
     layers: list[str] = Field(default_factory=list, description="name patterns; empty = all prunable")
     exclude: list[str] = Field(default_factory=list)
@@ -123,6 +129,11 @@ class AnalyzeSection(Section):
 
 
 class PruneSection(Section):
+    granularity: Literal["filter", "layer"] = Field("filter", description="filter: remove channels; layer: remove "
+                                                                          "whole units (residual blocks, layers)")
+    remove: int | None = Field(None, gt=0, description="layer granularity: remove this many units")
+    calibration_samples: int = Field(1024, gt=1, description="layer granularity: training samples used to fit the "
+                                                             "least-squares bridge of a removed hidden Linear layer")
     criterion: Criterion = "l1"
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="uniform ratio of channels to remove")
     ratios: dict[str, float] = Field(default_factory=dict, description="name pattern -> ratio")
@@ -202,9 +213,49 @@ class QuantizeSection(Section):
 
 
 class DoublePruneSection(Section):
-    slimming_ratio: float = Field(0.5, ge=0.0, lt=1.0)
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    finetune: FineTuneSection = Field(default_factory=FineTuneSection)
+    """Network slimming (Liu et al. 2017), then gradual magnitude pruning (Han et al. 2015; Zhu & Gupta 2017)."""
+
+    slimming_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of BatchNorm channels to remove "
+                                                                    "(one global |gamma| threshold); 0 skips slimming")
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of the remaining conv/linear weights to zero; "
+                                                             "0 skips parameter pruning")
+    sparsity_lambda: float | None = Field(None, ge=0.0, description="L1 strength on BN scales during the sparsity "
+                                                                    "steps [default: 1e-4, or 1e-5 for residual nets]")
+    sparsity_steps: int = Field(0, ge=0, description="training steps with the BN-scale L1 penalty before slimming "
+                                                     "(0: the checkpoint was already trained with it)")
+    finetune_steps: int = Field(0, ge=0, description="training steps after each stage; parameter pruning ramps its "
+                                                     "sparsity during the first `ramp` of them")
+    threshold: Literal["global", "layer"] = Field("layer", description="parameter pruning: one magnitude threshold "
+                                                                       "over all layers, or per layer (quality x std)")
+    first_last_factor: float = Field(0.5, ge=0.0, le=1.0, description="the first conv and the output layer get this "
+                                                                       "fraction of the sparsity (they are the most sensitive)")
+    min_density: float = Field(0.01, gt=0.0, lt=1.0, description="each layer keeps at least this fraction of its weights")
+    ramp: float = Field(0.75, gt=0.0, le=1.0, description="fraction of the parameter stage's steps over which "
+                                                           "sparsity grows (Zhu & Gupta's cubic schedule)")
+    prune_every: int = Field(10, gt=0, description="steps between pruning events while the sparsity ramps")
+    min_channels: int = Field(2, ge=1, description="slimming keeps at least this many channels per layer")
+    min_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="slimming keeps at least this fraction per layer")
+    round_to: int = Field(1, ge=1, description="keep slimmed channel counts a multiple of this")
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection, description="optimizer, lr and batch of "
+                                                                                   "every training phase")
+    evaluate: bool = Field(True, description="measure val and test metrics after each stage (needs the dataset)")
+    samples: int | None = Field(None, gt=0, description="stage metrics on stratified val/test subsets of this size")
+    sparse_execution: bool = Field(False, description="also time the sparse Linear layers with torch.sparse CSR "
+                                                      "kernels against dense ones on the CPU")
+    seed: int = 0
+
+
+class ExportSection(Section):
+    """ONNX export and its onnxruntime check."""
+
+    opset: int = Field(18, ge=13, le=23)
+    exporter: Literal["dynamo", "torchscript"] = Field("torchscript", description="torch.onnx's exporter")
+    tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted")
+    check_batch: int = Field(8, gt=0, description="samples in the parity check (also proves the batch axis is dynamic)")
+    latency: bool = True
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    repeats: int = Field(20, gt=0)
+    seed: int = 0
 
 
 class Recipe(Section):
@@ -216,6 +267,7 @@ class Recipe(Section):
     prune: PruneSection = Field(default_factory=PruneSection)
     quantize: QuantizeSection = Field(default_factory=QuantizeSection)
     double_prune: DoublePruneSection = Field(default_factory=DoublePruneSection)
+    export: ExportSection = Field(default_factory=ExportSection)
     device: Device = "auto"
 
 

@@ -1,4 +1,9 @@
-"""Train, fine-tune and evaluate loops shared by every command."""
+"""Train, fine-tune and evaluate loops shared by every command, all through the model's task.
+
+`fit_loop` is the one training loop: every fine-tune inside prune, quantize and double-prune runs
+it. While it runs, encoded tensors stay encoded (`constraints.held_encodings`): sparse weights keep
+their zeros, k-means weights train their centroids with the codes frozen.
+"""
 
 from __future__ import annotations
 
@@ -10,22 +15,18 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader
 
-from dnnprune.errors import DnnpruneError
-from dnnprune.recipe import FineTuneSection, Recipe, TrainSection
+from dnnprune.checkpoint import meta_of
+from dnnprune.constraints import held_encodings
+from dnnprune.lineage import command
+from dnnprune.loaders import eval_loader, train_loader
+from dnnprune.observe import NULL_OBSERVER, Observer
+from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
+from dnnprune.reports import Report
+from dnnprune.tasks import Metrics, Task, make_task
 
-StepCallback = Callable[[dict[str, float]], None]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DnnpruneError("--device cuda was asked for but no CUDA GPU is available; use --device cpu or auto")
-    return torch.device(name)
+AfterStep = Callable[[nn.Module], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -33,40 +34,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
-class EvalResult:
-    top1: float
-    top5: float | None
-    loss: float
-    samples: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.samples}
+def task_of(model: nn.Module) -> Task:
+    """The task stored with the model (classification for models without metadata)."""
+    meta = getattr(model, "dnnprune_meta", None)
+    return make_task(getattr(meta, "task", None))
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu") -> EvalResult:
-    """Top-1, top-5 (when there are more than 5 classes) and mean cross-entropy."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "cpu", *, task: Task | None = None,
+             threshold: float | None = None) -> Metrics:
+    """The task's metrics over a loader, in eval mode (the model's mode is restored)."""
+    task = task or task_of(model)
     was_training = model.training
     model.eval()
-    correct1 = correct5 = 0
-    loss_sum = 0.0
-    total = 0
-    num_classes = 0
-    for inputs, targets in loader:
-        inputs, targets = inputs.to(device), targets.to(device)
-        logits = model(inputs)
-        num_classes = logits.shape[1]
-        loss_sum += F.cross_entropy(logits, targets, reduction="sum").item()
-        topk = logits.topk(min(5, num_classes), dim=1).indices
-        correct1 += (topk[:, 0] == targets).sum().item()
-        correct5 += (topk == targets[:, None]).any(dim=1).sum().item()
-        total += targets.numel()
-    model.train(was_training)
-    if total == 0:
-        raise DnnpruneError("the evaluation split is empty; check the dataset and --samples")
-    top5 = correct5 / total if num_classes > 5 else None
-    return EvalResult(correct1 / total, top5, loss_sum / total, total)
+    tally = task.tally(threshold)
+    try:
+        for inputs, targets in loader:
+            inputs, targets = inputs.to(device), targets.to(device)
+            tally.add(model(inputs), inputs, targets)
+    finally:
+        model.train(was_training)
+    return tally.result()
 
 
 @dataclass
@@ -80,42 +68,59 @@ class TrainHistory:
 
 
 def total_steps(config: TrainSection | FineTuneSection, steps_per_epoch: int) -> int:
+    """Steps a section asks for: its epochs, capped by max_steps (max_steps alone means that many)."""
+    if config.max_steps is not None and config.epochs == 0:
+        return config.max_steps
     by_epochs = math.ceil(config.epochs * steps_per_epoch)
     return min(by_epochs, config.max_steps) if config.max_steps else by_epochs
 
 
-def train(model: nn.Module, train_loader: DataLoader, config: TrainSection | FineTuneSection, *,
-          device: torch.device, val_loader: DataLoader | None = None, progress: Progress | None = None,
-          description: str = "train", seed: int | None = None,
-          after_step: Callable[[nn.Module], None] | None = None,
-          log: Callable[[str], None] | None = None) -> TrainHistory:
+def wants_training(config: TrainSection | FineTuneSection) -> bool:
+    return config.epochs > 0 or config.max_steps is not None
+
+
+def fit_loop(model: nn.Module, loader: DataLoader, config: TrainSection | FineTuneSection, *,
+             device: torch.device, task: Task | None = None, observer: Observer = NULL_OBSERVER,
+             val_loader: DataLoader | None = None, description: str = "train", seed: int | None = None,
+             after_step: AfterStep | None = None, bn_l1: float | None = None) -> TrainHistory:
     """SGD/Adam training with an optional L1 penalty on BN scales (network slimming).
 
-    `after_step` runs after every optimizer step; pruning uses it to keep masked weights at zero.
+    `after_step` runs after every optimizer step. Encoded tensors (sparse, quantized) are held
+    for the whole loop and put back on their grid at the end.
     """
+    task = task or task_of(model)
     seed_everything(getattr(config, "seed", 0) if seed is None else seed)
     model.to(device).train()
-    steps_per_epoch = len(train_loader)
-    steps = total_steps(config, steps_per_epoch)
+    steps = total_steps(config, len(loader))
     history = TrainHistory()
     if steps == 0:
         return history
+    encodings = getattr(getattr(model, "dnnprune_meta", None), "encodings", None) or {}
+    with held_encodings(model, encodings):
+        _run_steps(model, loader, config, steps, history, task=task, device=device, observer=observer,
+                   val_loader=val_loader, description=description, after_step=after_step,
+                   bn_l1=getattr(config, "bn_l1", 0.0) if bn_l1 is None else bn_l1)
+    model.eval()
+    return history
+
+
+def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | FineTuneSection, steps: int,
+               history: TrainHistory, *, task: Task, device: torch.device, observer: Observer,
+               val_loader: DataLoader | None, description: str, after_step: AfterStep | None, bn_l1: float) -> None:
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config, steps)
-    bn_l1 = getattr(config, "bn_l1", 0.0)
     label_smoothing = getattr(config, "label_smoothing", 0.0)
     start = time.perf_counter()
-    task = progress.add_task(description, total=steps, info="") if progress else None
-    step = 0
-    epoch = 0
+    bar = observer.begin(description, steps)
+    step = epoch = 0
     while step < steps:
         epoch += 1
         running = _Running()
-        for inputs, targets in train_loader:
+        for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(inputs)
-            loss = F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+            output = model(inputs)
+            loss = task.loss(output, inputs, targets, label_smoothing=label_smoothing)
             loss.backward()
             if bn_l1 > 0:
                 add_bn_l1_subgradient(model, bn_l1)
@@ -123,57 +128,67 @@ def train(model: nn.Module, train_loader: DataLoader, config: TrainSection | Fin
             scheduler.step()
             if after_step is not None:
                 after_step(model)
-            running.update(loss.item(), logits.detach(), targets)
+            running.update(loss.item(), output.detach(), targets, task)
             step += 1
-            if progress is not None and task is not None:
-                progress.update(task, advance=1, info=f"epoch {epoch} loss {running.loss:.4f} acc {running.accuracy:.3f}")
+            observer.update(bar, advance=1, info=f"epoch {epoch} loss {running.loss:.4f}{running.accuracy_note}")
             if step >= steps:
                 break
-        history.epochs.append(_epoch_row(model, epoch, step, running, optimizer, val_loader, device, config))
-        if log is not None:
-            log(_format_row(history.epochs[-1], time.perf_counter() - start))
+        history.epochs.append(_epoch_row(model, epoch, step, running, optimizer, val_loader, device, config, task))
+        if val_loader is not None:  # a full training run reports its epochs; a short fine-tune's bar is enough
+            observer.log(_format_row(history.epochs[-1], time.perf_counter() - start, task))
+    observer.end(bar, keep=description == "train")
     history.steps = step
     history.seconds = time.perf_counter() - start
-    model.eval()
-    return history
 
 
 def _epoch_row(model: nn.Module, epoch: int, step: int, running: "_Running", optimizer: torch.optim.Optimizer,
-               val_loader: DataLoader | None, device: torch.device, config: TrainSection | FineTuneSection) -> dict[str, Any]:
+               val_loader: DataLoader | None, device: torch.device, config: TrainSection | FineTuneSection,
+               task: Task) -> dict[str, Any]:
     row: dict[str, Any] = {"epoch": epoch, "step": step, "train_loss": running.loss,
                            "train_top1": running.accuracy, "lr": optimizer.param_groups[0]["lr"]}
     if val_loader is not None and getattr(config, "eval_every_epoch", True):
-        result = evaluate(model, val_loader, device)
-        row.update(val_top1=result.top1, val_loss=result.loss)
+        result = evaluate(model, val_loader, device, task=task)
+        row.update({f"val_{task.primary}": result.value, "val_loss": result["loss"]})
         model.train()
     return row
 
 
-def _format_row(row: dict[str, Any], seconds: float) -> str:
-    val = f" val_top1 {row['val_top1']:.4f}" if "val_top1" in row else ""
-    return f"epoch {row['epoch']} step {row['step']} loss {row['train_loss']:.4f} top1 {row['train_top1']:.4f}{val} ({seconds:.0f} s)"
+def _format_row(row: dict[str, Any], seconds: float, task: Task) -> str:
+    key = f"val_{task.primary}"
+    val = f" val {task.label} {row[key]:.4f}" if row.get(key) is not None else ""
+    train_top1 = f" top1 {row['train_top1']:.4f}" if row.get("train_top1") is not None else ""
+    return f"epoch {row['epoch']} step {row['step']} loss {row['train_loss']:.4f}{train_top1}{val} ({seconds:.0f} s)"
 
 
 class _Running:
+    """Running loss (and training top-1 for classifiers) over one epoch."""
+
     def __init__(self) -> None:
         self.loss_sum = 0.0
         self.correct = 0
         self.count = 0
         self.batches = 0
+        self.classifying = False
 
-    def update(self, loss: float, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    def update(self, loss: float, output: torch.Tensor, targets: torch.Tensor, task: Task) -> None:
         self.loss_sum += loss
         self.batches += 1
-        self.correct += (logits.argmax(1) == targets).sum().item()
-        self.count += targets.numel()
+        if task.primary == "top1":
+            self.classifying = True
+            self.correct += (output.argmax(1) == targets).sum().item()
+            self.count += targets.numel()
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(1, self.batches)
 
     @property
-    def accuracy(self) -> float:
-        return self.correct / max(1, self.count)
+    def accuracy(self) -> float | None:
+        return self.correct / max(1, self.count) if self.classifying else None
+
+    @property
+    def accuracy_note(self) -> str:
+        return f" acc {self.accuracy:.3f}" if self.accuracy is not None else ""
 
 
 def add_bn_l1_subgradient(model: nn.Module, strength: float) -> None:
@@ -216,97 +231,33 @@ def _make_scheduler(optimizer: torch.optim.Optimizer, config: TrainSection | Fin
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def progress_bar(transient: bool = False) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-        transient=transient,
-    )
-
-
 # ----------------------------------------------------------------------------- the `train` command
 
 
-def build_model(source: str, recipe: Recipe) -> nn.Module:
-    """A checkpoint path fine-tunes; an architecture name trains from scratch."""
-    from pathlib import Path
+class TrainReport(Report):
+    history: dict[str, Any]
+    test: dict[str, Any]
+    primary_metric: str
+    train_samples: int
+    section: dict[str, Any]
 
-    from dnnprune.checkpoint import load
-
-    if source.endswith(".safetensors") or Path(source).is_file():
-        return load(source)
-    return _fresh_model(source, recipe)
-
-
-def _fresh_model(arch: str, recipe: Recipe) -> nn.Module:
-    from dnnprune.checkpoint import CheckpointMeta, attach_meta
-    from dnnprune.data import DATASETS
-    from dnnprune.errors import DatasetError, ModelError
-    from dnnprune.models import create_model
-    from dnnprune.models.registry import accepts_argument
-
-    dataset = recipe.data.dataset
-    if not dataset:
-        raise DatasetError("training from scratch needs a dataset: set data.dataset in the recipe or pass --dataset")
-    if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
-    base = _base_spec(dataset, recipe)
-    shape = tuple(recipe.data.input_shape or base.shape)
-    mean = tuple(recipe.data.mean or _fit(base.mean, shape[0]))
-    std = tuple(recipe.data.std or _fit(base.std, shape[0]))
-    classes = list(DATASETS[dataset].classes or [])
-    args = {"num_classes": len(classes) or 2, "in_channels": shape[0], **recipe.model.args}
-    if accepts_argument(arch, "input_size") and "input_size" not in args:
-        args["input_size"] = shape[-1]
-    if recipe.model.arch and recipe.model.arch != arch:
-        raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {recipe.model.arch!r}; make them agree")
-    seed_everything(recipe.train.seed)
-    model = create_model(arch, **args)
-    meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
-                          classes=classes or None)
-    return attach_meta(model, meta)
+    def lineage_metrics(self) -> dict[str, Any]:
+        return {f"test_{self.primary_metric}": self.test.get(self.primary_metric), "test_loss": self.test.get("loss"),
+                "steps": self.history.get("steps")}
 
 
-def _base_spec(dataset: str, recipe: Recipe) -> "InputSpec":
-    """Tabular data's input shape comes from the file, images' from the dataset's defaults."""
-    from dnnprune.data import DATASETS, default_spec, load_splits
-
-    if DATASETS[dataset].kind == "tabular":
-        section = recipe.data
-        return load_splits(dataset, None, data_root=section.root, path=section.path, label_column=section.label_column,
-                           val_fraction=section.val_fraction, seed=section.split_seed).spec
-    return default_spec(dataset)
-
-
-def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    return values if len(values) == channels else (sum(values) / len(values),) * channels
-
-
-def fit(model: nn.Module, recipe: Recipe, *, device: torch.device, progress: Progress | None = None,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+@command("train")
+def train(model: nn.Module, section: TrainSection, *, data: DataSection, device: torch.device,
+          observer: Observer) -> tuple[nn.Module, TrainReport]:
     """Train or fine-tune per the recipe's train section, then measure on the test split."""
-    from dnnprune.checkpoint import meta_of
-    from dnnprune.loaders import eval_loader, train_loader
-    from dnnprune.recipe import recipe_sha256
-
     meta = meta_of(model)
-    if meta.encodings:
-        from dnnprune.errors import CheckpointError
-
-        raise CheckpointError("this checkpoint has quantized layers and training would move them off their codes; "
-                              "train the float checkpoint, then quantize it")
-    config = recipe.train
-    seed_everything(config.seed)
-    loader = train_loader(meta, recipe.data, config.batch_size, config.seed)
-    val = eval_loader(meta, recipe.data, split="val")
-    history = train(model, loader, config, device=device, val_loader=val, progress=progress, description="train", log=log)
-    test = evaluate(model, eval_loader(meta, recipe.data, split="test"), device)
+    task = make_task(meta.task)
+    seed_everything(section.seed)
+    loader = train_loader(meta, data, section.batch_size, section.seed)
+    val = eval_loader(meta, data, split="val")
+    history = fit_loop(model, loader, section, device=device, task=task, observer=observer, val_loader=val,
+                       description="train")
+    test = evaluate(model, eval_loader(meta, data, split="test"), device, task=task)
     model.to("cpu")
-    metrics = {"test_top1": test.top1, "test_loss": test.loss, "steps": history.steps}
-    meta.lineage_entry("train", recipe_sha256(recipe), metrics)
-    return {"history": history.as_dict(), "test": test.as_dict(), "recipe": recipe.model_dump(mode="json")}
+    return model, TrainReport(history=history.as_dict(), test=test.as_dict(), primary_metric=task.primary,
+                              train_samples=len(loader.dataset), section=section.model_dump(mode="json"))

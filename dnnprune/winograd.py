@@ -10,8 +10,8 @@ Results equal the direct convolution to float rounding (relative error ~1e-6), n
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 MAX_PIXELS = 64  # feature maps up to 8x8
 MIN_CHANNELS = 128  # below this the transforms cost more than the saved multiplications

@@ -27,3 +27,24 @@ def write_mnist(folder: Path, n_train: int = 50, n_test: int = 20, gz: bool = Fa
         blob = idx_bytes(arr)
         (folder / (fname + ".gz" if gz else fname)).write_bytes(gzip.compress(blob) if gz else blob)
     return arrays["train-images-idx3-ubyte"]
+
+
+def write_creditcard(path: Path, rows: int = 3000, fraud_rate: float = 0.02, seed: int = 0) -> Path:
+    """A file in the Kaggle credit-card layout, down to its quoting: a quoted header (Time, V1..V28, Amount,
+    Class), unquoted numbers and the label quoted ("0" normal, "1" fraud). Frauds are shifted in a few
+    PCA components, as in the real data, so an autoencoder trained on normal rows can find them."""
+    rng = np.random.default_rng(seed)
+    frauds = max(3, int(round(rows * fraud_rate)))
+    labels = np.zeros(rows, dtype=np.int64)
+    labels[rng.choice(rows, frauds, replace=False)] = 1
+    features = rng.normal(size=(rows, 28))
+    features[labels == 1, :6] += rng.normal(3.0, 1.0, size=(frauds, 6))
+    time = np.sort(rng.uniform(0, 172792, rows)).round()
+    amount = np.round(rng.lognormal(3.0, 1.2, rows), 2)
+    header = ",".join(f'"{name}"' for name in ["Time", *(f"V{i}" for i in range(1, 29)), "Amount", "Class"])
+    lines = [header]
+    for t, v, a, c in zip(time, features, amount, labels):
+        lines.append(",".join([f"{t:.1f}", *(f"{x:.6f}" for x in v), f"{a:.2f}", f'"{c}"']))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn as nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import dnnprune
-from dnnprune.checkpoint import CheckpointMeta, attach_meta, describe_structure, save
+from dnnprune import codecs as c
+from dnnprune.checkpoint import (
+    CheckpointMeta,
+    LineageEntry,
+    Shortcut,
+    attach_meta,
+    describe_structure,
+    mark_shortcut,
+    read_meta,
+    save,
+    tensor_index,
+)
 from dnnprune.errors import CheckpointError, OutputError
-from dnnprune.models import create_model, zoo_names
+from dnnprune.models import create_model, model_task, zoo_names
+from dnnprune.models.registry import accepts_argument
+from tests.conftest import make_checkpoint
 from tests.reload import record_io, reload_in_new_process
 
 TORCHVISION = ["torchvision.resnet18", "torchvision.mobilenet_v3_small", "torchvision.efficientnet_b0", "torchvision.densenet121"]
@@ -37,13 +51,23 @@ def test_every_model_reloads_bit_identical_in_new_process(tmp_path: Path) -> Non
     items = []
     for arch in zoo_names() + TORCHVISION:
         shape = _shape_for(arch)
-        args = {"num_classes": 10, "in_channels": shape[0]}
+        args = _args_for(arch, shape)
         model = create_model(arch, **args)
         _randomise_bn(model)
         items.append(_save_with_io(model, arch, args, shape, tmp_path))
     results = reload_in_new_process(items)
     assert len(results) == len(items)
     assert all(results.values()), {k: v for k, v in results.items() if not v}
+
+
+def _args_for(arch: str, shape: tuple[int, int, int]) -> dict:
+    """Constructor arguments every registered model takes (autoencoders have no classes)."""
+    args: dict = {"in_channels": shape[0]}
+    if model_task(arch) == "classification":
+        args["num_classes"] = 10
+    if accepts_argument(arch, "input_shape"):
+        args["input_shape"] = list(shape)
+    return args
 
 
 def _randomise_bn(model: nn.Module) -> None:
@@ -80,25 +104,112 @@ def test_structural_changes_and_identity_replacement_round_trip(tmp_path: Path) 
     assert structure["features.4"] == {"in_channels": 17}
     assert structure["features.1"] == {"num_features": 17}
     resnet = create_model("resnet20", **args)
+    _randomise_bn(resnet)
     resnet.layer1[1] = nn.Identity()
-    _, replaced = describe_structure(resnet, "resnet20", args)
-    assert replaced == {"layer1.1": "Identity"}
+    resnet.layer2[0] = mark_shortcut(resnet.layer2[0].shortcut, "shortcut")  # layer pruning: the block's downsample path
+    resnet.layer2[0][1].eps = 1e-3
+    structure, replaced = describe_structure(resnet, "resnet20", args)
+    assert replaced == {"layer1.1": "Identity", "layer2.0": Shortcut(kind="shortcut", source="shortcut")}
+    assert structure == {"layer2.0.1": {"eps": 1e-3}}
     items = [_save_with_io(model, "vgg11_bn", args, (1, 32, 32), tmp_path),
              _save_with_io(resnet, "resnet20", args, (1, 32, 32), tmp_path)]
     assert all(reload_in_new_process(items).values())
+    reloaded = dnnprune.load(items[1]["checkpoint"])
+    assert isinstance(reloaded.layer2[0], nn.Sequential) and isinstance(reloaded.layer1[1], nn.Identity)
+    assert describe_structure(reloaded, "resnet20", args) == (structure, replaced)  # it saves again the same way
 
 
 def test_metadata_and_lineage_survive(tmp_path: Path) -> None:
     meta = CheckpointMeta(arch="lenet5", arch_args={"num_classes": 10, "in_channels": 1}, input_shape=(1, 28, 28),
                           mean=(0.3,), std=(0.4,), dataset="fashion-mnist", classes=[str(i) for i in range(10)])
     model = attach_meta(create_model("lenet5", num_classes=10, in_channels=1), meta)
-    meta.lineage_entry("train", "ab" * 32, {"test_top1": 0.9})
+    meta.add_lineage("train", "ab" * 32, {"test_top1": 0.9, "per_class": (0.5, 1.0)})
     save(model, tmp_path / "a.safetensors")
     loaded = dnnprune.load(tmp_path / "a.safetensors")
     got = dnnprune.meta_of(loaded)
     assert got.input_shape == (1, 28, 28) and got.mean == (0.3,) and got.dataset == "fashion-mnist"
-    assert got.lineage[0]["command"] == "train" and got.lineage[0]["metrics"] == {"test_top1": 0.9}
-    assert len(got.file_sha256) == 64
+    assert isinstance(got.lineage[0], LineageEntry) and got.lineage[0].command == "train"
+    assert got.lineage[0].metrics == {"test_top1": 0.9, "per_class": [0.5, 1.0]} and got.lineage[0].parent_sha256 is None
+    assert got.task.kind == "classification" and got.format_version == 2
+    assert len(got.file_sha256) == 64 and "file_sha256" not in got.to_json()
+    got.add_lineage("prune", None, {})
+    assert got.lineage[1].parent_sha256 == got.file_sha256
+
+
+def test_source_date_epoch_makes_byte_identical_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    paths, source = [], make_checkpoint(tmp_path / "source.safetensors")
+    for name in ("a", "b"):
+        model = dnnprune.load(source)
+        dnnprune.meta_of(model).add_lineage("train", None, {"loss": 0.5})
+        paths.append(save(model, tmp_path / f"{name}.safetensors"))
+    assert dnnprune.meta_of(dnnprune.load(paths[0])).lineage[-1].time_utc == "2023-11-14T22:13:20+00:00"
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+
+
+def test_read_meta_and_tensor_index_read_only_the_header(tmp_path: Path, lenet_checkpoint: Path) -> None:
+    full = dnnprune.meta_of(dnnprune.load(lenet_checkpoint))
+    header_only = tmp_path / "header-only.safetensors"
+    payload = lenet_checkpoint.read_bytes()
+    header_only.write_bytes(payload[: 8 + int.from_bytes(payload[:8], "little")])  # no tensor bytes at all
+    assert read_meta(header_only).to_json() == full.to_json()
+    index = tensor_index(header_only)
+    assert index["classifier.1.weight"] == ("F32", (120, 400), 120 * 400 * 4)
+    assert set(index) == set(create_model("lenet5", num_classes=10, in_channels=1).state_dict())
+    with pytest.raises(CheckpointError, match="not found"):
+        read_meta(tmp_path / "missing.safetensors")
+
+
+def _as_format_1(path: Path) -> None:
+    """Rewrite a checkpoint's metadata the way dnnprune wrote it before format 2 (same tensor parts)."""
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from dnnprune.checkpoint import read_safetensors_metadata
+
+    payload = path.read_bytes()
+    data = json.loads(read_safetensors_metadata(path, payload)["dnnprune"])
+    data.pop("task")
+    data["format_version"] = 1
+    data["extra"] = {}
+    data["encodings"] = {name: spec["values"] for name, spec in data["encodings"].items()}
+    path.write_bytes(st_save(st_load(payload), metadata={"dnnprune": json.dumps(data, sort_keys=True)}))
+
+
+def test_format_1_checkpoints_still_load(tmp_path: Path) -> None:
+    from dnnprune.quantization import quantize
+    from dnnprune.recipe import QuantizeSection
+
+    model = dnnprune.load(make_checkpoint(tmp_path / "float.safetensors"))
+    quantize(model, QuantizeSection(method="kmeans", bits=4, layers=["classifier.1"]))
+    model.classifier[3] = model.classifier[3]
+    path = save(model, tmp_path / "v1.safetensors")
+    _as_format_1(path)
+    old = dnnprune.load(path)
+    meta = dnnprune.meta_of(old)
+    assert meta.format_version == 1 and meta.encodings == {"classifier.1.weight": c.Encoding(values=c.KMeansSpec(bits=4))}
+    assert all(torch.equal(old.state_dict()[k], v) for k, v in model.state_dict().items())
+    again = save(old, tmp_path / "v2.safetensors")
+    assert json.loads(read_meta(again).to_json())["format_version"] == 2
+
+
+def test_stacked_sparse_kmeans_checkpoint_round_trips_in_a_new_process(tmp_path: Path) -> None:
+    model = dnnprune.load(make_checkpoint(tmp_path / "float.safetensors"))
+    layer = model.classifier[1]
+    keep = torch.rand(layer.weight.shape, generator=torch.Generator().manual_seed(3)) >= 0.8
+    encoding = c.Encoding(sparse=c.SparseSpec(index_bits=5), values=c.KMeansSpec(bits=4))
+    with torch.no_grad():
+        layer.weight.copy_(c.on_grid(c.kmeans_grid(layer.weight * keep, 4, iterations=20), encoding))
+    dnnprune.meta_of(model).encodings = {"classifier.1.weight": encoding}
+    path = save(model, tmp_path / "stacked.safetensors")
+    stored = tensor_index(path)
+    assert {k for k in stored if k.startswith("classifier.1.weight::")} == {
+        f"classifier.1.weight::{p}" for p in ("shape", "count", "index", "codes", "codebook")}
+    assert sum(v[2] for k, v in stored.items() if k.startswith("classifier.1.weight::")) < layer.weight.numel() * 4 / 12
+    assert all(reload_in_new_process([record_io(model, path, (1, 28, 28))]).values())
+    reloaded = dnnprune.load(path)
+    assert torch.equal(reloaded.classifier[1].weight == 0, layer.weight == 0)
+    assert dnnprune.meta_of(reloaded).encodings == {"classifier.1.weight": encoding}
 
 
 def test_existing_output_refused_without_force(tmp_path: Path, lenet_checkpoint: Path) -> None:
@@ -162,3 +273,21 @@ def test_written_files_get_normal_permissions(tmp_path: Path, lenet_checkpoint: 
     umask = os.umask(0)
     os.umask(umask)
     assert lenet_checkpoint.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_quantize_stacks_its_codes_on_a_sparse_layer(tmp_path: Path) -> None:
+    from dnnprune.quantization import quantize
+    from dnnprune.recipe import QuantizeSection
+
+    model = dnnprune.load(make_checkpoint(tmp_path / "float.safetensors"))
+    layer = model.classifier[1]
+    with torch.no_grad():
+        layer.weight.mul_(torch.rand(layer.weight.shape) >= 0.9)
+    zeros = layer.weight == 0
+    dnnprune.meta_of(model).encodings = {"classifier.1.weight": c.Encoding(sparse=c.SparseSpec(index_bits=5))}
+    result = quantize(model, QuantizeSection(method="kmeans", bits=5, layers=["classifier.1"]))
+    stacked = c.Encoding(sparse=c.SparseSpec(index_bits=5), values=c.KMeansSpec(bits=5))
+    assert dnnprune.meta_of(model).encodings == {"classifier.1.weight": stacked}
+    assert torch.equal(layer.weight == 0, zeros) and result.layers[0].bytes_after < layer.weight.numel() * 4 / 15
+    reloaded = dnnprune.load(save(model, tmp_path / "stacked.safetensors"))
+    assert torch.equal(reloaded.classifier[1].weight, layer.weight)

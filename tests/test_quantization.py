@@ -13,7 +13,9 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, TensorDataset
 
 import dnnprune
+from dnnprune import codecs as c
 from dnnprune import quantization as q
+from dnnprune.codecs import bitpack
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
 from dnnprune.errors import CheckpointError, DnnpruneError, RecipeError
 from dnnprune.models import create_model
@@ -31,23 +33,23 @@ _SHAPE = (1, 28, 28)
 @given(bits=st.integers(2, 8), count=st.integers(0, 300), seed=st.integers(0, 2**31 - 1))
 def test_pack_unpack_round_trip(bits: int, count: int, seed: int) -> None:
     codes = torch.randint(0, 1 << bits, (count,), generator=torch.Generator().manual_seed(seed))
-    packed = q.pack_bits(codes, bits)
+    packed = c.pack_bits(codes, bits)
     assert packed.dtype == torch.uint8 and packed.numel() == (count * bits + 7) // 8
-    assert torch.equal(q.unpack_bits(packed, bits, count), codes)
+    assert torch.equal(c.unpack_bits(packed, bits, count), codes)
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 def test_packing_across_chunks(bits: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(q, "_CHUNK", 16)
+    monkeypatch.setattr(bitpack, "_CHUNK", 16)
     codes = torch.randint(0, 1 << bits, (16 * 5 + 3,))
-    assert torch.equal(q.unpack_bits(q.pack_bits(codes, bits), bits, codes.numel()), codes)
+    assert torch.equal(c.unpack_bits(c.pack_bits(codes, bits), bits, codes.numel()), codes)
 
 
 def test_packing_rejects_codes_out_of_range() -> None:
     with pytest.raises(ValueError):
-        q.pack_bits(torch.tensor([0, 8]), 3)
+        c.pack_bits(torch.tensor([0, 8]), 3)
     with pytest.raises(CheckpointError, match="corrupt"):
-        q.unpack_bits(torch.zeros(2, dtype=torch.uint8), 5, 10)
+        c.unpack_bits(torch.zeros(2, dtype=torch.uint8), 5, 10)
 
 
 # ----------------------------------------------------------------------------- the methods
@@ -57,16 +59,16 @@ def test_packing_rejects_codes_out_of_range() -> None:
 def test_kmeans_keeps_a_tensor_with_few_distinct_values(bits: int) -> None:
     values = torch.tensor([-0.3, -0.01, 0.0, 0.2, 0.7])[: min(5, 1 << bits)]
     weight = values[torch.randint(0, values.numel(), (12, 7))]
-    assert torch.equal(q.kmeans_grid(weight, bits, iterations=20), weight)
+    assert torch.equal(c.kmeans_grid(weight, bits, iterations=20), weight)
 
 
 def test_kmeans_beats_the_linear_grid_and_keeps_zeros() -> None:
     weight = torch.randn(64, 128) * 0.05
-    kmeans = q.kmeans_grid(weight, 4, iterations=50)
+    kmeans = c.kmeans_grid(weight, 4, iterations=50)
     assert torch.unique(kmeans).numel() <= 16
-    assert (kmeans - weight).pow(2).mean() < (q.linear_grid(weight, 4) - weight).pow(2).mean()
+    assert (kmeans - weight).pow(2).mean() < (c.linear_grid(weight, 4) - weight).pow(2).mean()
     sparse = weight * (weight.abs() > 0.04)
-    shared = q.kmeans_grid(sparse, 3, iterations=50)
+    shared = c.kmeans_grid(sparse, 3, iterations=50)
     assert torch.equal(shared == 0, sparse == 0)  # pruned weights stay pruned, survivors stay non-zero
     assert torch.unique(shared).numel() <= 8
 
@@ -75,13 +77,13 @@ def test_kmeans_beats_the_linear_grid_and_keeps_zeros() -> None:
 def test_linear_error_is_at_most_half_a_step_per_channel(bits: int) -> None:
     weight = torch.randn(32, 3, 3, 3)
     weight[5] = 0.0  # an empty (pruned) filter must not divide by zero
-    grid = q.linear_grid(weight, bits)
+    grid = c.linear_grid(weight, bits)
     qmax = 2 ** (bits - 1) - 1
     step = weight.reshape(32, -1).abs().amax(1) / qmax
     error = (grid - weight).reshape(32, -1).abs().amax(1)
     assert bool((error <= step * 0.5 * (1 + 1e-3) + 1e-12).all())
     assert torch.equal(grid[5], torch.zeros_like(grid[5]))
-    codes, scales = q.linear_codes(grid, bits)
+    codes, scales = c.linear_codes(grid, bits)
     assert codes.abs().max() <= qmax and torch.equal(codes * scales[:, None], grid.reshape(32, -1))
     if bits == 8:
         signal, noise = weight.pow(2).sum(), (grid - weight).pow(2).sum()
@@ -92,12 +94,12 @@ def test_linear_error_is_at_most_half_a_step_per_channel(bits: int) -> None:
 def test_codec_is_exact_and_survives_channel_removal_but_not_training(method: str) -> None:
     spec = {"codec": method, "bits": 4}
     weight = torch.randn(20, 30)
-    grid = q.on_grid(q.linear_grid(weight, 4) if method == "linear" else q.kmeans_grid(weight, 4, 30), spec)
-    assert torch.equal(q.on_grid(grid, spec), grid)
+    grid = c.on_grid(c.linear_grid(weight, 4) if method == "linear" else c.kmeans_grid(weight, 4, 30), spec)
+    assert torch.equal(c.on_grid(grid, spec), grid)
     sliced = grid[3:15, 7:19].contiguous()  # pruning removed outputs and inputs after quantization
-    assert torch.equal(q.on_grid(sliced, spec), sliced)
+    assert torch.equal(c.on_grid(sliced, spec), sliced)
     with pytest.raises(CheckpointError, match="changed after quantization"):
-        q.CODECS[method].encode(grid + 1e-3 * torch.randn_like(grid), spec)
+        c.encode_tensor(grid + 1e-3 * torch.randn_like(grid), spec)
 
 
 # ----------------------------------------------------------------------------- layer selection
@@ -163,7 +165,7 @@ def _shrink(model: nn.Module, first: str, second: str, keep: int) -> None:
 
 def _save_and_record(model: nn.Module, path: Path) -> dict[str, str | int]:
     meta = dnnprune.meta_of(model)
-    meta.lineage_entry("quantize", None, {})
+    meta.add_lineage("quantize", None, {})
     predicted = q.predicted_file_bytes(model, meta)
     save(model, path)
     return {**record_io(model, path, _SHAPE, batch=3), "predicted": predicted}
@@ -280,7 +282,7 @@ def test_finetuning_moves_the_codebook_and_keeps_weights_on_it(method: str) -> N
     for name in ("classifier.1", "classifier.3"):
         weight = model.get_submodule(name).weight.detach()
         assert not parametrize_left(model.get_submodule(name))
-        assert torch.equal(q.on_grid(weight, {"codec": method, "bits": 3}), weight)
+        assert torch.equal(c.on_grid(weight, {"codec": method, "bits": 3}), weight)
         if method == "kmeans":
             assert torch.unique(weight).numel() <= 8
         before = untuned.get_submodule(name).weight.detach()

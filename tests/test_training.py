@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from dnnprune.recipe import TrainSection
-from dnnprune.training import _make_scheduler, add_bn_l1_subgradient, evaluate, train
+from dnnprune.observe import Observer
+from dnnprune.recipe import FineTuneSection, TrainSection
+from dnnprune.training import _make_scheduler, add_bn_l1_subgradient, evaluate, fit_loop, total_steps
+
+_CPU = torch.device("cpu")
+
+
+class _Lines(Observer):
+    """Keeps the log lines the loop sends."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
 
 
 def _toy_loader(n: int = 64, classes: int = 3) -> DataLoader:
@@ -37,7 +52,7 @@ def test_bn_l1_penalty_shrinks_scales_during_training() -> None:
         torch.manual_seed(0)
         model = _toy_model()
         config = TrainSection(epochs=3, lr=0.05, bn_l1=strength, weight_decay=0.0, schedule="constant")
-        train(model, _toy_loader(), config, device=torch.device("cpu"))
+        fit_loop(model, _toy_loader(), config, device=_CPU)
         totals[strength] = model[1].weight.abs().sum().item()
     assert totals[0.05] < totals[0.0] * 0.9
 
@@ -45,18 +60,34 @@ def test_bn_l1_penalty_shrinks_scales_during_training() -> None:
 def test_training_reduces_loss_and_logs_epochs() -> None:
     torch.manual_seed(0)
     model = _toy_model()
-    before = evaluate(model, _toy_loader()).loss
-    lines: list[str] = []
-    history = train(model, _toy_loader(), TrainSection(epochs=4, lr=0.05, schedule="cosine"), device=torch.device("cpu"),
-                    log=lines.append)
-    assert evaluate(model, _toy_loader()).loss < before
-    assert [row["epoch"] for row in history.epochs] == [1, 2, 3, 4] and len(lines) == 4
+    before = evaluate(model, _toy_loader())["loss"]
+    observer = _Lines()
+    history = fit_loop(model, _toy_loader(), TrainSection(epochs=4, lr=0.05, schedule="cosine"), device=_CPU,
+                       observer=observer)
+    assert evaluate(model, _toy_loader())["loss"] < before
+    assert [row["epoch"] for row in history.epochs] == [1, 2, 3, 4] and len(observer.lines) == 4
     assert history.steps == 16
 
 
+def test_epoch_rows_carry_the_primary_validation_metric() -> None:
+    torch.manual_seed(0)
+    history = fit_loop(_toy_model(), _toy_loader(), TrainSection(epochs=2, lr=0.05), device=_CPU,
+                       val_loader=_toy_loader())
+    assert all({"val_top1", "val_loss"} <= set(row) for row in history.epochs)
+    assert all(0.0 <= row["val_top1"] <= 1.0 for row in history.epochs)
+
+
 def test_max_steps_caps_training() -> None:
-    history = train(_toy_model(), _toy_loader(), TrainSection(epochs=10, max_steps=5), device=torch.device("cpu"))
+    history = fit_loop(_toy_model(), _toy_loader(), TrainSection(epochs=10, max_steps=5), device=_CPU)
     assert history.steps == 5
+
+
+def test_max_steps_alone_means_that_many_steps() -> None:
+    assert total_steps(FineTuneSection(max_steps=7), steps_per_epoch=4) == 7
+    assert total_steps(FineTuneSection(epochs=1, max_steps=7), steps_per_epoch=4) == 4
+    assert total_steps(FineTuneSection(), steps_per_epoch=4) == 0
+    history = fit_loop(_toy_model(), _toy_loader(), FineTuneSection(max_steps=6), device=_CPU)
+    assert history.steps == 6  # more than one epoch of 4 batches
 
 
 def test_schedules_follow_their_shape() -> None:
@@ -79,6 +110,8 @@ def test_schedules_follow_their_shape() -> None:
 
 
 def test_evaluate_reports_top5_only_above_five_classes() -> None:
-    assert evaluate(_toy_model(3), _toy_loader(classes=3)).top5 is None
+    assert evaluate(_toy_model(3), _toy_loader(classes=3))["top5"] is None
     result = evaluate(_toy_model(7), _toy_loader(classes=7))
-    assert result.top5 is not None and result.top5 >= result.top1 and result.samples == 64
+    assert result["top5"] is not None and result["top5"] >= result["top1"] and result.samples == 64
+    assert result.primary == "top1" and result.value == result["top1"] and not math.isnan(result.value)
+    assert result.as_dict() == {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "samples": 64}

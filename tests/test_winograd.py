@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from dnnprune.winograd import WinogradConvs, conv3x3, eligible, transform_weight
 

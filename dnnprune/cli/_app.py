@@ -11,9 +11,9 @@ from rich.console import Console
 from rich.text import Text
 
 from dnnprune.checkpoint import check_output_path
-from dnnprune.errors import DnnpruneError
+from dnnprune.errors import DnnpruneError, OutputError
 from dnnprune.recipe import Recipe, load_recipe
-from dnnprune.report import default_report_path, write_report
+from dnnprune.reports import Report, default_report_path, envelope, write_report
 
 app = typer.Typer(
     name="dnnprune",
@@ -45,6 +45,9 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable
                 return function(*args, **inner)
             except DnnpruneError as exc:
                 fail(str(exc))
+            except KeyboardInterrupt:
+                err_console.print(Text("interrupted: ", style="bold red") + Text("nothing was written"))
+                raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(wrapper)
 
@@ -68,16 +71,37 @@ def common_overrides(device: str | None, data_root: Path | None, dataset: str | 
             "data.download": download}
 
 
-def prepare_output(output: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
-    """Refuse a bad output before any work is done."""
+def prepare_output(output: Path, *, force: bool, inputs: tuple[Path, ...] = (), report: Path | None = None,
+                   suffix: str = ".json") -> Path:
+    """Refuse a bad output or report path before any work is done; returns the report path."""
     if output.suffix != ".safetensors":
         raise DnnpruneError(f"output {output} must end in .safetensors")
     check_output_path(output, force=force, protect=inputs)
+    report_path = report or default_report_path(output, suffix)
+    if report_path.resolve() == output.resolve():
+        raise OutputError(f"report {report_path} is the output checkpoint; choose another --report path")
+    check_report_path(report_path, force=force, inputs=inputs)
+    return report_path
 
 
-def finish_report(report: dict[str, Any], output: Path | None, report_path: Path | None, suffix: str = ".json") -> Path:
+def check_report_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ()) -> None:
+    """A report is guarded like an output: never an input, never an existing file without --force."""
+    if path.suffix != ".json":
+        raise OutputError(f"report {path} must end in .json")
+    check_output_path(path, force=force, protect=inputs)
+
+
+def finish_report(report: Report | dict[str, Any], output: Path | None, report_path: Path | None,
+                  suffix: str = ".json") -> Path:
+    """Write an already enveloped report next to the output (or at --report)."""
     path = report_path or default_report_path(output, suffix)  # type: ignore[arg-type]
-    write_report(path, report)
+    write_report(path, report.as_json() if isinstance(report, Report) else report)
+    return path
+
+
+def write_command_report(command_name: str, report: Report | dict[str, Any], path: Path,
+                         inputs: dict[str, Any]) -> Path:
+    write_report(path, envelope(command_name, report, inputs=inputs))
     return path
 
 

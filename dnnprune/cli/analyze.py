@@ -1,26 +1,43 @@
-"""`dnnprune analyze CKPT`: how much each layer's accuracy suffers when it alone is pruned."""
+"""`dnnprune analyze CKPT`: how much each layer's task metric suffers when it alone is pruned."""
 
 from __future__ import annotations
 
-import os
+import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
-import torch
 import typer
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from dnnprune.analysis import (analyze, distributed_env, init_distributed, leave_distributed, output_paths, tune_malloc,
-                               write_outputs)
-from dnnprune.checkpoint import check_output_path, load, meta_of
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, RecipeOption,
-                               command, common_overrides, console, parse_floats, recipe_with)
+from dnnprune.analysis import AnalyzeReport, analyze, output_paths, write_outputs
+from dnnprune.checkpoint import check_output_path, load
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    ForceOption,
+    RecipeOption,
+    command,
+    common_overrides,
+    console,
+    parse_floats,
+    recipe_with,
+)
+from dnnprune.cli._observer import RichObserver
+from dnnprune.distributed import (
+    distributed_env,
+    init_distributed,
+    leave_distributed,
+    process_device,
+    tune_malloc,
+)
 from dnnprune.errors import DnnpruneError, OutputError
-from dnnprune.loaders import split_dataset
-from dnnprune.report import default_report_path, envelope
-from dnnprune.training import resolve_device
+from dnnprune.lineage import resolve_device
+from dnnprune.reports import default_report_path
+from dnnprune.tasks import Task
+from dnnprune.training import task_of
 
 
 @command("analyze")
@@ -29,10 +46,13 @@ def analyze_command(
     recipe: RecipeOption = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help=(
         "JSON to write; its .csv and .png go beside it (default: NAME.analysis.json next to CKPT)."))] = None,
+    granularity: Annotated[str | None, typer.Option(help=(
+        "What one cell removes: filter (channels of one layer; layer removal comes with layer pruning)."))] = None,
     ratios: Annotated[str | None, typer.Option(help="Pruning ratios in (0, 1), e.g. 0.1,0.3,0.5.")] = None,
     criterion: Annotated[str | None, typer.Option(help="Channel ranking: l1, l2, bn_scale or random.")] = None,
     samples: Annotated[int | None, typer.Option(help="Class-stratified validation subset (default 2000).")] = None,
-    budget: Annotated[float | None, typer.Option(help="Top-1 drop allowed for suggested ratios, e.g. 0.01.")] = None,
+    budget: Annotated[float | None, typer.Option(help=(
+        "Primary-metric drop allowed for suggested ratios, e.g. 0.01 (1 point of top-1; 1 % more MSE)."))] = None,
     layers: Annotated[list[str] | None, typer.Option(help="Only these layers (glob or type:NAME); repeatable.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Evaluation batch size (default: data.batch_size).")] = None,
     winograd: Annotated[bool | None, typer.Option("--winograd/--no-winograd", help=(
@@ -44,7 +64,7 @@ def analyze_command(
     device: DeviceOption = None,
     force: ForceOption = False,
 ) -> None:
-    """Prune each layer alone over a ratio grid, measure validation accuracy, rank the layers by sensitivity.
+    """Prune each layer alone over a ratio grid, measure the validation metrics, rank the layers by sensitivity.
 
     Run it under `torchrun --nproc-per-node N -m dnnprune analyze ...` to share the cells across processes.
     """
@@ -52,29 +72,19 @@ def analyze_command(
     started = completed = False
     try:
         overrides = {"analyze.ratios": list(parse_floats(ratios, "--ratios") or ()) if ratios is not None else None,
-                     "analyze.criterion": criterion, "analyze.samples": samples, "analyze.budget": budget,
-                     "analyze.layers": layers or None, "analyze.batch_size": batch_size,
-                     "analyze.winograd": winograd,
-                     **common_overrides(device, data_root, dataset, download)}
+                     "analyze.granularity": granularity, "analyze.criterion": criterion, "analyze.samples": samples,
+                     "analyze.budget": budget, "analyze.layers": layers or None, "analyze.batch_size": batch_size,
+                     "analyze.winograd": winograd, **common_overrides(device, data_root, dataset, download)}
         config = recipe_with(recipe, overrides)
         path = output or default_report_path(checkpoint, ".analysis.json")
         _check_outputs(path, force, checkpoint)
         model = load(checkpoint)
-        meta = meta_of(model)
-        run_device = _device(config.device, world)
+        run_device = process_device(resolve_device(config.device), world)
         tune_malloc()
-        started = init_distributed(world)
-        section = config.analyze
-
-        def data() -> Any:
-            return split_dataset(meta, config.data, "val", section.samples, section.seed)
-
-        bar = _LazyBar(rank, world)
-        try:
-            body = analyze(model, section, data, device=run_device, batch_size=config.data.batch_size,
-                           progress=bar.update, rank=rank, world=world)
-        finally:
-            bar.close()
+        started = init_distributed(world, run_device)
+        with RichObserver(console, enabled=rank == 0) as observer:
+            _, report = analyze(model, config.analyze, data=config.data, device=run_device, observer=observer,
+                                rank=rank, world=world)
         completed = True
     except DnnpruneError:
         if rank != 0:  # every process fails the same way; one line is enough
@@ -85,12 +95,11 @@ def analyze_command(
             leave_distributed(completed)
     if rank != 0:
         return
-    report = envelope("analyze", body, inputs={"checkpoint": str(checkpoint), "recipe": recipe})
-    written = write_outputs(report, path)
-    console.print(sensitivity_table(body))
-    timing = body["timing"]
-    console.print(f"order (least sensitive first): {', '.join(body['order'])}")
-    console.print(f"{timing['cells']} cells in {timing['seconds']:.1f} s on {timing['processes']} process(es); "
+    written = write_outputs(report, path, inputs={"checkpoint": str(checkpoint), "recipe": recipe})
+    console.print(sensitivity_table(report, task_of(model)))
+    timing = report.timing
+    console.print(f"order (least sensitive first): {', '.join(report.order)}")
+    console.print(f"{timing.cells} cells in {timing.seconds:.1f} s on {timing.processes} process(es); "
                   f"report: {written['json']} (+ {written['csv'].name}, {written['png'].name})")
 
 
@@ -101,60 +110,48 @@ def _check_outputs(path: Path, force: bool, checkpoint: Path) -> None:
         check_output_path(target, force=force, protect=(checkpoint,))
 
 
-def _device(name: str, world: int) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and world > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    return device
+def sensitivity_table(report: AnalyzeReport, task: Task) -> Table:
+    """One row per layer, one coloured column per ratio: the primary metric's drop (green within budget).
 
-
-class _LazyBar:
-    """A progress bar with ETA that appears with the first measured cell (so a bad request prints one line)."""
-
-    def __init__(self, rank: int, world: int) -> None:
-        self.enabled = rank == 0
-        self.label = "analyze" + (f" (rank 0 of {world})" if world > 1 else "")
-        self.progress: Progress | None = None
-        self.task: Any = None
-
-    def update(self, done: float, total: float, note: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is None:
-            self.progress = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(), TaskProgressColumn(),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), console=console)
-            self.progress.start()
-            self.task = self.progress.add_task(self.label, total=total, info=note)
-        self.progress.update(self.task, completed=done, total=total, info=note)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-
-def sensitivity_table(body: dict[str, Any]) -> Table:
-    """One row per layer, one coloured column per ratio: the top-1 drop in points (green within budget)."""
-    base = body["baseline"]["top1"]
-    budget = body["budget"]
-    total_macs = max(1, body["model"]["macs"])
-    rank_of = {name: i + 1 for i, name in enumerate(body["order"])}
-    table = Table(title=f"sensitivity of {body['model']['arch']}: top-1 drop in points when one layer is pruned "
-                        f"(baseline {base * 100:.2f} % on {body['samples']} {body['split']} samples, "
-                        f"{body['criterion']})")
+    An accuracy-like metric drops in points; a lower-is-better one (MSE) rises, shown in percent of the baseline.
+    """
+    primary, budget = report.primary_metric, report.budget
+    base = report.baseline.get(primary)
+    total_macs = max(1, report.model.macs)
+    rank_of = {name: i + 1 for i, name in enumerate(report.order)}
+    change = f"{primary} drop in points" if report.higher_is_better else f"{primary} increase in %"
+    table = Table(title=f"sensitivity of {report.model.arch}: {change} when one layer is pruned "
+                        f"(baseline {_baseline(base, report.higher_is_better)} on {report.samples} {report.split} "
+                        f"samples, {report.criterion})")
     for column in ("order", "layer", "width", "MACs %"):
         table.add_column(column, justify="left" if column == "layer" else "right")
-    for ratio in body["ratios"]:
+    for ratio in report.ratios:
         table.add_column(f"{ratio:g}", justify="right")
     table.add_column("suggested", justify="right")
-    for layer in body["layers"]:
-        cells = []
-        for cell in layer["cells"]:
-            drop = base - cell["top1"]
-            style = "green" if drop <= budget + 1e-12 else ("yellow" if drop <= 5 * budget else "red")
-            cells.append(Text(f"{drop * 100:.1f}", style=style))
-        table.add_row(str(rank_of[layer["name"]]), layer["name"], str(layer["width"]),
-                      f"{layer['macs'] / total_macs * 100:.1f}", *cells, f"{layer['suggested_ratio']:g}")
-    table.caption = (f"green: drop ≤ {budget * 100:g} points (the budget), yellow: ≤ {5 * budget * 100:g}, "
+    for layer in report.layers:
+        cells = [_drop_text(_drop(task, base, cell.metrics().get(primary)), budget) for cell in layer.cells]
+        table.add_row(str(rank_of[layer.name]), layer.name, str(layer.width),
+                      f"{layer.macs / total_macs * 100:.1f}", *cells, f"{layer.suggested_ratio:g}")
+    unit = "points" if report.higher_is_better else "%"
+    table.caption = (f"{change}; green: ≤ {budget * 100:g} {unit} (the budget), yellow: ≤ {5 * budget * 100:g}, "
                      "red: more; order 1 = least sensitive, pruned first by `prune --order sensitivity`")
     return table
+
+
+def _drop(task: Task, base: float | None, value: float | None) -> float:
+    if base is None or value is None:
+        return math.nan
+    return task.drop(float(base), float(value))
+
+
+def _drop_text(drop: float, budget: float) -> Text:
+    if math.isnan(drop):
+        return Text("n/a", style="dim")
+    style = "green" if drop <= budget + 1e-12 else ("yellow" if drop <= 5 * budget else "red")
+    return Text(f"{drop * 100:.1f}", style=style)
+
+
+def _baseline(value: float | None, higher_is_better: bool) -> str:
+    if value is None:
+        return "undefined"
+    return f"{value * 100:.2f} %" if higher_is_better else f"{value:.4g}"

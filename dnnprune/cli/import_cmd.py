@@ -8,10 +8,20 @@ from typing import Annotated
 import typer
 
 from dnnprune.checkpoint import meta_of, save
-from dnnprune.cli._app import DatasetOption, ForceOption, OutputOption, ReportOption, command, console, finish_report, parse_floats, prepare_output
+from dnnprune.cli._app import (
+    DatasetOption,
+    ForceOption,
+    OutputOption,
+    ReportOption,
+    command,
+    console,
+    finish_report,
+    parse_floats,
+    prepare_output,
+)
 from dnnprune.errors import DnnpruneError
 from dnnprune.importer import import_weights
-from dnnprune.report import envelope
+from dnnprune.reports import envelope
 
 
 @command("import")
@@ -21,8 +31,8 @@ def import_command(
     output: OutputOption,
     num_classes: Annotated[int | None, typer.Option(help="Classes [default: from --dataset or the weights].")] = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W the model expects, e.g. 3,32,32.")] = None,
-    mean: Annotated[str | None, typer.Option(help="Per-channel normalisation mean, e.g. 0.5,0.5,0.5.")] = None,
-    std: Annotated[str | None, typer.Option(help="Per-channel normalisation std.")] = None,
+    mean: Annotated[str | None, typer.Option(help="Normalisation mean: one value per channel (0.485,0.456,0.406) or one for all.")] = None,
+    std: Annotated[str | None, typer.Option(help="Normalisation std: one value per channel or one for all.")] = None,
     dataset: DatasetOption = None,
     report: ReportOption = None,
     force: ForceOption = False,
@@ -34,13 +44,15 @@ def import_command(
 
         if dataset not in DATASETS:
             raise DnnpruneError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
-    model = import_weights(weights, arch, num_classes=num_classes, input_shape=_shape(input_shape),
-                           mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), dataset=dataset)
-    meta = meta_of(model)
-    meta.lineage_entry("import", None, {"source": str(weights)})
+    model, result = import_weights(weights, arch, num_classes=num_classes, input_shape=_shape(input_shape),
+                                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), dataset=dataset)
+    meta_of(model).add_lineage("import", None, {"source": str(weights), **result.lineage_metrics()})
     save(model, output, force=force, protect=(weights,))
-    body = {"arch": arch, "arch_args": meta.arch_args, "input_shape": meta.input_shape, "output": str(output)}
+    body = {**result.as_json(), "output": str(output)}
     path = finish_report(envelope("import", body, inputs={"weights": str(weights)}), output, report)
+    note = result.dropped_summary()
+    if note:
+        console.print(note)
     console.print(f"imported {weights} as {arch} -> {output}  (report {path})")
 
 

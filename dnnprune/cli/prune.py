@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Mapping
 
 import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load, save
 from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, finish_report,
-                               prepare_output, recipe_with)
-from dnnprune.pruning import prune
+                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
+                               recipe_with, write_command_report)
+from dnnprune.cli._observer import RichObserver
+from dnnprune.pruning import PruneReport, prune
 from dnnprune.pruning.structured import parse_target
-from dnnprune.recipe import recipe_sha256
-from dnnprune.report import envelope
-from dnnprune.training import progress_bar, resolve_device
 
 
 @command("prune")
@@ -25,7 +23,9 @@ def prune_command(
     output: OutputOption,
     recipe: RecipeOption = None,
     report: ReportOption = None,
+    granularity: Annotated[str | None, typer.Option(help="filter: remove channels; layer: remove whole units (blocks, layers).")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in [0, 1).")] = None,
+    remove: Annotated[int | None, typer.Option(help="Layer granularity: remove this many units.")] = None,
     target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs (params, macs or bytes).")] = None,
     criterion: Annotated[str | None, typer.Option(help="l1, l2, bn_scale, taylor or random.")] = None,
     order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity or random.")] = None,
@@ -46,51 +46,65 @@ def prune_command(
 ) -> None:
     """Remove whole channels (filters) so the saved model is really smaller and faster."""
     metric, factor = parse_target(target) if target is not None else (None, None)
-    overrides = {"prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
+    overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
                  "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
-    prepare_output(output, force=force, inputs=(checkpoint,))
+    report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     model = load(checkpoint)
-    progress = progress_bar()
-    model, result = prune(model, config.prune, data=config.data, device=resolve_device(config.device),
-                          progress=progress, on_step=lambda row: progress.console.print(_step_line(row)),
-                          recipe_sha256=recipe_sha256(config))
+    with RichObserver(console, formatter=_row_line) as observer:
+        model, result = prune(model, config.prune, data=config.data, device=config.device, observer=observer)
     save(model, output, force=force, protect=(checkpoint,))
     inputs = {"checkpoint": str(checkpoint), "recipe": recipe, "analysis": config.prune.analysis}
-    path = finish_report(envelope("prune", result, inputs=inputs), output, report)
+    path = write_command_report("prune", result, report_path, inputs)
     _print_summary(result, output, path)
 
 
-def _step_line(row: dict[str, Any]) -> str:
+def _row_line(kind: str, row: Mapping[str, Any]) -> str | None:
+    if kind == "prune.step":
+        return _step_line(row)
+    if kind == "prune.layer":
+        return _layer_line(row)
+    return None
+
+
+def _layer_line(row: Mapping[str, Any]) -> str:
+    verdict = "[green]removed[/]" if row["accepted"] else "[red]kept (over budget)[/]"
+    measured = f"  val {row['val']:.4f}  drop {row['drop'] * 100:.2f} pts" if "val" in row else ""
+    return (f"step {row['step']:>3}  {row['unit']:<28} {row['kind']:<6} -{row['unit_params']:,} params "
+            f"-{row['unit_macs']:,} MACs  now {row['params']:,} params {row['macs']:,} MACs{measured}  {verdict}")
+
+
+def _step_line(row: Mapping[str, Any]) -> str:
     verdict = "[green]kept[/]" if row["accepted"] else "[red]undone[/]"
     return (f"step {row['step']:>3}  {row['layer']:<28} ratio {row['ratio']:.2f}  width {row['width_before']}->"
-            f"{row['width_after']}  params {row['params']:,}  MACs {row['macs']:,}  val top-1 {row['val_top1']:.4f}"
+            f"{row['width_after']}  params {row['params']:,}  MACs {row['macs']:,}  val {row['val']:.4f}"
             f"  drop {row['drop'] * 100:.2f} pts  {verdict}{_step_notes(row)}")
 
 
-def _step_notes(row: dict[str, Any]) -> str:
+def _step_notes(row: Mapping[str, Any]) -> str:
     notes = ["jump to the suggested ratio"] if row.get("kind") == "jump" else []
     if row.get("finetune_steps") and not row.get("finetune_kept"):
         notes.append("fine-tune rolled back")
     return f" ({'; '.join(notes)})" if notes else ""
 
 
-def _print_summary(result: dict[str, Any], output: Path, report_path: Path) -> None:
-    table = Table(title=f"prune: {result['arch']} ({result['mode']}, {result['criterion']})")
+def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None:
+    table = Table(title=f"prune: {result.arch} ({result.mode}, {result.criterion})")
     for column in ("", "before", "after", "reduction"):
         table.add_column(column, justify="right")
-    before, after = result["before"], result["after"]
+    before, after, metric = result.before, result.after, result.primary_metric
     for key in ("params", "macs", "bytes"):
-        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}", f"{result['reduction'][key]:.2f}x")
+        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}", f"{result.reduction[key]:.2f}x")
     for split in ("val", "test"):
-        if before.get(split) and after.get(split):
-            table.add_row(f"{split} top-1", f"{before[split]['top1']:.4f}", f"{after[split]['top1']:.4f}",
-                          f"{-result['accuracy_drop'][split] * 100:+.2f} pts")
+        drop = result.accuracy_drop.get(split)
+        if before.get(split) and after.get(split) and drop is not None:
+            table.add_row(f"{split} {metric}", f"{before[split][metric]:.4f}", f"{after[split][metric]:.4f}",
+                          f"{-drop * 100:+.2f} {'pts' if result.higher_is_better else '%'}")
     console.print(table)
-    if result.get("target") and not result["target"]["met"]:
-        console.print(f"[yellow]target {result['target']['factor']:g}x {result['target']['metric']} not met "
-                      f"(reached {result['target']['reached']:.2f}x): no layer could take more within the accuracy budget")
-    console.print(f"-> {output}  (report {report_path}, {result['seconds']['total']:.1f} s)")
+    if result.target and not result.target["met"]:
+        console.print(f"[yellow]target {result.target['factor']:g}x {result.target['metric']} not met "
+                      f"(reached {result.target['reached']:.2f}x): no layer could take more within the accuracy budget")
+    console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")

@@ -11,12 +11,11 @@ from rich.table import Table
 
 from dnnprune.checkpoint import load, save
 from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, finish_report,
-                               prepare_output, recipe_with)
+                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
+                               recipe_with, write_command_report)
+from dnnprune.cli._observer import RichObserver
 from dnnprune.errors import DnnpruneError
-from dnnprune.quantization import quantize_checkpoint, with_file_sizes
-from dnnprune.report import envelope
-from dnnprune.training import progress_bar, resolve_device
+from dnnprune.quantization import QuantizeReport, quantize
 
 
 @command("quantize")
@@ -46,16 +45,15 @@ def quantize_command(
                  "quantize.finetune.max_steps": finetune_steps, "quantize.samples": samples, "quantize.evaluate": evaluate,
                  "quantize.int8_execution": int8_execution, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
-    prepare_output(output, force=force, inputs=(checkpoint,))
+    report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     model = load(checkpoint)
-    with progress_bar(transient=True) as progress:
-        body = quantize_checkpoint(model, config, device=resolve_device(config.device), source=checkpoint, progress=progress)
+    with RichObserver(console) as observer:
+        model, result = quantize(model, config.quantize, data=config.data, device=config.device, observer=observer)
     save(model, output, force=force, protect=(checkpoint,))
-    body = with_file_sizes(body, output)
-    inputs = {"checkpoint": str(checkpoint), "recipe": recipe}
-    path = finish_report(envelope("quantize", body, inputs=inputs), output, report)
-    console.print(_table(body))
-    console.print(_summary(body, output, path))
+    result.with_file_sizes(checkpoint, output)
+    path = write_command_report("quantize", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
+    console.print(_table(result))
+    console.print(_summary(result, output, path))
 
 
 def _parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
@@ -70,12 +68,12 @@ def _parse_layer_bits(items: list[str] | None) -> dict[str, int] | None:
     return parsed
 
 
-def _table(body: dict[str, Any]) -> Table:
-    table = Table(title=f"quantize ({body['method']})")
+def _table(body: QuantizeReport) -> Table:
+    table = Table(title=f"quantize ({body.method})")
     for column, justify in (("layer", "left"), ("type", "left"), ("bits", "right"), ("params", "right"),
                             ("MSE", "right"), ("SQNR dB", "right"), ("bytes", "right"), ("ratio", "right")):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    for row in body["layers"]:
+    for row in body.layers:
         sqnr = row["sqnr_db"]
         table.add_row(row["name"], row["type"], str(row["bits"]), f"{row['params']:,}", f"{row['mse']:.2e}",
                       "exact" if math.isinf(sqnr) else f"{sqnr:.1f}",
@@ -83,16 +81,16 @@ def _table(body: dict[str, Any]) -> Table:
     return table
 
 
-def _summary(body: dict[str, Any], output: Path, report_path: Path) -> str:
-    totals = body["totals"]
+def _summary(body: QuantizeReport, output: Path, report_path: Path) -> str:
+    totals = body.totals
     lines = []
     before = totals["disk_bytes_before"]
     lines.append(f"file {before:,} -> {totals['disk_bytes_after']:,} bytes ({totals['compression']:.2f}x), "
                  f"{totals['effective_bits_per_weight']:.2f} bits per weight, predicted {totals['predicted_file_bytes']:,}")
-    acc = body["accuracy"]
+    acc, key = body.metrics, body.primary_metric
     if acc["before"] and acc["after"]:
-        lines.append(f"test top-1 {acc['before']['top1']:.4f} -> {acc['after']['top1']:.4f} on {acc['after']['samples']} samples")
-    int8 = body["int8_execution"]
+        lines.append(f"test {key} {acc['before'][key]:.4f} -> {acc['after'][key]:.4f} on {acc['after']['samples']} samples")
+    int8 = body.int8_execution
     if int8 is not None:
         if int8["available"]:
             lines += [f"int8 Linear execution, batch {r['batch_size']}: {r['fp32_median_ms']:.2f} ms -> {r['int8_median_ms']:.2f} ms"

@@ -1,19 +1,25 @@
-"""`dnnprune score CKPT`: accuracy, size, MACs, bytes, latency and NetScore."""
+"""`dnnprune score CKPT`: the task's metrics, size, MACs, bytes, latency and NetScore."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load
-from dnnprune.cli._app import DataRootOption, DatasetOption, DeviceOption, DownloadOption, RecipeOption, ReportOption, command, console, recipe_with, common_overrides
-from dnnprune.report import default_report_path, envelope, write_report
-from dnnprune.scoring import score_model
-from dnnprune.training import resolve_device
+from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, RecipeOption, ReportOption,
+                               command, common_overrides, console, recipe_with, write_command_report)
+from dnnprune.errors import OutputError
+from dnnprune.reports import default_report_path, envelope
+from dnnprune.scoring import ScoreReport, score
+
+_LABELS = {"top1": "top-1", "top5": "top-5", "loss": "loss", "mse": "MSE", "roc_auc": "ROC-AUC",
+           "pr_auc": "PR-AUC (average precision)", "anomaly_rate": "anomaly rate", "mse_normal": "MSE of normal samples",
+           "threshold": "threshold (best F1 on val)", "precision": "precision", "recall": "recall", "f1": "F1"}
+_PERCENT = {"top1", "top5", "roc_auc", "pr_auc", "anomaly_rate", "precision", "recall", "f1"}
 
 
 @command("score")
@@ -32,35 +38,45 @@ def score_command(
     """Score a checkpoint on its test split; the report lands next to it as NAME.score.json."""
     config = recipe_with(recipe, {"score.samples": samples, "score.latency": latency,
                                   **common_overrides(device, data_root, dataset, download)})
-    model = load(checkpoint)
-    result = score_model(model, config, device=resolve_device(config.device), checkpoint_path=checkpoint)
-    full = envelope("score", result, inputs={"checkpoint": str(checkpoint), "recipe": recipe})
     path = report or default_report_path(checkpoint, ".score.json")
-    write_report(path, full)
+    if path.exists() and checkpoint.exists() and path.resolve() == checkpoint.resolve():
+        raise OutputError(f"report {path} is the input checkpoint; choose another --report path")
+    if path.suffix != ".json":
+        raise OutputError(f"report {path} must end in .json")
+    model = load(checkpoint)
+    _, result = score(model, config.score, data=config.data, device=config.device, checkpoint_path=checkpoint)
+    inputs = {"checkpoint": str(checkpoint), "recipe": recipe}
+    write_command_report("score", result, path, inputs)
     if as_json:
-        console.print_json(json.dumps(full, default=str))
+        console.print_json(json.dumps(envelope("score", result, inputs=inputs), default=str))
     else:
         console.print(score_table(result))
         console.print(f"report: {path}")
 
 
-def score_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"score: {result['arch']} on {result['dataset']} ({result['split']})", show_header=True)
+def score_table(result: ScoreReport) -> Table:
+    table = Table(title=f"score: {result.arch} on {result.dataset} ({result.split})", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
-    acc = result["accuracy"]
-    table.add_row("top-1", f"{acc['top1'] * 100:.2f} %")
-    if acc["top5"] is not None:
-        table.add_row("top-5", f"{acc['top5'] * 100:.2f} %")
-    table.add_row("samples", str(acc["samples"]))
-    table.add_row("parameters", f"{result['params']:,}")
-    table.add_row("non-zero parameters", f"{result['nonzero_params']:,}")
-    table.add_row("MACs (batch 1)", f"{result['macs']:,}")
-    if result["disk_bytes"] is not None:
-        table.add_row("bytes on disk", f"{result['disk_bytes']:,}")
-        table.add_row("bits per weight", f"{result['bits_per_weight']:.2f}")
-    for row in result["latency"]:
+    for key, value in result.metrics.items():
+        if key == "samples" or value is None:
+            continue
+        shown = f"{value * 100:.2f} %" if key in _PERCENT else f"{value:.6g}"
+        table.add_row(_LABELS.get(key, key) + (" (primary)" if key == result.primary_metric else ""), shown)
+    table.add_row("samples", str(result.metrics["samples"]))
+    table.add_row("parameters", f"{result.params:,}")
+    table.add_row("non-zero parameters", f"{result.nonzero_params:,}")
+    table.add_row("MACs (batch 1)", f"{result.macs:,}")
+    if result.disk_bytes is not None:
+        table.add_row("bytes on disk", f"{result.disk_bytes:,}")
+        table.add_row("bits per weight", f"{result.bits_per_weight:.2f}")
+    for row in result.latency:
         table.add_row(f"CPU latency, batch {row['batch_size']}", f"{row['median_ms']:.2f} ms (median of {row['repeats']})")
-    ns = result["netscore"]
-    table.add_row("NetScore", f"{ns['value']:.2f}  (α={ns['alpha']}, β={ns['beta']}, γ={ns['gamma']}; p, m in millions)")
+    ns = result.netscore
+    if ns["value"] is None:
+        table.add_row("NetScore", f"n/a ({ns['note']})")
+    else:
+        table.add_row("NetScore (all params)", f"{ns['value']:.2f}  (α={ns['alpha']}, β={ns['beta']}, γ={ns['gamma']}; "
+                                               "p, m in millions)")
+        table.add_row("NetScore (non-zero params)", f"{ns['value_nonzero']:.2f}")
     return table

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import save
 from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, finish_report,
-                               prepare_output, recipe_with)
-from dnnprune.report import envelope
-from dnnprune.training import build_model, fit, progress_bar, resolve_device
+                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
+                               recipe_with, write_command_report)
+from dnnprune.cli._observer import RichObserver
+from dnnprune.fresh import model_from_source
+from dnnprune.training import TrainReport, train
 
 
 @command("train")
@@ -34,26 +35,37 @@ def train_command(
     device: DeviceOption = None,
     force: ForceOption = False,
 ) -> None:
-    """Train a model from scratch, or fine-tune a checkpoint, per the recipe's train section."""
+    """Train a model from scratch, or fine-tune a checkpoint, per the recipe's train section.
+
+    A sparse checkpoint keeps its zeros; a quantized one trains its centroids (k-means) or scales
+    (linear) with the codes frozen, so the result stays as small as its input.
+    """
     overrides = {"train.epochs": epochs, "train.max_steps": max_steps, "train.lr": lr, "train.batch_size": batch_size,
                  "train.seed": seed, "data.train_limit": train_limit, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     source_path = Path(source)
-    prepare_output(output, force=force, inputs=(source_path,) if source_path.exists() else ())
-    model = build_model(source, config)
-    with progress_bar() as progress:
-        result = fit(model, config, device=resolve_device(config.device), progress=progress, log=progress.console.print)
-    save(model, output, force=force, protect=(source_path,))
-    path = finish_report(envelope("train", result, inputs={"source": source, "recipe": recipe}), output, report)
+    inputs = (source_path,) if source_path.exists() else ()
+    report_path = prepare_output(output, force=force, inputs=inputs, report=report)
+    model = model_from_source(source, config.model, config.data, config.train.seed)
+    with RichObserver(console) as observer:
+        model, result = train(model, config.train, data=config.data, device=config.device, observer=observer)
+    save(model, output, force=force, protect=inputs)
+    path = write_command_report("train", result, report_path, {"source": source, "recipe": recipe})
     _print_summary(result, output, path)
 
 
-def _print_summary(result: dict, output: Path, report_path: Path) -> None:
+def _print_summary(result: TrainReport, output: Path, report_path: Path) -> None:
+    key = f"val_{result.primary_metric}"
     table = Table(title="training")
-    for column in ("epoch", "train loss", "train top-1", "val top-1", "lr"):
+    for column in ("epoch", "train loss", "train top-1", f"val {result.primary_metric}", "lr"):
         table.add_column(column, justify="right")
-    for row in result["history"]["epochs"]:
-        table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", f"{row['train_top1']:.4f}",
-                      f"{row.get('val_top1', float('nan')):.4f}", f"{row['lr']:.2e}")
+    for row in result.history["epochs"]:
+        table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", _number(row.get("train_top1")),
+                      _number(row.get(key)), f"{row['lr']:.2e}")
     console.print(table)
-    console.print(f"test top-1 {result['test']['top1']:.4f}  ->  {output}  (report {report_path})")
+    console.print(f"test {result.primary_metric} {_number(result.test.get(result.primary_metric))}  ->  {output}  "
+                  f"(report {report_path})")
+
+
+def _number(value: Any) -> str:
+    return "-" if value is None else f"{value:.4f}"

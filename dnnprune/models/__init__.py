@@ -3,9 +3,10 @@
 from dnnprune.models.registry import (
     create_model,
     list_models,
+    model_task,
     register_model,
     torchvision_names,
     zoo_names,
 )
 
-__all__ = ["create_model", "list_models", "register_model", "torchvision_names", "zoo_names"]
+__all__ = ["create_model", "list_models", "model_task", "register_model", "torchvision_names", "zoo_names"]

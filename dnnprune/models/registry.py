@@ -2,27 +2,40 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch.nn as nn
 
 from dnnprune.errors import ModelError
 
 ModelFactory = Callable[..., nn.Module]
+TaskKind = Literal["classification", "reconstruction"]
 _REGISTRY: dict[str, ModelFactory] = {}
+_TASKS: dict[str, TaskKind] = {}
 TORCHVISION_PREFIX = "torchvision."
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Register a constructor; a duplicate name is a programming error and fails at import."""
+def register_model(name: str, *, task: TaskKind = "classification") -> Callable[[ModelFactory], ModelFactory]:
+    """Register a constructor and the task it serves; a duplicate name fails at import."""
 
     def decorator(factory: ModelFactory) -> ModelFactory:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = factory
+        _TASKS[name] = task
         return factory
 
     return decorator
+
+
+def model_task(name: str) -> TaskKind:
+    """The task an architecture serves (every torchvision model is a classifier)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return "classification"
+    _load_zoo()
+    if name not in _TASKS:
+        raise ModelError(f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())} or torchvision.NAME")
+    return _TASKS[name]
 
 
 def zoo_names() -> list[str]:

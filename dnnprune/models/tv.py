@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from typing import Any
 
-import torch.nn as nn
+from torch import nn
 from torchvision import models
 
 from dnnprune.errors import ModelError
 
 # These two default to auxiliary heads that change forward()'s return type; we want plain logits.
 _NO_AUX = {"googlenet", "inception_v3"}
+# Where those heads live in a state dict saved with them: they feed only the training loss.
+_AUX_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+class MNASNet(models.MNASNet):
+    """torchvision's MNASNet, which also loads a state dict that lost its `_metadata` (safetensors files,
+    rebuilt dicts): torchvision then refuses it ("version should be set to 1 or 2"); the state dict of a
+    model built here has this model's own version."""
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              *args: Any) -> None:
+        if local_metadata.get("version") is None:
+            local_metadata = {**local_metadata, "version": self._version}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args)
 
 
 def create_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3, **kwargs: Any) -> nn.Module:
@@ -32,7 +47,15 @@ def create_torchvision(name: str, num_classes: int = 1000, in_channels: int = 3,
         raise ModelError(f"bad arguments for torchvision.{name}: {message}") from None
     if in_channels != 3:
         _replace_first_conv(model, name, in_channels)
+    if type(model) is models.MNASNet:
+        model.__class__ = MNASNet
     return model
+
+
+def auxiliary_keys(name: str, keys: Iterable[str]) -> list[str]:
+    """The keys of `torchvision.<name>`'s auxiliary training heads among `keys` (googlenet's aux1/aux2,
+    inception_v3's AuxLogits): weights saved from a model trained with them carry these tensors."""
+    return [key for key in keys if key.startswith(_AUX_PREFIXES.get(name, ()))]
 
 
 def _check_name(name: str) -> None:

@@ -1,4 +1,4 @@
-"""`prune(model, config)`: the one library entry point behind `dnnprune prune`.
+"""`prune(model, section)`: the one library entry point behind `dnnprune prune`.
 
 Everything a user can get wrong (patterns, ratios, the analysis file, data, an unreachable target) is
 checked before any training or surgery, so a bad input fails fast and nothing is written.
@@ -7,70 +7,105 @@ checked before any training or surgery, so a bad input fails fast and nothing is
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
-from rich.progress import Progress
+from pydantic import Field
 
 from dnnprune.checkpoint import CheckpointMeta, meta_of
 from dnnprune.errors import PruningError
-from dnnprune.pruning.schedule import (LoopResult, StepEnvironment, StepRow, accuracy_aware, layer_order, load_analysis,
+from dnnprune.lineage import command
+from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_loader
+from dnnprune.observe import Observer
+from dnnprune.pruning.depth import (DepthPlan, Removal, check_reachable, check_units, load_layer_analysis,
+                                    remove_in_order, sensitivity_order, unit_metrics, unit_order)
+from dnnprune.pruning.schedule import (LoopResult, StepEnvironment, accuracy_aware, layer_order, load_analysis,
                                        order_weights, target_check)
 from dnnprune.pruning.structured import (GlobalRanking, Limits, Plan, TargetSolution, apply_plan, model_size,
                                          pattern_ratios, pruned_size, ratio_plan, score_groups, solve_target,
                                          uniform_ratios)
 from dnnprune.recipe import DataSection, FineTuneSection, PruneSection
+from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
-from dnnprune.training import EvalResult, evaluate, total_steps, train
+from dnnprune.tasks import Task, make_task
+from dnnprune.training import evaluate, fit_loop, total_steps, wants_training
 
 
-def prune(model: nn.Module, config: PruneSection, *, data: DataSection | None = None,
-          device: torch.device | str = "cpu", progress: Progress | None = None,
-          on_step: Callable[[StepRow], None] | None = None,
-          recipe_sha256: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Structured pruning per the recipe's prune section; returns the pruned model and the report body.
+class PruneReport(Report):
+    """Before/after sizes and metrics, the plan's outcome per layer, the steps of an accuracy-aware run."""
 
-    The input model is consumed (one-shot pruning works on it in place). The result carries the
-    metadata, with a `prune` lineage entry, ready for `dnnprune.save`. A `progress` that is not
-    started yet is shown only once validation passed, so a bad input prints nothing but its error.
+    arch: str
+    criterion: str
+    order: str
+    layer_order: list[str]
+    accuracy_aware: bool
+    primary_metric: str
+    higher_is_better: bool
+    config: dict[str, Any]
+    before: dict[str, Any]
+    after: dict[str, Any]
+    reduction: dict[str, float]
+    accuracy_drop: dict[str, float | None]
+    target: dict[str, Any] | None
+    layers: list[dict[str, Any]]
+    locked: dict[str, str]
+    mode: str
+    knob: float | None = None
+    removed: dict[str, int] = Field(default_factory=dict)
+    unit_metrics: dict[str, Any] = Field(default_factory=dict)
+    baseline_val: float | None = None
+    layer_ratios: dict[str, float] = Field(default_factory=dict)
+    steps: list[dict[str, Any]] = Field(default_factory=list)
+    target_met_during_loop: bool | None = None
+    final_finetune: dict[str, Any] | None = None
+    seconds: dict[str, float]
+
+    def lineage_metrics(self) -> dict[str, Any]:
+        metrics = {"params": self.after["params"], "macs": self.after["macs"], "macs_reduction": self.reduction["macs"],
+                   "params_reduction": self.reduction["params"]}
+        if self.after.get("test"):
+            metrics[f"test_{self.primary_metric}"] = self.after["test"].get(self.primary_metric)
+        return metrics
+
+
+@command("prune")
+def prune(model: nn.Module, section: PruneSection, *, data: DataSection, device: torch.device,
+          observer: Observer) -> tuple[nn.Module, PruneReport]:
+    """Structured pruning per the recipe's prune section; returns the pruned model and its report.
+
+    The input model is consumed (one-shot pruning works on it in place). Everything is validated
+    before the first evaluation, so a bad input fails fast.
     """
     started = time.perf_counter()
-    job = _Job(model, config, data or DataSection(), torch.device(device), progress)
+    job = (_LayerJob if section.granularity == "layer" else _Job)(model, section, data, device, observer)
     job.validate()
-    with _shown(progress):
-        before = job.measure(model, "before")
-        if config.accuracy_aware:
-            model, details = job.run_accuracy_aware(on_step)
-        else:
-            details = job.run_one_shot()
-        history = job.finetune(model, config.finetune, "final fine-tune")
-        after = job.measure(model, "after")
+    before = job.measure(model, "before")
+    if section.granularity == "layer":
+        model, details = job.run_layers()  # type: ignore[attr-defined]
+    elif section.accuracy_aware:
+        model, details = job.run_accuracy_aware()
+    else:
+        details = job.run_one_shot()
+    history = job.final_finetune(model)
+    after = job.measure(model, "after")
     report = job.report(before, after, details, history, time.perf_counter() - started)
     model.to("cpu").eval()
-    meta_of(model).lineage_entry("prune", recipe_sha256, _lineage_metrics(report))
     return model, report
 
 
-@contextmanager
-def _shown(progress: Progress | None) -> Iterator[None]:
-    if progress is None or progress.live.is_started:
-        yield
-        return
-    progress.start()
-    try:
-        yield
-    finally:
-        progress.stop()
-
-
-def _check_how_much(config: PruneSection) -> None:
+def _check_how_much_target(config: PruneSection) -> None:
     if config.target is not None and config.target_factor is None:
         raise PruningError(f"target {config.target!r} needs target_factor (e.g. --target {config.target}:3)")
     if config.target_factor is not None and config.target is None:
         raise PruningError("target_factor needs a target metric: params, macs or bytes (e.g. --target macs:3)")
+
+
+def _check_how_much(config: PruneSection) -> None:
+    _check_how_much_target(config)
+    if config.remove is not None:
+        raise PruningError("--remove counts whole units: it needs --granularity layer")
     if config.target is not None and config.ratio is not None:
         raise PruningError("give either a ratio or a target, not both (a target solves for the ratio)")
     if config.ratio is None and not config.ratios and config.target is None:
@@ -89,18 +124,12 @@ class _Feeds:
     section: DataSection
 
     def check(self) -> None:
-        from dnnprune.loaders import splits_for
-
         splits_for(self.meta, self.section)
 
     def eval(self, split: str, samples: int | None, seed: int) -> Any:
-        from dnnprune.loaders import eval_loader
-
         return eval_loader(self.meta, self.section, split=split, samples=samples, seed=seed)
 
     def train(self, batch_size: int, seed: int) -> Any:
-        from dnnprune.loaders import train_loader
-
         return train_loader(self.meta, self.section, batch_size, seed)
 
 
@@ -108,13 +137,15 @@ class _Job:
     """One pruning run: the validated inputs, then the steps `prune` strings together."""
 
     def __init__(self, model: nn.Module, config: PruneSection, data: DataSection, device: torch.device,
-                 progress: Progress | None) -> None:
+                 observer: Observer) -> None:
         self.model = model.to(device)
         self.config = config
         self.meta = meta_of(model)
+        self.task: Task = make_task(self.meta.task)
         self.shape = tuple(self.meta.input_shape)
         self.device = device
-        self.progress = progress
+        self.observer = observer
+        self.finetunes = 0
         self.limits = Limits.of(config)
         self.feeds = _Feeds(self.meta, data)
         self.seconds: dict[str, float] = {}
@@ -124,8 +155,8 @@ class _Job:
     def validate(self) -> None:
         config = self.config
         _check_how_much(config)
-        if self.meta.encodings:
-            raise PruningError("this checkpoint has quantized layers, whose codes pruning would cut through; "
+        if _quantized(self.meta):
+            raise PruningError("this checkpoint has quantized layers, whose codes channel pruning would cut through; "
                                "prune the float checkpoint, then quantize it")
         self.graph = ChannelGraph(self.model, self.shape, exclude=config.exclude)
         if not self.graph.groups:
@@ -148,7 +179,7 @@ class _Job:
 
     @staticmethod
     def _has_steps(section: FineTuneSection) -> bool:
-        return section.epochs > 0 or section.max_steps is not None
+        return wants_training(section)
 
     def _check_reachable(self) -> None:
         """A target beyond what every layer at its cap gives is an input error, found up front."""
@@ -201,7 +232,7 @@ class _Job:
     def _scores(self, model: nn.Module, graph: ChannelGraph, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         if self.config.criterion == "taylor":
             batches = _take(self.feeds.train(self.config.finetune.batch_size, self.config.seed), self.config.taylor_batches)
-            accumulate_gradients(model, batches, self.device)
+            accumulate_gradients(model, batches, self.device, task=self.task)
         try:
             if names is None:
                 return score_groups(graph, self.config.criterion, seed=self.config.seed)
@@ -211,7 +242,7 @@ class _Job:
 
     # -- accuracy-aware ----------------------------------------------------------------------
 
-    def run_accuracy_aware(self, on_step: Callable[[StepRow], None] | None) -> tuple[nn.Module, dict[str, Any]]:
+    def run_accuracy_aware(self) -> tuple[nn.Module, dict[str, Any]]:
         config = self.config
         val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
         caps = self.fixed if config.target is not None else uniform_ratios(self.graph, config.ratio or 0.0, self.fixed)
@@ -219,9 +250,11 @@ class _Job:
             input_shape=self.shape, limits=self.limits, step=config.step, max_drop=config.max_accuracy_drop,
             score=lambda m, g, name: self._scores(m, g, [name])[name],
             finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune {name}") or {}).get("steps", 0),
-            evaluate=lambda m: evaluate(m, val, self.device).top1,
+            evaluate=lambda m: evaluate(m, val, self.device, task=self.task).value,
+            drop=self.task.drop,
             target_met=target_check(config.target, config.target_factor, self.base_size),
-            exclude=config.exclude, caps=caps, on_step=on_step, jumps=self._jumps(),
+            exclude=config.exclude, caps=caps, on_step=lambda row: self.observer.row("prune.step", row),
+            jumps=self._jumps(),
             rollback=config.rollback_finetune)
         started = time.perf_counter()
         result = accuracy_aware(self.model, self.order, env)
@@ -239,24 +272,36 @@ class _Job:
     # -- fine-tuning and measuring -------------------------------------------------------------
 
     def finetune(self, model: nn.Module, section: FineTuneSection, description: str) -> dict[str, Any] | None:
+        """Each fine-tune draws fresh batches: its shuffle seed moves on with every call."""
         if not self._has_steps(section):
             return None
-        if section.max_steps is not None and section.epochs == 0:  # max_steps alone: that many steps
-            section = section.model_copy(update={"epochs": float(section.max_steps)})
-        loader = self.feeds.train(section.batch_size, self.config.seed)
+        seed = self.config.seed + self.finetunes
+        self.finetunes += 1
+        loader = self.feeds.train(section.batch_size, seed)
         if total_steps(section, len(loader)) == 0:
             return None
         started = time.perf_counter()
-        shown = set(self.progress.task_ids) if self.progress is not None else set()
-        history = train(model, loader, section, device=self.device, progress=self.progress,
-                        description=description, seed=self.config.seed)
+        history = fit_loop(model, loader, section, device=self.device, task=self.task, observer=self.observer,
+                           description=description, seed=seed)
         final = description == "final fine-tune"
-        if self.progress is not None and not final:  # the step's row says how it went; keep the screen short
-            for task in set(self.progress.task_ids) - shown:
-                self.progress.remove_task(task)
         key = "final_finetune" if final else "step_finetune"
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
         return history.as_dict()
+
+    def final_finetune(self, model: nn.Module) -> dict[str, Any] | None:
+        """The last fine-tune; in accuracy-aware mode it is kept only if the val metric did not get worse
+        (a long fine-tune can overfit, or teach an autoencoder that lost its bottleneck the identity)."""
+        if not self.config.accuracy_aware or not self._has_steps(self.config.finetune):
+            return self.finetune(model, self.config.finetune, "final fine-tune")
+        val = self.feeds.eval("val", self.config.val_samples or self.config.samples, self.config.seed)
+        before = evaluate(model, val, self.device, task=self.task).value
+        saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        history = self.finetune(model, self.config.finetune, "final fine-tune") or {}
+        after = evaluate(model, val, self.device, task=self.task).value
+        kept = self.task.drop(before, after) <= 0
+        if not kept:
+            model.load_state_dict(saved)
+        return {**history, "val_before": before, "val_after": after, "kept": kept}
 
     def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
         size = model_size(model, self.shape)
@@ -269,32 +314,24 @@ class _Job:
 
     def _accuracy(self, model: nn.Module, split: str) -> dict[str, Any]:
         loader = self.feeds.eval(split, self.config.samples, self.config.seed)
-        result: EvalResult = evaluate(model, loader, self.device)
-        return result.as_dict()
+        return evaluate(model, loader, self.device, task=self.task).as_dict()
 
     # -- the report ---------------------------------------------------------------------------
 
     def report(self, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
-               history: dict[str, Any] | None, seconds: float) -> dict[str, Any]:
+               history: dict[str, Any] | None, seconds: float) -> PruneReport:
         config = self.config
-        return {
-            "arch": self.meta.arch,
-            "criterion": config.criterion,
-            "order": config.order,
-            "layer_order": self.order,
-            "accuracy_aware": config.accuracy_aware,
-            "config": config.model_dump(mode="json"),
-            "before": before,
-            "after": after,
-            "reduction": {k: before[k] / max(1, after[k]) for k in ("params", "macs", "bytes")},
-            "accuracy_drop": _drops(before, after),
-            "target": self._target_block(after),
-            "layers": self._layer_rows(),
-            "locked": dict(self.graph.locked),
-            **details,
-            "final_finetune": history,
-            "seconds": {**self.seconds, "total": seconds},
-        }
+        return PruneReport(
+            arch=self.meta.arch, criterion=config.criterion, order=config.order, layer_order=self.order,
+            accuracy_aware=config.accuracy_aware, primary_metric=self.task.primary,
+            higher_is_better=self.task.higher_is_better, config=config.model_dump(mode="json"), before=before,
+            after=after, reduction={k: before[k] / max(1, after[k]) for k in ("params", "macs", "bytes")},
+            accuracy_drop=_drops(before, after, self.task), target=self._target_block(after),
+            layers=self._layer_rows(), locked=self._locked(), **details, final_finetune=history,
+            seconds={**self.seconds, "total": seconds})
+
+    def _locked(self) -> dict[str, str]:
+        return dict(self.graph.locked)
 
     def _target_block(self, after: dict[str, Any]) -> dict[str, Any] | None:
         if self.config.target is None:
@@ -315,6 +352,11 @@ class _Job:
         return rows
 
 
+def _quantized(meta: CheckpointMeta) -> bool:
+    """Sparse tensors survive channel removal (any zero pattern is valid); quantization codes do not."""
+    return any(encoding.values is not None for encoding in meta.encodings.values())
+
+
 def _unit_scores(graph: ChannelGraph) -> dict[str, torch.Tensor]:
     """Any scores do to measure a plan's size: only the counts matter."""
     return {g.name: torch.arange(g.width, dtype=torch.float32) for g in graph.groups}
@@ -330,22 +372,82 @@ def _take(loader: Any, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _loop_details(result: LoopResult) -> dict[str, Any]:
-    return {"mode": "accuracy-aware", "baseline_val_top1": result.baseline_top1, "layer_ratios": result.ratios,
+    return {"mode": "accuracy-aware", "baseline_val": result.baseline, "layer_ratios": result.ratios,
             "steps": result.rows, "target_met_during_loop": result.target_met}
 
 
-def _drops(before: dict[str, Any], after: dict[str, Any]) -> dict[str, float | None]:
+def _drops(before: dict[str, Any], after: dict[str, Any], task: Task) -> dict[str, float | None]:
+    """The primary metric's drop per split (positive = worse), in the task's units."""
     drops: dict[str, float | None] = {}
     for split in ("val", "test"):
         b, a = before.get(split), after.get(split)
-        drops[split] = (b["top1"] - a["top1"]) if b and a else None
+        ok = b and a and b.get(task.primary) is not None and a.get(task.primary) is not None
+        drops[split] = task.drop(b[task.primary], a[task.primary]) if ok else None
     return drops
 
 
-def _lineage_metrics(report: dict[str, Any]) -> dict[str, Any]:
-    after = report["after"]
-    metrics = {"params": after["params"], "macs": after["macs"], "macs_reduction": report["reduction"]["macs"],
-               "params_reduction": report["reduction"]["params"]}
-    if after.get("test"):
-        metrics["test_top1"] = after["test"]["top1"]
-    return metrics
+class _LayerJob(_Job):
+    """Layer granularity: remove whole units (blocks, same-shape convs, hidden Linears) in sensitivity order."""
+
+    def validate(self) -> None:
+        config = self.config
+        if config.remove is None and config.target is None:
+            raise PruningError("say how much to remove: --remove N, or --target params:F / macs:F")
+        if config.ratio is not None or config.ratios or config.global_threshold:
+            raise PruningError("--ratio, ratios and --global are for channels; with --granularity layer use --remove N "
+                               "or --target")
+        _check_how_much_target(config)
+        if config.target == "bytes":
+            raise PruningError("--granularity layer takes --target params:F or macs:F")
+        if self.meta.encodings:
+            raise PruningError("this checkpoint has encoded (quantized or sparse) layers, which removing layers would "
+                               "re-wire; remove layers from the float checkpoint, then quantize or sparsify it")
+        self.units = check_units(self.model, self.shape)
+        self.base_size = model_size(self.model, self.shape)
+        self.plan = DepthPlan(config.remove, config.target, config.target_factor, self.base_size)
+        check_reachable(self.model, self.units, self.plan, self.shape)
+        if config.order == "sensitivity" and config.analysis is not None:
+            self.order = load_layer_analysis(config.analysis, self.meta.arch, self.units)
+        elif config.order == "sensitivity":
+            self.order = []  # measured once data is at hand
+        else:
+            self.order = unit_order(self.units, config.order, config.seed)
+        self.feeds.check()
+        self.graph = None  # type: ignore[assignment]
+        self.widths_before = {}
+
+    def run_layers(self) -> tuple[nn.Module, dict[str, Any]]:
+        config = self.config
+        started = time.perf_counter()
+        calibration = self._calibration()
+        val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
+        evaluate_val = lambda m: evaluate(m, val, self.device, task=self.task)  # noqa: E731
+        measured: dict[str, Any] = {}
+        if not self.order:
+            metrics = unit_metrics(self.model, self.units, evaluate_val, calibration)
+            self.order = sensitivity_order(self.units, evaluate_val(self.model), metrics, self.task)
+            measured = {name: m.as_dict() for name, m in metrics.items()}
+        env = Removal(input_shape=self.shape, calibration=calibration,
+                      evaluate=lambda m: evaluate_val(m).value, drop=self.task.drop,
+                      finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune without {name}")
+                                                or {}).get("steps", 0),
+                      max_drop=config.max_accuracy_drop if config.accuracy_aware else None,
+                      on_step=lambda row: self.observer.row("prune.layer", row))
+        model, rows = remove_in_order(self.model, self.order, self.plan, env)
+        self.seconds["layer_removal"] = time.perf_counter() - started
+        self.removed_units = [row["unit"] for row in rows if row["accepted"]]
+        return model, {"mode": "layers", "steps": rows, "unit_metrics": measured,
+                       "target_met_during_loop": self.plan.met(len(self.removed_units), model_size(model, self.shape))}
+
+    def _calibration(self) -> torch.Tensor:
+        """Training inputs for the least-squares bridges (a fixed, seeded draw)."""
+        return calibration_inputs(self.meta, self.feeds.section, self.config.calibration_samples,
+                                  self.config.seed).to(self.device)
+
+    def _layer_rows(self) -> list[dict[str, Any]]:
+        removed = set(getattr(self, "removed_units", []))
+        return [{"name": u.name, "type": u.kind, "params": u.params, "macs": u.macs, "members": list(u.members),
+                 "removed": u.name in removed} for u in self.units]
+
+    def _locked(self) -> dict[str, str]:
+        return {}

@@ -93,6 +93,9 @@ class StepEnvironment:
     score: Callable[[nn.Module, ChannelGraph, str], torch.Tensor]
     finetune: Callable[[nn.Module, str], int | None]
     evaluate: Callable[[nn.Module], float]
+    """The task's primary metric on the validation subset."""
+    drop: Callable[[float, float], float]
+    """How much worse the second value is than the first (the task's `drop`)."""
     target_met: Callable[[dict[str, int]], bool]
     exclude: Sequence[str] = ()
     caps: dict[str, float] = field(default_factory=dict)
@@ -100,13 +103,13 @@ class StepEnvironment:
     jumps: dict[str, float] = field(default_factory=dict)
     """First try per layer (e.g. the analysis's suggested ratio); if rejected, the layer goes on by `step`."""
     rollback: bool = False
-    """Undo a step's fine-tune when it lowers val top-1 (costs one more evaluation per step)."""
+    """Undo a step's fine-tune when it worsens the val metric (costs one more evaluation per step)."""
 
 
 @dataclass
 class LoopResult:
     model: nn.Module
-    baseline_top1: float
+    baseline: float
     ratios: dict[str, float]
     rows: list[StepRow]
     target_met: bool
@@ -163,34 +166,35 @@ def _try_step(model: nn.Module, name: str, ratio: float, width: int, baseline: f
         return (candidate, new_ratio, None) if new_ratio < cap else None
     started = time.perf_counter()
     graph.prune({name: removed})
-    top1, pruned_top1, steps, kept = _recover(candidate, name, env)
+    value, pruned_value, steps, kept = _recover(candidate, name, env)
     size = model_size(candidate, env.input_shape)
+    drop = env.drop(baseline, value)
     row = {"step": number, "layer": name, "kind": "step" if jump is None else "jump", "ratio": new_ratio,
            "width_before": before, "width_after": graph.width(name),
-           **size, "val_top1": top1, "drop": baseline - top1, "accepted": baseline - top1 <= env.max_drop,
-           "target_met": env.target_met(size), "val_top1_pruned": pruned_top1, "finetune_steps": steps,
+           **size, "val": value, "drop": drop, "accepted": drop <= env.max_drop,
+           "target_met": env.target_met(size), "val_pruned": pruned_value, "finetune_steps": steps,
            "finetune_kept": kept, "seconds": time.perf_counter() - started}
     row["target_met"] = row["target_met"] and row["accepted"]
     return candidate, new_ratio, row
 
 
 def _recover(candidate: nn.Module, name: str, env: StepEnvironment) -> tuple[float, float | None, int, bool]:
-    """Fine-tune the pruned model; with `env.rollback`, keep the fine-tuning only if val top-1 does not
-    fall (a few steps at a fixed learning rate can knock a converged model off its minimum).
-    Returns (top-1, top-1 before fine-tuning if measured, fine-tune steps, fine-tuning kept)."""
+    """Fine-tune the pruned model; with `env.rollback`, keep the fine-tuning only if the val metric does
+    not get worse (a few steps at a fixed learning rate can knock a converged model off its minimum).
+    Returns (metric, metric before fine-tuning if measured, fine-tune steps, fine-tuning kept)."""
     if not env.rollback:
         steps = env.finetune(candidate, name) or 0
         return env.evaluate(candidate), None, steps, steps > 0
-    pruned_top1 = env.evaluate(candidate)
+    pruned = env.evaluate(candidate)
     saved = {key: value.clone() for key, value in candidate.state_dict().items()}
     steps = env.finetune(candidate, name) or 0
     if steps == 0:
-        return pruned_top1, pruned_top1, 0, False
-    tuned_top1 = env.evaluate(candidate)
-    if tuned_top1 >= pruned_top1:
-        return tuned_top1, pruned_top1, steps, True
+        return pruned, pruned, 0, False
+    tuned = env.evaluate(candidate)
+    if env.drop(pruned, tuned) <= 0:
+        return tuned, pruned, steps, True
     candidate.load_state_dict(saved)
-    return pruned_top1, pruned_top1, steps, False
+    return pruned, pruned, steps, False
 
 
 def target_check(metric: Metric | None, factor: float | None, base: dict[str, int]) -> Callable[[dict[str, int]], bool]:

@@ -89,17 +89,19 @@ def pattern_ratios(model: nn.Module, graph: ChannelGraph, patterns: dict[str, fl
 
 
 class GlobalRanking:
-    """All channels of all groups ranked by score normalised per group (by its mean), so one threshold
-    can cut across layers; each group still keeps its floor."""
+    """All channels of the scored groups ranked together, so one threshold can cut across layers; each
+    group still keeps its floor. Scores are normalised per group (by their mean) unless they are
+    already comparable across layers (network slimming's |gamma|)."""
 
-    def __init__(self, graph: ChannelGraph, scores: dict[str, torch.Tensor], limits: Limits) -> None:
-        self.widths = {g.name: g.width for g in graph.groups}
+    def __init__(self, graph: ChannelGraph, scores: dict[str, torch.Tensor], limits: Limits, *,
+                 normalize: bool = True) -> None:
+        self.widths = {g.name: g.width for g in graph.groups if g.name in scores}
         self.caps = {name: limits.removable(width) for name, width in self.widths.items()}
         self.limits = limits
         entries = []
         for name, values in scores.items():
-            normalised = values / values.abs().mean().clamp_min(1e-12)
-            entries.extend((float(v), name, i) for i, v in enumerate(normalised))
+            ranked = values / values.abs().mean().clamp_min(1e-12) if normalize else values
+            entries.extend((float(v), name, i) for i, v in enumerate(ranked))
         self.entries = sorted(entries)
 
     def plan(self, fraction: float, fixed: Plan | None = None) -> Plan:

@@ -1,0 +1,139 @@
+"""`export`: the rebuilt model as ONNX, checked against onnxruntime, with both runtimes' CPU latency.
+
+ONNX has no sparse or n-bit weights that every runtime reads, so quantized and sparse layers are
+exported with their decoded (dense float32) weights; the report lists them. The batch axis is
+dynamic. The export is only kept if onnxruntime reproduces the PyTorch outputs on a random batch
+within the tolerance; otherwise nothing is written and the command fails with the difference.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dnnprune.checkpoint import atomic_write_bytes, meta_of
+from dnnprune.errors import DnnpruneError
+from dnnprune.lineage import command
+from dnnprune.observe import Observer
+from dnnprune.recipe import DataSection, ExportSection
+from dnnprune.reports import Report
+
+
+class ExportReport(Report):
+    output: str
+    onnx_bytes: int
+    opset: int
+    exporter: str
+    input_name: str
+    input_shape: list[Any]
+    dense_layers: list[str]
+    """Encoded (quantized or sparse) tensors that ONNX stores dense."""
+    parity: dict[str, Any]
+    latency: list[dict[str, Any]]
+
+
+@command("export", lineage=False)
+def export(model: nn.Module, section: ExportSection, *, data: DataSection, device: torch.device, observer: Observer,
+           output: Path) -> tuple[nn.Module, ExportReport]:
+    """Write `output` (ONNX) only after onnxruntime agrees with PyTorch."""
+    meta = meta_of(model)
+    model = model.cpu().eval()
+    shape = tuple(meta.input_shape)
+    generator = torch.Generator().manual_seed(section.seed)
+    sample = torch.randn(2, *shape, generator=generator)
+    payload = _to_onnx(model, sample, section)
+    session = _session(payload)
+    check = torch.randn(section.check_batch, *shape, generator=generator)
+    parity = _parity(model, session, check, section.tolerance)
+    atomic_write_bytes(output, payload)
+    latency = _latency(model, session, shape, section) if section.latency else []
+    report = ExportReport(output=str(output), onnx_bytes=len(payload), opset=section.opset, exporter=section.exporter,
+                          input_name=session.get_inputs()[0].name, input_shape=list(session.get_inputs()[0].shape),
+                          dense_layers=sorted(meta.encodings), parity=parity, latency=latency)
+    return model, report
+
+
+def _to_onnx(model: nn.Module, sample: torch.Tensor, section: ExportSection) -> bytes:
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = os.path.join(folder, "model.onnx")
+        try:
+            if section.exporter == "dynamo":
+                batch = torch.export.Dim("batch", min=1)
+                program = torch.onnx.export(model, (sample,), dynamo=True, opset_version=section.opset,
+                                            dynamic_shapes=({0: batch},), verbose=False)
+                program.save(path)
+            else:
+                torch.onnx.export(model, (sample,), path, dynamo=False, opset_version=section.opset,
+                                  input_names=["input"], output_names=["output"],
+                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+        except Exception as exc:  # noqa: BLE001 - any exporter failure is reported in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            other = "torchscript" if section.exporter == "dynamo" else "dynamo"
+            raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: {first}); "
+                                f"try --exporter {other}") from None
+        return Path(path).read_bytes()
+
+
+def _session(payload: bytes) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
+
+
+def _parity(model: nn.Module, session: Any, batch: torch.Tensor, tolerance: float) -> dict[str, Any]:
+    with torch.inference_mode():
+        expected = model(batch).numpy()
+    got = session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
+    if got.shape != expected.shape:
+        raise DnnpruneError(f"the ONNX model returns shape {got.shape}, PyTorch {expected.shape}; nothing was written")
+    diff = float(np.abs(got - expected).max())
+    if not diff <= tolerance:
+        raise DnnpruneError(f"onnxruntime differs from PyTorch by {diff:.3g} (> tolerance {tolerance:g}); "
+                            "nothing was written; raise --tolerance only if that is acceptable")
+    return {"samples": int(batch.shape[0]), "max_abs_diff": diff, "tolerance": tolerance, "passed": True}
+
+
+def _latency(model: nn.Module, session: Any, shape: tuple[int, ...], section: ExportSection) -> list[dict[str, Any]]:
+    """PyTorch and onnxruntime on the same inputs, interleaved in one process, medians."""
+    rows = []
+    name = session.get_inputs()[0].name
+    for batch in section.batch_sizes:
+        x = torch.randn(batch, *shape)
+        feed = {name: x.numpy()}
+        torch_ms = _interleaved(lambda: _torch_run(model, x), lambda: session.run(None, feed), section.repeats)
+        rows.append({"batch_size": batch, "torch_ms": torch_ms[0], "onnxruntime_ms": torch_ms[1],
+                     "speedup": torch_ms[0] / torch_ms[1] if torch_ms[1] else None})
+    return rows
+
+
+def _torch_run(model: nn.Module, x: torch.Tensor) -> None:
+    with torch.inference_mode():
+        model(x)
+
+
+def _interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    for _ in range(3):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        first()
+        a.append((time.perf_counter() - start) * 1000.0)
+        start = time.perf_counter()
+        second()
+        b.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(a), statistics.median(b)
+

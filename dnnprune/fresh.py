@@ -1,0 +1,65 @@
+"""A new, untrained model for a dataset: the architecture from the registry, the input spec, the
+classes and the task from the dataset and the recipe, all recorded in its metadata."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch.nn as nn
+
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, load
+from dnnprune.data import DATASETS, InputSpec, default_spec, load_splits
+from dnnprune.errors import DatasetError, ModelError
+from dnnprune.models import create_model, model_task
+from dnnprune.models.registry import accepts_argument
+from dnnprune.recipe import DataSection, ModelSection
+from dnnprune.tasks import TaskSpec
+from dnnprune.training import seed_everything
+
+
+def model_from_source(source: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:
+    """A checkpoint path is loaded (to fine-tune it); an architecture name is built from scratch."""
+    if source.endswith(".safetensors") or Path(source).is_file():
+        return load(source)
+    return new_model(source, model, data, seed)
+
+
+def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:
+    dataset = data.dataset
+    if not dataset:
+        raise DatasetError("training from scratch needs a dataset: set data.dataset in the recipe or pass --dataset")
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
+    if model.arch and model.arch != arch:
+        raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {model.arch!r}; make them agree")
+    base, file_classes = _base_spec(dataset, data)
+    shape = tuple(data.input_shape or base.shape)
+    mean = tuple(data.mean or _fit(base.mean, shape[0]))
+    std = tuple(data.std or _fit(base.std, shape[0]))
+    classes = list(DATASETS[dataset].classes or file_classes)
+    task = model.task or TaskSpec(kind=model_task(arch))
+    args = {"in_channels": shape[0], **model.args}
+    if task.kind == "classification":
+        args = {"num_classes": len(classes) or 2, **args}
+    if accepts_argument(arch, "input_size") and "input_size" not in args:
+        args["input_size"] = shape[-1]
+    if accepts_argument(arch, "input_shape") and "input_shape" not in args:
+        args["input_shape"] = list(shape)
+    seed_everything(seed)
+    built = create_model(arch, **args)
+    meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
+                          classes=classes or None, task=task)
+    return attach_meta(built, meta)
+
+
+def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str]]:
+    """Tabular data's input shape and classes come from the file, images' from the dataset's defaults."""
+    if DATASETS[dataset].kind == "tabular":
+        splits = load_splits(dataset, None, data_root=data.root, path=data.path, label_column=data.label_column,
+                             val_fraction=data.val_fraction, seed=data.split_seed)
+        return splits.spec, list(splits.classes)
+    return default_spec(dataset), []
+
+
+def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    return values if len(values) == channels else (sum(values) / len(values),) * channels

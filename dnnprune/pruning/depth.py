@@ -1,0 +1,183 @@
+"""`prune --granularity layer`: out-of-order layer pruning, least sensitive unit first.
+
+The units (`pruning.layers`) are ranked by how much the task's primary metric drops when each is
+removed alone (from an `analyze --granularity layer` report, or measured here on the validation
+subset), then removed in that order until the target is met or `remove` units are gone. In
+accuracy-aware mode every removal is fine-tuned and kept only if the metric stays within the
+budget of the original; a rejected unit is put back and the next one is tried.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from dnnprune.errors import PruningError
+from dnnprune.pruning.layers import Unit, find_units, remove_unit, strip_unit
+from dnnprune.pruning.structured import Metric, model_size
+from dnnprune.tasks import Metrics, Task
+
+Evaluate = Callable[[nn.Module], Metrics]
+
+
+def units_fingerprint(arch: str, units: Sequence[Unit]) -> str:
+    """Identifies a model's removable units, so a layer analysis is never applied to another model."""
+    text = json.dumps([arch, [[u.name, u.kind, u.params] for u in units]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_units(model: nn.Module, input_shape: Sequence[int]) -> list[Unit]:
+    units = find_units(model, input_shape)
+    if not units:
+        raise PruningError(f"{type(model).__name__} has no removable unit (no residual block, no same-shape conv in a "
+                           "chain, no hidden Linear between two Linears); use --granularity filter to remove channels")
+    return units
+
+
+def unit_metrics(model: nn.Module, units: Sequence[Unit], evaluate: Evaluate, calibration: torch.Tensor | None,
+                 on_unit: Callable[[int, Unit], None] | None = None) -> dict[str, Metrics]:
+    """The task's metrics with each unit removed alone (no fine-tuning), on copies of the model."""
+    results = {}
+    for index, unit in enumerate(units):
+        clone = copy.deepcopy(model)
+        remove_unit(clone, unit, calibration)
+        results[unit.name] = evaluate(clone)
+        if on_unit is not None:
+            on_unit(index, unit)
+    return results
+
+
+def sensitivity_order(units: Sequence[Unit], baseline: Metrics, measured: dict[str, Metrics], task: Task) -> list[str]:
+    """Least sensitive first; ties go to the unit that saves more MACs."""
+    def key(item: tuple[int, Unit]) -> tuple[float, int, int]:
+        index, unit = item
+        drop = task.drop(baseline.value, measured[unit.name].value)
+        return (drop if drop == drop else float("inf"), -unit.macs, index)
+
+    return [unit.name for _, unit in sorted(enumerate(units), key=key)]
+
+
+def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> list[str]:
+    """The order from an `analyze --granularity layer` report made for this very model."""
+    try:
+        report = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise PruningError(f"analysis report {path} not found; run `dnnprune analyze CKPT --granularity layer -o {path}`") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file "
+                           "`dnnprune analyze --granularity layer` wrote") from None
+    if not isinstance(report, dict) or report.get("granularity") != "layer" or not isinstance(report.get("order"), list):
+        raise PruningError(f"{path} is not a layer analysis; run `dnnprune analyze CKPT --granularity layer`")
+    model = report.get("model") if isinstance(report.get("model"), dict) else {}
+    if model.get("fingerprint") != units_fingerprint(arch, units):
+        raise PruningError(f"layer analysis {path} was made for another model; run `dnnprune analyze --granularity "
+                           "layer` on this checkpoint")
+    names = {u.name for u in units}
+    return [n for n in report["order"] if n in names] + [u.name for u in units if u.name not in report["order"]]
+
+
+def unit_order(units: Sequence[Unit], policy: str, seed: int) -> list[str]:
+    names = [u.name for u in units]
+    if policy == "reverse":
+        return names[::-1]
+    if policy == "random":
+        random.Random(seed).shuffle(names)
+    return names
+
+
+@dataclass
+class DepthPlan:
+    """When the removal loop stops: after `remove` units, or once the target factor is reached."""
+
+    remove: int | None
+    target: Metric | None
+    factor: float | None
+    base: dict[str, int]
+
+    def met(self, removed: int, size: dict[str, int]) -> bool:
+        if self.remove is not None and removed >= self.remove:
+            return True
+        if self.target is not None and self.factor is not None:
+            return self.base[self.target] / max(1, size[self.target]) >= self.factor
+        return False
+
+
+def check_reachable(model: nn.Module, units: Sequence[Unit], plan: DepthPlan, input_shape: Sequence[int]) -> None:
+    """A count above the number of units, or a target beyond removing them all, is an input error."""
+    if plan.remove is not None and plan.remove > len(units):
+        raise PruningError(f"--remove {plan.remove} is more than the {len(units)} removable units of this model; "
+                           f"give at most {len(units)}")
+    if plan.target is None or plan.factor is None:
+        return
+    best = plan.base[plan.target] / max(1, stripped_size(model, input_shape)[plan.target])
+    if best < plan.factor:
+        raise PruningError(f"removing every removable unit gives at most {best:.2f}x fewer {plan.target}; "
+                           f"lower the target below {best:.2f}")
+
+
+def stripped_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
+    """The size left once every unit that can go is gone (bridges sized, not fitted)."""
+    clone = copy.deepcopy(model)
+    while True:
+        units = find_units(clone, input_shape)
+        if not units:
+            return model_size(clone, input_shape)
+        strip_unit(clone, units[0])
+
+
+@dataclass
+class Removal:
+    """What the loop needs from outside: data-bound callables."""
+
+    input_shape: tuple[int, ...]
+    calibration: torch.Tensor
+    evaluate: Callable[[nn.Module], float]
+    drop: Callable[[float, float], float]
+    finetune: Callable[[nn.Module, str], int]
+    max_drop: float | None
+    """None: one-shot (no fine-tune or check per removal)."""
+    on_step: Callable[[dict[str, Any]], None] | None = None
+
+
+def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal) -> tuple[nn.Module, list[dict[str, Any]]]:
+    """Walk the order, removing units until the plan is met; returns the model and one row per try."""
+    baseline = env.evaluate(model) if env.max_drop is not None else None
+    rows: list[dict[str, Any]] = []
+    removed = 0
+    for name in order:
+        if plan.met(removed, model_size(model, env.input_shape)):
+            break
+        units = {u.name: u for u in find_units(model, env.input_shape)}
+        if name not in units:
+            continue  # inside something already removed, or no longer removable
+        if plan.target in ("params", "macs") and getattr(units[name], plan.target) <= 0:
+            continue  # removing it now would not make the model smaller
+        started = time.perf_counter()
+        candidate = copy.deepcopy(model) if env.max_drop is not None else model
+        remove_unit(candidate, units[name], env.calibration)
+        row: dict[str, Any] = {"step": len(rows) + 1, "unit": name, "kind": units[name].kind,
+                               "unit_params": units[name].params, "unit_macs": units[name].macs}
+        if env.max_drop is not None and baseline is not None:
+            row["finetune_steps"] = env.finetune(candidate, name)
+            value = env.evaluate(candidate)
+            row.update(val=value, drop=env.drop(baseline, value), accepted=env.drop(baseline, value) <= env.max_drop)
+        else:
+            row["accepted"] = True
+        if row["accepted"]:
+            model = candidate
+            removed += 1
+        row.update(model_size(model, env.input_shape), removed=removed, seconds=time.perf_counter() - started)
+        rows.append(row)
+        if env.on_step is not None:
+            env.on_step(row)
+    return model, rows
+

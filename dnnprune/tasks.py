@@ -1,0 +1,271 @@
+"""What "good" means for a model: its loss, its metrics, the primary metric and its direction.
+
+Every loop (training, evaluation, the sensitivity analysis, the accuracy-aware budget, `score`)
+goes through a `Task`, so a reconstruction model is pruned by the same code as a classifier.
+
+- `classification`: cross-entropy; top-1 (primary), top-5 when there are more than 5 classes.
+- `reconstruction`: mean squared error between the output and the input. With `normal_classes`
+  it is anomaly detection: the per-sample error is the anomaly score, samples of other classes
+  are the anomalies, and ROC-AUC (primary) and PR-AUC (average precision) are reported, PR-AUC
+  because ROC-AUC flatters when anomalies are rare. Without normal classes the primary metric
+  is the MSE itself (lower is better).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+
+from dnnprune.errors import DnnpruneError
+
+TaskKind = Literal["classification", "reconstruction"]
+
+
+class TaskSpec(BaseModel):
+    """The task as stored in a checkpoint's metadata and set by a recipe's `model.task`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: TaskKind = "classification"
+    normal_classes: tuple[int, ...] = Field(
+        (), description="reconstruction: class indices that are normal; every other class is an anomaly")
+
+
+@dataclass
+class Metrics:
+    """One evaluation: named values (None where undefined, e.g. ROC-AUC with one class), the sample
+    count, and which value is primary."""
+
+    values: dict[str, float | None]
+    samples: int
+    primary: str
+    higher_is_better: bool
+
+    def __getitem__(self, key: str) -> float | None:
+        return self.values[key]
+
+    @property
+    def value(self) -> float:
+        """The primary metric; NaN when it is undefined on this data."""
+        primary = self.values.get(self.primary)
+        return float("nan") if primary is None else float(primary)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.values, "samples": self.samples}
+
+
+class Tally(ABC):
+    """Accumulates batches of one evaluation; `result` gives the metrics."""
+
+    @abstractmethod
+    def add(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def result(self) -> Metrics: ...
+
+
+class Task(ABC):
+    spec: TaskSpec
+    primary: str
+    higher_is_better: bool
+    label: str
+    """How the primary metric is named on screen."""
+
+    @abstractmethod
+    def loss(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, *,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        """The training loss of one batch (mean over samples)."""
+
+    @abstractmethod
+    def tally(self, threshold: float | None = None) -> Tally:
+        """A fresh accumulator; `threshold` is the anomaly threshold where the task has one."""
+
+    def drop(self, before: float, after: float) -> float:
+        """How much worse `after` is than `before`, in the primary metric's units (positive = worse).
+
+        For a lower-is-better metric (MSE) the drop is relative, so one budget fits any data scale.
+        """
+        if self.higher_is_better:
+            return before - after
+        return (after - before) / max(abs(before), 1e-12)
+
+    def trains_on(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Which training samples the task learns from (None: all); anomaly detection sees only normal ones."""
+        return None
+
+    def percent(self, value: float) -> float:
+        """The primary metric in percent, as NetScore's `a` wants it (a lower-is-better metric has none)."""
+        if not self.higher_is_better:
+            raise DnnpruneError(f"NetScore needs an accuracy-like metric; {self.primary} is lower-is-better")
+        return 100.0 * value
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+class Classification(Task):
+    primary = "top1"
+    higher_is_better = True
+    label = "top-1"
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+
+    def loss(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, *,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        return F.cross_entropy(output, targets, label_smoothing=label_smoothing)
+
+    def tally(self, threshold: float | None = None) -> Tally:
+        return _ClassificationTally()
+
+
+class _ClassificationTally(Tally):
+    """Top-1, top-5 (more than 5 classes) and summed cross-entropy, in float64-free integer counts."""
+
+    def __init__(self) -> None:
+        self.correct1 = self.correct5 = self.total = self.num_classes = 0
+        self.loss_sum = 0.0
+
+    def add(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        if output.dim() != 2:
+            raise DnnpruneError(f"a classifier must return (batch, classes) logits; this model returns shape "
+                                f"{tuple(output.shape)}; is the checkpoint's task right?")
+        self.num_classes = output.shape[1]
+        self.loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
+        topk = output.topk(min(5, self.num_classes), dim=1).indices
+        self.correct1 += (topk[:, 0] == targets).sum().item()
+        self.correct5 += (topk == targets[:, None]).any(dim=1).sum().item()
+        self.total += targets.numel()
+
+    def result(self) -> Metrics:
+        _require_samples(self.total)
+        top5 = self.correct5 / self.total if self.num_classes > 5 else None
+        return Metrics({"top1": self.correct1 / self.total, "top5": top5, "loss": self.loss_sum / self.total},
+                       self.total, "top1", True)
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+
+class Reconstruction(Task):
+    label = "MSE"
+
+    def __init__(self, spec: TaskSpec) -> None:
+        self.spec = spec
+        self.normal = torch.tensor(sorted(spec.normal_classes), dtype=torch.long)
+        anomaly = bool(spec.normal_classes)
+        self.primary = "roc_auc" if anomaly else "mse"
+        self.higher_is_better = anomaly
+        self.label = "ROC-AUC" if anomaly else "MSE"
+
+    def loss(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, *,
+             label_smoothing: float = 0.0) -> torch.Tensor:
+        return sample_errors(output, inputs).mean()
+
+    def tally(self, threshold: float | None = None) -> Tally:
+        return _ReconstructionTally(self, threshold)
+
+    def trains_on(self, targets: torch.Tensor) -> torch.Tensor | None:
+        return self.is_normal(targets) if self.spec.normal_classes else None
+
+    def is_normal(self, targets: torch.Tensor) -> torch.Tensor:
+        return torch.isin(targets.long(), self.normal.to(targets.device))
+
+
+def sample_errors(output: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per sample: the reconstruction's anomaly score."""
+    if output.numel() != inputs.numel():
+        raise DnnpruneError(f"a reconstruction model must return as many values as it is fed: input "
+                            f"{tuple(inputs.shape)}, output {tuple(output.shape)}; is the checkpoint's task right?")
+    flat_out = output.reshape(output.shape[0], -1)
+    return (flat_out - inputs.reshape(flat_out.shape).to(flat_out.dtype)).pow(2).mean(dim=1)
+
+
+class _ReconstructionTally(Tally):
+    def __init__(self, task: Reconstruction, threshold: float | None) -> None:
+        self.task = task
+        self.threshold = threshold
+        self.errors: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+
+    def add(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> None:
+        self.errors.append(sample_errors(output, inputs).detach().double().cpu())
+        self.targets.append(targets.detach().cpu())
+
+    def result(self) -> Metrics:
+        errors = torch.cat(self.errors) if self.errors else torch.zeros(0, dtype=torch.float64)
+        _require_samples(errors.numel())
+        values: dict[str, float | None] = {"mse": float(errors.mean()), "loss": float(errors.mean())}
+        if self.task.spec.normal_classes:
+            anomalous = ~self.task.is_normal(torch.cat(self.targets))
+            values.update(anomaly_metrics(errors.numpy(), anomalous.numpy(), self.threshold))
+        return Metrics(values, errors.numel(), self.task.primary, self.task.higher_is_better)
+
+
+def anomaly_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float | None) -> dict[str, float | None]:
+    """ROC-AUC, PR-AUC (average precision), the anomaly rate, and precision/recall/F1 at `threshold`."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    both = 0 < int(anomalous.sum()) < len(anomalous)
+    values: dict[str, float | None] = {
+        "roc_auc": float(roc_auc_score(anomalous, scores)) if both else None,
+        "pr_auc": float(average_precision_score(anomalous, scores)) if both else None,
+        "anomaly_rate": float(anomalous.mean()),
+        "mse_normal": float(scores[~anomalous].mean()) if (~anomalous).any() else None,
+    }
+    if threshold is not None:
+        values.update(threshold_metrics(scores, anomalous, threshold))
+    return values
+
+
+def threshold_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float) -> dict[str, float | None]:
+    """Flag samples whose error is above the threshold; how right the flags are."""
+    flagged = scores > threshold
+    true_pos = int((flagged & anomalous).sum())
+    precision = true_pos / int(flagged.sum()) if flagged.any() else None
+    recall = true_pos / int(anomalous.sum()) if anomalous.any() else None
+    if precision is None or recall is None:
+        f1 = None
+    else:
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1}
+
+
+def choose_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
+    """The anomaly threshold with the best F1 on these (validation) samples.
+
+    Falls back to the 95th percentile of the normal samples' errors when the data has no anomalies.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    if not 0 < int(anomalous.sum()) < len(anomalous):
+        normal = scores[~anomalous] if (~anomalous).any() else scores
+        return float(np.percentile(normal, 95))
+    precision, recall, thresholds = precision_recall_curve(anomalous, scores)
+    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
+    best = int(np.argmax(f1))
+    # precision_recall_curve flags scores >= t; threshold_metrics flags scores > t: step just below.
+    return float(np.nextafter(thresholds[best], -math.inf))
+
+
+def _require_samples(count: int) -> None:
+    if count == 0:
+        raise DnnpruneError("the evaluation split is empty; check the dataset and --samples")
+
+
+# ----------------------------------------------------------------------------- lookup
+
+_TASKS: dict[str, type[Task]] = {"classification": Classification, "reconstruction": Reconstruction}
+
+
+def make_task(spec: TaskSpec | None = None) -> Task:
+    """The task object for a stored spec (None: classification)."""
+    spec = spec or TaskSpec()
+    return _TASKS[spec.kind](spec)

@@ -1,0 +1,116 @@
+"""surgery.py against Torch-Pruning: the private functions it patches, in-place prune and restore, task gradients."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch_pruning.dependency import index_mapping
+
+from dnnprune import surgery
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
+from dnnprune.errors import PruningError
+from dnnprune.models import create_model
+from dnnprune.surgery import ChannelGraph, accumulate_gradients, channels_to_keep
+from dnnprune.tasks import TaskSpec
+from tests.reload import record_io, reload_in_new_process
+
+
+@pytest.mark.parametrize("name", surgery._TP_PATCHED)
+def test_the_patched_torch_pruning_functions_still_exist(name: str) -> None:
+    """If this fails, Torch-Pruning moved a private function surgery.py replaces: re-check the patch, then the pin."""
+    function = getattr(index_mapping, name, None)
+    assert callable(function), (f"torch_pruning.dependency.index_mapping.{name} is gone in torch-pruning "
+                                f"{tp.__version__}; surgery._patched_torch_pruning must be updated")
+    arity = {"update_index_mapping": 1, "update_reshape_index_mapping": 2}[name]
+    assert len(inspect.signature(function).parameters) == arity, f"index_mapping.{name} changed its signature"
+
+
+def test_torch_pruning_still_routes_through_the_patched_functions() -> None:
+    """The patches only work while Torch-Pruning looks these functions up by module attribute at call time."""
+    assert "update_reshape_index_mapping" in index_mapping.update_index_mapping.__code__.co_names
+    for method in (tp.DependencyGraph.build_dependency, tp.DependencyGraph.get_pruning_group):
+        assert "index_mapping.update_index_mapping(" in inspect.getsource(method), method.__name__
+
+
+def test_a_missing_patched_function_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(index_mapping, "update_reshape_index_mapping")
+    with pytest.raises(PruningError, match=r"index_mapping\.update_reshape_index_mapping.*torch-pruning>=1.6,<1.7"):
+        ChannelGraph(create_model("lenet5", num_classes=10, in_channels=1), (1, 28, 28))
+
+
+def test_patches_are_undone_after_every_call() -> None:
+    originals = {name: getattr(index_mapping, name) for name in surgery._TP_PATCHED}
+    model = create_model("resnet20", num_classes=10, in_channels=1).eval()
+    graph = ChannelGraph(model, (1, 8, 8))
+    with torch.no_grad():
+        graph.prune({graph.groups[0].name: [0]})
+    assert {name: getattr(index_mapping, name) for name in surgery._TP_PATCHED} == originals
+
+
+def _torchvision(arch: str) -> nn.Module:
+    args = {"num_classes": 10, "in_channels": 3}
+    model = create_model(arch, **args).eval()
+    generator = torch.Generator().manual_seed(1)
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
+    return attach_meta(model, CheckpointMeta(arch=arch, arch_args=args, input_shape=(3, 32, 32)))
+
+
+def test_shufflenet_and_densenet_prune_and_reload(tmp_path: Path) -> None:
+    """ShuffleNet needs the reshape patch to trace at all; DenseNet is where the frozen mappings pay."""
+    items = []
+    for arch in ("torchvision.shufflenet_v2_x0_5", "torchvision.densenet121"):
+        model = _torchvision(arch)
+        graph = ChannelGraph(model, (3, 32, 32))
+        assert graph.groups and (arch.endswith("densenet121") or graph.locked)
+        plan = {g.name: graph.choose(g.name, graph.importance(g.name, "l1"),
+                                     g.width - channels_to_keep(g.width, 0.5)) for g in graph.groups}
+        sample = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            graph.zero_channels(plan)
+            masked = model(sample)
+            graph.prune(plan)
+            pruned = model(sample)
+        assert torch.allclose(pruned, masked, rtol=1e-4, atol=1e-5 * masked.abs().max().item()), arch
+        items.append(record_io(model, save(model, tmp_path / f"{arch.replace('.', '_')}.safetensors"), (3, 32, 32)))
+    assert all(reload_in_new_process(items).values())
+
+
+def test_snapshot_restores_model_and_graph_for_the_next_prune() -> None:
+    model = create_model("resnet20", num_classes=10, in_channels=1).eval()
+    graph = ChannelGraph(model, (1, 8, 8))
+    sample = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        before = model(sample)
+    widths, state = graph.widths(), {k: v.clone() for k, v in model.state_dict().items()}
+    for group in graph.groups[:3]:
+        restore = graph.snapshot()
+        with torch.no_grad():
+            graph.prune({group.name: list(range(group.width // 2))})
+            assert graph.width(group.name) == group.width - group.width // 2
+        restore()
+        assert graph.widths() == widths
+        assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(model(sample), before)
+
+
+def test_taylor_gradients_come_from_the_models_task_loss() -> None:
+    torch.manual_seed(0)
+    model = create_model("a2e", input_shape=(1, 4, 4), widths=[8, 4, 8], activation="tanh")
+    attach_meta(model, CheckpointMeta(arch="a2e", arch_args={}, input_shape=(1, 4, 4),
+                                      task=TaskSpec(kind="reconstruction")))
+    inputs, targets = torch.randn(6, 1, 4, 4), torch.zeros(6, dtype=torch.long)
+    assert accumulate_gradients(model, [(inputs, targets)]) == 1
+    got = model.net[1].weight.grad.clone()
+    model.zero_grad()
+    model.train()
+    (model(inputs) - inputs.flatten(1)).pow(2).mean().backward()  # the reconstruction loss, not cross-entropy
+    torch.testing.assert_close(got, model.net[1].weight.grad)
