@@ -6,7 +6,7 @@ RUNS ?= runs
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install dataset demo test test-all bench bench-foundation bench-analyze bench-prune bench-quantize clean
+.PHONY: install dataset demo lint test test-all bench bench-foundation bench-analyze bench-prune bench-quantize clean
 
 install: $(VENV)/.installed
 
@@ -31,10 +31,14 @@ demo: install dataset
 	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(RUNS)/demo/lenet5.safetensors --force
 	$(BIN)/dnnprune score $(RUNS)/demo/lenet5.safetensors -r recipes/demo-lenet5.yaml
 
-test: install dataset
+lint: install
+	$(BIN)/lint-imports
+	$(BIN)/ruff check dnnprune tests bench
+
+test: install dataset lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-test-all: install dataset
+test-all: install dataset lint
 	$(BIN)/python -m pytest -q
 
 # Benchmarks (BENCHMARKS.md). Trained baselines are cached in $(CACHE) and reused.

@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dnnprune.analysis import spearman
+from dnnprune.analysis import spearman  # noqa: E402  (after the sys.path line above)
 
 RATIOS = "0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 LAYERS = "type:Conv2d"  # the 13 conv layers (the classifier's hidden Linear is a 14th group)

@@ -14,17 +14,17 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save  # noqa: E402
-from dnnprune.errors import DnnpruneError  # noqa: E402
+from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save
+from dnnprune.errors import DnnpruneError
 
 _COMMANDS = {
     "train": "dnnprune.training",
     "analyze": "dnnprune.analysis",
     "prune": "dnnprune.pruning",
     "quantize": "dnnprune.quantization",
-    "double_prune": "dnnprune.pruning.double",
+    "double_prune": "dnnprune.pruning",
     "score": "dnnprune.scoring",
     "export": "dnnprune.export",
 }

@@ -61,7 +61,7 @@ _INT64 = 1 << 63
 
 # ----------------------------------------------------------------------------- typed metadata
 
-ModulePath = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"^[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*$")]
+ModulePath = Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 ShortText = Annotated[str, StringConstraints(max_length=1000)]
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -557,7 +557,7 @@ def _skeleton_model(arch: str, arch_args: dict[str, Any]) -> nn.Module:
             return create_model(arch, **arch_args)
     except DnnpruneError as exc:
         raise CheckpointError(str(exc)) from None
-    except Exception as exc:  # noqa: BLE001  (an untrusted file reaches a constructor: any failure is one line)
+    except Exception as exc:
         raise CheckpointError(f"{arch}'s constructor rejects the stored arch_args ({_short(_first_line(exc), 200)}); "
                               "the file is corrupt or from another version") from None
 
@@ -566,6 +566,15 @@ def _skeleton(meta: CheckpointMeta) -> nn.Module:
     skeleton = _skeleton_model(meta.arch, meta.arch_args)
     _apply_changes(skeleton, meta)
     return skeleton
+
+
+def skeleton(meta: CheckpointMeta | None = None, *, arch: str | None = None,
+             arch_args: dict[str, Any] | None = None) -> nn.Module:
+    """The architecture with its large tensors on the meta device (no memory): the checkpoint's structure
+    when `meta` is given, else the fresh `arch`."""
+    if meta is not None:
+        return _skeleton(meta)
+    return _skeleton_model(arch or "", arch_args or {})
 
 
 def _materialize(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -637,6 +646,8 @@ def _same_kind(current: Any, value: Any) -> bool:
         return isinstance(value, list) and len(value) == len(current)
     if isinstance(current, bool) or isinstance(value, bool):
         return isinstance(current, bool) and isinstance(value, bool)
+    if isinstance(current, float) and value is None:
+        return True  # optional floats (BatchNorm momentum=None for a cumulative average); never a size
     if isinstance(current, (int, float)):
         return isinstance(value, (int, float)) and (isinstance(current, float) or isinstance(value, int))
     return isinstance(value, type(current))

@@ -376,7 +376,7 @@ class _Batch(list):
         self.x, self.y = x, y
 
 
-def _collate(batch: list[Any]) -> Any:
+def collate(batch: list[Any]) -> Any:
     """Skip re-stacking batches that `_InMemory` already built."""
     if isinstance(batch, _Batch):
         return [batch.x, batch.y]
@@ -416,7 +416,7 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: in
         generator=torch.Generator().manual_seed(seed),
         num_workers=workers,
         persistent_workers=workers > 0,
-        collate_fn=_collate,
+        collate_fn=collate,
     )
 
 

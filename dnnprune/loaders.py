@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from dnnprune.checkpoint import CheckpointMeta
-from dnnprune.data import InputSpec, Splits, dataset_targets, load_splits, make_loader, stratified_subset, subset
+from dnnprune.data import (
+    InputSpec,
+    Splits,
+    collate,
+    dataset_targets,
+    load_splits,
+    make_loader,
+    stratified_subset,
+    subset,
+)
+from dnnprune.distributed import distributed_env
 from dnnprune.errors import DatasetError
 from dnnprune.recipe import DataSection
 from dnnprune.tasks import make_task
@@ -53,8 +63,39 @@ def eval_loader(meta: CheckpointMeta, section: DataSection, split: SplitName = "
 
 
 def train_loader(meta: CheckpointMeta, section: DataSection, batch_size: int, seed: int) -> DataLoader:
-    """Shuffled training batches; an anomaly detector sees only its normal classes."""
-    return make_loader(train_dataset(meta, section), batch_size, shuffle=True, seed=seed, workers=section.workers)
+    """Shuffled training batches; an anomaly detector sees only its normal classes.
+
+    Under torchrun every process draws the same shuffled global batches of `batch_size` and takes its
+    own equal slice of each, so N processes step through exactly the batches one process would.
+    """
+    dataset = train_dataset(meta, section)
+    rank, world = distributed_env()
+    if world <= 1 or not torch.distributed.is_initialized():
+        return make_loader(dataset, batch_size, shuffle=True, seed=seed, workers=section.workers)
+    if batch_size % world:
+        raise DatasetError(f"the batch size {batch_size} does not split evenly over {world} processes; use a "
+                           f"multiple of {world}")
+    generator = torch.Generator().manual_seed(seed)  # shared as make_loader shares it: the same draws, in order
+    sampler = RankSlices(BatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False), rank,
+                         world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=section.workers, collate_fn=collate,
+                      generator=generator)
+
+
+class RankSlices(Sampler[list[int]]):
+    """Global batches cut into `world` equal, contiguous slices; this process yields slice `rank` of each
+    (the few samples of a last, uneven batch that do not divide evenly are left out)."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            share = len(batch) // self.world
+            yield batch[self.rank * share:(self.rank + 1) * share] if share else batch[:1]
 
 
 def train_dataset(meta: CheckpointMeta, section: DataSection) -> Dataset:

@@ -13,7 +13,6 @@ the codecs' business; this module chooses the grid and records a typed `Encoding
 from __future__ import annotations
 
 import copy
-import json
 import math
 import warnings
 from collections.abc import Iterable
@@ -31,7 +30,6 @@ from dnnprune.codecs import (
     KMeansSpec,
     LinearSpec,
     as_encoding,
-    encode_state,
     encoded_nbytes,
     kmeans_grid,
     linear_grid,
@@ -39,11 +37,11 @@ from dnnprune.codecs import (
 )
 from dnnprune.constraints import held_encodings
 from dnnprune.errors import DnnpruneError
+from dnnprune.lineage import command
+from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_parameters, measure_latency
 from dnnprune.observe import NULL_OBSERVER, Observer
 from dnnprune.patterns import select_layers
-from dnnprune.lineage import command
-from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.recipe import DataSection, FineTuneSection, LatencySection, QuantizeSection
 from dnnprune.reports import Report
 from dnnprune.tasks import make_task

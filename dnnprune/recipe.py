@@ -138,7 +138,8 @@ class PruneSection(Section):
     ratio: float | None = Field(None, ge=0.0, lt=1.0, description="uniform ratio of channels to remove")
     ratios: dict[str, float] = Field(default_factory=dict, description="name pattern -> ratio")
     global_threshold: bool = False
-    target: Literal["params", "macs", "bytes"] | None = None
+    target: Literal["params", "macs", "bytes", "latency"] | None = Field(
+        None, description="what target_factor counts: params, macs, bytes, or measured CPU latency at latency_batch")
     target_factor: float | None = Field(None, gt=1.0, description="e.g. 3 for 3x fewer MACs")
     order: Literal["sequential", "reverse", "sensitivity", "random"] = "sequential"
     analysis: Path | None = None
@@ -146,8 +147,27 @@ class PruneSection(Section):
     min_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     max_ratio: float = Field(0.95, gt=0.0, lt=1.0)
     round_to: int = Field(1, ge=1, description="keep channel counts a multiple of this (8 suits CPU kernels)")
+    latency_widths: bool = Field(False, description="move each planned width to the fastest width within "
+                                                    "width_search channels, from measured layer times (cached)")
+    width_search: int = Field(8, ge=1, description="channels below (and, for a latency target, above) a planned "
+                                                   "width that latency_widths tries")
+    latency_batch: int = Field(64, gt=0, description="batch size of latency measurements and of --target latency")
+    latency_repeats: int = Field(15, gt=0, description="timed repeats per measurement (medians)")
+    report_latency: bool = Field(False, description="time the model before and after at batch 1 and latency_batch, "
+                                                    "interleaved in one process, and report the speedups")
     exclude: list[str] = Field(default_factory=list)
     accuracy_aware: bool = False
+    strategy: Literal["increments", "round-robin"] = Field(
+        "increments", description="accuracy-aware with a target: verified increments planned from the analysis "
+                                  "(default), or one layer per step in order (round-robin)")
+    increments: int = Field(4, gt=0, description="increments: geometric steps from the model's size to the target")
+    confidence: float = Field(0.95, ge=0.0, lt=1.0, description="increments: undo a step only when its drop exceeds "
+                                                                "the budget at this one-sided confidence (0: plain "
+                                                                "comparison)")
+    backoffs: int = Field(2, ge=0, description="increments: times a rejected step is retried halfway")
+    reanalyze_below: float = Field(0.5, gt=0.0, le=1.0, description="increments: re-run the analysis once the model "
+                                                                    "is below this fraction of the analysed size")
+    reanalyze_ratios: list[float] = Field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     max_accuracy_drop: float = Field(0.01, ge=0.0, le=1.0)
     step: float = Field(0.1, gt=0.0, lt=1.0, description="ratio added per accuracy-aware step")
     rollback_finetune: bool = Field(False, description="accuracy-aware: undo a step's fine-tune that lowers "
@@ -250,7 +270,8 @@ class ExportSection(Section):
 
     opset: int = Field(18, ge=13, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field("torchscript", description="torch.onnx's exporter")
-    tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted")
+    tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted, relative to the "
+                                                           "output scale when outputs are smaller than 1")
     check_batch: int = Field(8, gt=0, description="samples in the parity check (also proves the batch axis is dynamic)")
     latency: bool = True
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])

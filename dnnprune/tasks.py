@@ -47,6 +47,9 @@ class Metrics:
     samples: int
     primary: str
     higher_is_better: bool
+    per_sample: torch.Tensor | None = None
+    """Each sample's share of the primary metric (its mean is the metric), where the metric is a mean
+    (top-1: 1.0 if right); lets two evaluations on the same samples be compared pairwise."""
 
     def __getitem__(self, key: str) -> float | None:
         return self.values[key]
@@ -120,6 +123,7 @@ class Classification(Task):
 
     def loss(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, *,
              label_smoothing: float = 0.0) -> torch.Tensor:
+        _check_logits(output)
         return F.cross_entropy(output, targets, label_smoothing=label_smoothing)
 
     def tally(self, threshold: float | None = None) -> Tally:
@@ -132,15 +136,16 @@ class _ClassificationTally(Tally):
     def __init__(self) -> None:
         self.correct1 = self.correct5 = self.total = self.num_classes = 0
         self.loss_sum = 0.0
+        self.right: list[torch.Tensor] = []
 
     def add(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor) -> None:
-        if output.dim() != 2:
-            raise DnnpruneError(f"a classifier must return (batch, classes) logits; this model returns shape "
-                                f"{tuple(output.shape)}; is the checkpoint's task right?")
+        _check_logits(output)
         self.num_classes = output.shape[1]
         self.loss_sum += F.cross_entropy(output, targets, reduction="sum").item()
         topk = output.topk(min(5, self.num_classes), dim=1).indices
-        self.correct1 += (topk[:, 0] == targets).sum().item()
+        right = topk[:, 0] == targets
+        self.right.append(right.detach().cpu())
+        self.correct1 += right.sum().item()
         self.correct5 += (topk == targets[:, None]).any(dim=1).sum().item()
         self.total += targets.numel()
 
@@ -148,7 +153,14 @@ class _ClassificationTally(Tally):
         _require_samples(self.total)
         top5 = self.correct5 / self.total if self.num_classes > 5 else None
         return Metrics({"top1": self.correct1 / self.total, "top5": top5, "loss": self.loss_sum / self.total},
-                       self.total, "top1", True)
+                       self.total, "top1", True, torch.cat(self.right).double())
+
+
+def _check_logits(output: torch.Tensor) -> None:
+    """Cross-entropy would read a 4-D output as a per-pixel map and fail deep inside torch; say what is wrong."""
+    if output.dim() != 2:
+        raise DnnpruneError(f"a classifier must return (batch, classes) logits; this model returns shape "
+                            f"{tuple(output.shape)}; is the checkpoint's task right?")
 
 
 # ----------------------------------------------------------------------------- reconstruction
@@ -253,6 +265,22 @@ def choose_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
     best = int(np.argmax(f1))
     # precision_recall_curve flags scores >= t; threshold_metrics flags scores > t: step just below.
     return float(np.nextafter(thresholds[best], -math.inf))
+
+
+def paired_drop(before: Metrics, after: Metrics, task: Task) -> tuple[float, float | None]:
+    """(drop of the primary metric, its standard error) between two evaluations on the same samples.
+
+    Where the metric is a per-sample mean (top-1) the error is that of the paired differences, so the
+    noise shared by both evaluations (the same hard samples) cancels; elsewhere it is unknown (None).
+    """
+    drop = task.drop(before.value, after.value)
+    if before.per_sample is None or after.per_sample is None or before.per_sample.shape != after.per_sample.shape:
+        return drop, None
+    differences = before.per_sample - after.per_sample
+    if not task.higher_is_better:
+        differences = -differences
+    count = differences.numel()
+    return drop, float(differences.std(unbiased=True)) / math.sqrt(count) if count > 1 else None
 
 
 def _require_samples(count: int) -> None:

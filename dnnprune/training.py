@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from dnnprune.checkpoint import meta_of
@@ -82,11 +84,13 @@ def wants_training(config: TrainSection | FineTuneSection) -> bool:
 def fit_loop(model: nn.Module, loader: DataLoader, config: TrainSection | FineTuneSection, *,
              device: torch.device, task: Task | None = None, observer: Observer = NULL_OBSERVER,
              val_loader: DataLoader | None = None, description: str = "train", seed: int | None = None,
-             after_step: AfterStep | None = None, bn_l1: float | None = None) -> TrainHistory:
+             after_step: AfterStep | None = None, bn_l1: float | None = None,
+             after_backward: AfterStep | None = None) -> TrainHistory:
     """SGD/Adam training with an optional L1 penalty on BN scales (network slimming).
 
-    `after_step` runs after every optimizer step. Encoded tensors (sparse, quantized) are held
-    for the whole loop and put back on their grid at the end.
+    `after_backward` runs between the backward pass and the optimizer step (e.g. a regularizer that
+    edits gradients), `after_step` after every optimizer step. Encoded tensors (sparse, quantized)
+    are held for the whole loop and put back on their grid at the end.
     """
     task = task or task_of(model)
     seed_everything(getattr(config, "seed", 0) if seed is None else seed)
@@ -99,17 +103,19 @@ def fit_loop(model: nn.Module, loader: DataLoader, config: TrainSection | FineTu
     with held_encodings(model, encodings):
         _run_steps(model, loader, config, steps, history, task=task, device=device, observer=observer,
                    val_loader=val_loader, description=description, after_step=after_step,
-                   bn_l1=getattr(config, "bn_l1", 0.0) if bn_l1 is None else bn_l1)
+                   bn_l1=getattr(config, "bn_l1", 0.0) if bn_l1 is None else bn_l1, after_backward=after_backward)
     model.eval()
     return history
 
 
 def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | FineTuneSection, steps: int,
                history: TrainHistory, *, task: Task, device: torch.device, observer: Observer,
-               val_loader: DataLoader | None, description: str, after_step: AfterStep | None, bn_l1: float) -> None:
+               val_loader: DataLoader | None, description: str, after_step: AfterStep | None, bn_l1: float,
+               after_backward: AfterStep | None) -> None:
     optimizer = _make_optimizer(model, config)
     scheduler = _make_scheduler(optimizer, config, steps)
     label_smoothing = getattr(config, "label_smoothing", 0.0)
+    net = data_parallel(model, device)
     start = time.perf_counter()
     bar = observer.begin(description, steps)
     step = epoch = 0
@@ -119,11 +125,13 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
         for inputs, targets in loader:
             inputs, targets = inputs.to(device), targets.to(device)
             optimizer.zero_grad(set_to_none=True)
-            output = model(inputs)
+            output = net(inputs)
             loss = task.loss(output, inputs, targets, label_smoothing=label_smoothing)
             loss.backward()
             if bn_l1 > 0:
                 add_bn_l1_subgradient(model, bn_l1)
+            if after_backward is not None:
+                after_backward(model)
             optimizer.step()
             scheduler.step()
             if after_step is not None:
@@ -139,6 +147,16 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
     observer.end(bar, keep=description == "train")
     history.steps = step
     history.seconds = time.perf_counter() - start
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """Under torchrun, DistributedDataParallel (gloo on CPU, NCCL on GPUs): every process takes its slice of
+    each global batch and the gradients are averaged, so N processes take the steps one process would.
+    BatchNorm statistics stay per process, as in any DistributedDataParallel run."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return model
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=devices)
 
 
 def _epoch_row(model: nn.Module, epoch: int, step: int, running: "_Running", optimizer: torch.optim.Optimizer,

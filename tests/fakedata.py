@@ -34,7 +34,7 @@ def write_creditcard(path: Path, rows: int = 3000, fraud_rate: float = 0.02, see
     Class), unquoted numbers and the label quoted ("0" normal, "1" fraud). Frauds are shifted in a few
     PCA components, as in the real data, so an autoencoder trained on normal rows can find them."""
     rng = np.random.default_rng(seed)
-    frauds = max(3, int(round(rows * fraud_rate)))
+    frauds = max(3, round(rows * fraud_rate))
     labels = np.zeros(rows, dtype=np.int64)
     labels[rng.choice(rows, frauds, replace=False)] = 1
     features = rng.normal(size=(rows, 28))

@@ -274,8 +274,11 @@ def test_bad_requests_fail_before_any_data_is_loaded(lenet: torch.nn.Module, mon
         raise AssertionError("data must not be loaded for a bad request")
 
     monkeypatch.setattr(analysis_command, "split_dataset", no_data)
-    with pytest.raises(RecipeError, match="granularity"):
-        analyze(lenet, AnalyzeSection(granularity="layer"))
+    monkeypatch.setattr(analysis_command, "calibration_inputs", no_data)
+    with pytest.raises(ValueError, match="granularity"):
+        AnalyzeSection(granularity="channels")
+    with pytest.raises(RecipeError, match="no removable unit"):
+        analyze(lenet, AnalyzeSection(granularity="layer", layers=["nope*"]))
     with pytest.raises(RecipeError, match="taylor"):
         analyze(lenet, AnalyzeSection(criterion="taylor"))
     with pytest.raises(RecipeError, match="nope"):

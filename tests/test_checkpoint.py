@@ -177,11 +177,11 @@ def _as_format_1(path: Path) -> None:
 
 
 def test_format_1_checkpoints_still_load(tmp_path: Path) -> None:
-    from dnnprune.quantization import quantize
+    from dnnprune.quantization import quantize_layers
     from dnnprune.recipe import QuantizeSection
 
     model = dnnprune.load(make_checkpoint(tmp_path / "float.safetensors"))
-    quantize(model, QuantizeSection(method="kmeans", bits=4, layers=["classifier.1"]))
+    quantize_layers(model, QuantizeSection(method="kmeans", bits=4, layers=["classifier.1"]))
     model.classifier[3] = model.classifier[3]
     path = save(model, tmp_path / "v1.safetensors")
     _as_format_1(path)
@@ -276,18 +276,29 @@ def test_written_files_get_normal_permissions(tmp_path: Path, lenet_checkpoint: 
 
 
 def test_quantize_stacks_its_codes_on_a_sparse_layer(tmp_path: Path) -> None:
-    from dnnprune.quantization import quantize
+    from dnnprune.quantization import quantize, quantize_layers
     from dnnprune.recipe import QuantizeSection
 
     model = dnnprune.load(make_checkpoint(tmp_path / "float.safetensors"))
+    twin = dnnprune.load(make_checkpoint(tmp_path / "twin.safetensors"))
     layer = model.classifier[1]
     with torch.no_grad():
         layer.weight.mul_(torch.rand(layer.weight.shape) >= 0.9)
     zeros = layer.weight == 0
-    dnnprune.meta_of(model).encodings = {"classifier.1.weight": c.Encoding(sparse=c.SparseSpec(index_bits=5))}
-    result = quantize(model, QuantizeSection(method="kmeans", bits=5, layers=["classifier.1"]))
+    twin.load_state_dict(model.state_dict())
+    sparse = {"classifier.1.weight": c.Encoding(sparse=c.SparseSpec(index_bits=5))}
+    dnnprune.meta_of(model).encodings = dict(sparse)
+    dnnprune.meta_of(twin).encodings = dict(sparse)
+    section = QuantizeSection(method="kmeans", bits=5, layers=["classifier.1"])
+    result = quantize_layers(model, section)
     stacked = c.Encoding(sparse=c.SparseSpec(index_bits=5), values=c.KMeansSpec(bits=5))
     assert dnnprune.meta_of(model).encodings == {"classifier.1.weight": stacked}
     assert torch.equal(layer.weight == 0, zeros) and result.layers[0].bytes_after < layer.weight.numel() * 4 / 15
     reloaded = dnnprune.load(save(model, tmp_path / "stacked.safetensors"))
     assert torch.equal(reloaded.classifier[1].weight, layer.weight)
+    # the command does the same and says so in its report and lineage
+    returned, report = quantize(twin, section.model_copy(update={"evaluate": False}))
+    assert returned is twin and dnnprune.meta_of(twin).encodings == {"classifier.1.weight": stacked}
+    assert torch.equal(twin.classifier[1].weight, layer.weight)
+    assert report.layers[0]["bytes_after"] == result.layers[0].bytes_after
+    assert dnnprune.meta_of(twin).lineage[-1].command == "quantize"

@@ -3,10 +3,8 @@ official formats everywhere else (MNIST IDX, CIFAR-10 python batches, image fold
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import pickle
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from dnnprune.data import (
     stratified_subset,
 )
 from dnnprune.errors import DatasetError
-from tests.fakedata import idx_bytes as _idx, write_mnist as _write_mnist
+from tests.fakedata import write_mnist as _write_mnist
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(
@@ -268,7 +266,7 @@ def test_csv_fraud_layout_stratified_and_standardised(tmp_path: Path) -> None:
     assert s.num_features == 30 and s.spec.shape == (1, 1, 30) and s.classes == ["0", "1"]
     assert (len(s.train), len(s.val), len(s.test)) == (140, 30, 30)
     assert [int(dataset_targets(d).sum()) for d in (s.train, s.val, s.test)] == [14, 3, 3]
-    xb, yb = next(iter(make_loader(s.train, 200)))
+    xb, _ = next(iter(make_loader(s.train, 200)))
     assert xb.shape == (140, 1, 1, 30) and xb.dtype == torch.float32
     flat = xb.flatten(1)
     assert torch.allclose(flat.mean(0), torch.zeros(30), atol=1e-4)
@@ -326,4 +324,4 @@ def test_input_spec_round_trip_and_validation() -> None:
     with pytest.raises(DatasetError, match="unknown dataset"):
         default_spec("svhn")
     assert len(DATASETS["cifar100"].classes) == 100
-    assert set(DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "csv"}
+    assert set(DATASETS) == {"fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "csv", "creditcard"}

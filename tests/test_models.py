@@ -10,11 +10,13 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import ModelError
-from dnnprune.models import create_model, list_models, register_model, torchvision_names, zoo_names
-from dnnprune.models.registry import _REGISTRY
+from dnnprune.models import create_model, list_models, model_task, register_model, torchvision_names, zoo_names
+from dnnprune.models.registry import _REGISTRY, accepts_argument
 
 SMALL_INPUT = {"lenet5": 28, "mlp": 28}
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121"]
+CLASSIFIERS = [name for name in zoo_names() if model_task(name) == "classification"]
+RECONSTRUCTORS = [name for name in zoo_names() if model_task(name) == "reconstruction"]
 
 
 def _logits(model: nn.Module, channels: int, size: int) -> torch.Tensor:
@@ -23,10 +25,29 @@ def _logits(model: nn.Module, channels: int, size: int) -> torch.Tensor:
         return model(torch.randn(2, channels, size, size))
 
 
-@pytest.mark.parametrize("name", zoo_names())
+def test_the_zoo_has_both_tasks() -> None:
+    assert set(CLASSIFIERS) | set(RECONSTRUCTORS) == set(zoo_names())
+    assert "a2e" in RECONSTRUCTORS and {"lenet5", "resnet20", "a2e_classifier"} <= set(CLASSIFIERS)
+    assert model_task("torchvision.resnet18") == "classification"
+    with pytest.raises(ModelError, match="unknown architecture"):
+        model_task("no_such_net")
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
 def test_zoo_forward(name: str) -> None:
-    model = create_model(name, num_classes=10, in_channels=1)
-    assert _logits(model, 1, SMALL_INPUT.get(name, 32)).shape == (2, 10)
+    size = SMALL_INPUT.get(name, 32)
+    shape = {"input_shape": [1, size, size]} if accepts_argument(name, "input_shape") else {}
+    model = create_model(name, num_classes=10, in_channels=1, **shape)
+    assert _logits(model, 1, size).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", RECONSTRUCTORS)
+def test_reconstruction_zoo_forward_returns_as_many_values_as_it_is_fed(name: str) -> None:
+    for shape in ([1, 28, 28], [1, 1, 30], [3, 8, 8]):
+        model = create_model(name, in_channels=shape[0], input_shape=shape)
+        with torch.inference_mode():
+            output = model.eval()(torch.randn(2, *shape))
+        assert output.shape[0] == 2 and output[0].numel() == shape[0] * shape[1] * shape[2]
 
 
 @pytest.mark.parametrize("name", ["resnet20", "vgg11_bn", "mobilenetv2_cifar", "alexnet"])
@@ -38,11 +59,48 @@ def test_zoo_forward_rgb(name: str) -> None:
 @pytest.mark.parametrize("name", zoo_names())
 def test_zoo_signature_is_json_serialisable(name: str) -> None:
     params = inspect.signature(_REGISTRY[name]).parameters
-    assert params["num_classes"].default == 10
+    if model_task(name) == "classification":
+        assert params["num_classes"].default == 10
+    else:
+        assert "num_classes" not in params  # an autoencoder has no classes
     assert params["in_channels"].default == 1
     assert all(p.default is not inspect.Parameter.empty for p in params.values())
     stored = json.loads(json.dumps({k: p.default for k, p in params.items()}))  # as a checkpoint keeps them
     assert isinstance(create_model(name, **stored), nn.Module)
+
+
+def test_a2e_is_an_accordion_of_linear_layers() -> None:
+    model = create_model("a2e", input_shape=[1, 1, 30], widths=[64, 16, 64], activation="relu")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(30, 64), (64, 16), (16, 64), (64, 30)]
+    assert sum(isinstance(m, nn.ReLU) for m in model.modules()) == 3  # none after the output layer
+    assert create_model("a2e", input_shape=None, in_features=12)(torch.randn(4, 12)).shape == (4, 12)
+
+
+def test_a2e_classifier_gives_the_class_whose_autoencoder_reconstructs_best() -> None:
+    model = create_model("a2e_classifier", num_classes=3, input_shape=[1, 4, 4], widths=[8, 4, 8]).eval()
+    assert len(model.experts) == 3
+    sample = torch.randn(5, 1, 4, 4)
+    with torch.inference_mode():
+        logits = model(sample)
+        errors = torch.stack([(expert(sample) - sample.flatten(1)).pow(2).mean(1) for expert in model.experts], 1)
+    assert logits.shape == (5, 3) and bool((logits <= 0).all())
+    assert torch.allclose(logits, -errors * model.log_scale.exp())
+    assert torch.equal(logits.argmax(1), errors.argmin(1))
+
+
+@pytest.mark.parametrize("name", ["a2e", "a2e_classifier"])
+def test_a2e_bad_arguments_raise_model_error(name: str) -> None:
+    with pytest.raises(ModelError, match="widths"):
+        create_model(name, widths=[])
+    with pytest.raises(ModelError, match="widths"):
+        create_model(name, widths=[8, 0])
+    with pytest.raises(ModelError, match="activation"):
+        create_model(name, activation="sigmoid")
+    with pytest.raises(ModelError, match="input_shape"):
+        create_model(name, input_shape=None)
+    with pytest.raises(ModelError, match="smaller input"):
+        create_model(name, input_shape=[3, 2048, 2048])
 
 
 def test_lenet5_at_32() -> None:

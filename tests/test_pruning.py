@@ -11,16 +11,28 @@ import pytest
 import torch
 import torch.nn as nn
 
+from dnnprune import codecs as c
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, save
 from dnnprune.errors import PruningError
-from dnnprune.models import create_model, zoo_names
+from dnnprune.models import create_model, model_task, zoo_names
+from dnnprune.models.registry import accepts_argument
+from dnnprune.observe import Observer
 from dnnprune.pruning import prune
 from dnnprune.pruning.schedule import StepEnvironment, accuracy_aware, layer_order, load_analysis, order_weights
-from dnnprune.pruning.structured import (GlobalRanking, Limits, model_size, parse_target, pattern_ratios, ratio_plan,
-                                         score_groups, solve_target, pruned_size)
+from dnnprune.pruning.structured import (
+    GlobalRanking,
+    Limits,
+    model_size,
+    parse_target,
+    pattern_ratios,
+    pruned_size,
+    ratio_plan,
+    score_groups,
+    solve_target,
+)
 from dnnprune.recipe import PruneSection
 from dnnprune.surgery import ChannelGraph, channels_to_keep, lowest, model_fingerprint
-
+from dnnprune.tasks import TaskSpec
 from tests.conftest import needs_fmnist
 from tests.reload import record_io, reload_in_new_process
 
@@ -40,7 +52,11 @@ def _shape(arch: str) -> tuple[int, int, int]:
 def _model(arch: str) -> nn.Module:
     """A registered model with non-trivial BatchNorm statistics and its checkpoint metadata."""
     shape = _shape(arch)
-    args = {"num_classes": 10, "in_channels": shape[0]}
+    args: dict = {"in_channels": shape[0]}
+    if model_task(arch) == "classification":
+        args["num_classes"] = 10
+    if accepts_argument(arch, "input_shape"):
+        args["input_shape"] = list(shape)
     model = create_model(arch, **args).eval()
     generator = torch.Generator().manual_seed(1)
     for module in model.modules():
@@ -48,7 +64,8 @@ def _model(arch: str) -> nn.Module:
             module.running_mean.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
             module.running_var.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
             module.weight.data.copy_(torch.rand(module.num_features, generator=generator) + 0.5)
-    return attach_meta(model, CheckpointMeta(arch=arch, arch_args=args, input_shape=shape))
+    return attach_meta(model, CheckpointMeta(arch=arch, arch_args=args, input_shape=shape,
+                                             task=TaskSpec(kind=model_task(arch))))
 
 
 def _prune_save_reload(archs: list[str], folder: Path) -> None:
@@ -57,7 +74,7 @@ def _prune_save_reload(archs: list[str], folder: Path) -> None:
         model = _model(arch)
         before = model_size(model, _shape(arch))["macs"]
         model, report = prune(model, PruneSection(ratio=0.5, criterion="l1", evaluate=False))
-        macs[arch] = (before, model_size(model, _shape(arch))["macs"], report["after"]["macs"])
+        macs[arch] = (before, model_size(model, _shape(arch))["macs"], report.after["macs"])
         stem = arch.replace(".", "_")
         items.append(record_io(model, save(model, folder / f"{stem}.safetensors"), _shape(arch)))
     results = reload_in_new_process(items)
@@ -200,9 +217,9 @@ def test_a_plan_never_empties_a_layer_and_surgery_refuses_to() -> None:
 @pytest.mark.parametrize("kwargs", [{"ratio": 0.43}, {"target": "macs", "target_factor": 3.0},
                                     {"ratio": 0.4, "global_threshold": True}])
 def test_round_to_keeps_channel_counts_multiples(kwargs: dict) -> None:
-    model, report = prune(_model("vgg11_bn"), PruneSection(round_to=8, evaluate=False, **kwargs))
-    widths = [row["width_after"] for row in report["layers"]]
-    assert all(w % 8 == 0 for w in widths) and sum(widths) < sum(row["width_before"] for row in report["layers"])
+    _, report = prune(_model("vgg11_bn"), PruneSection(round_to=8, evaluate=False, **kwargs))
+    widths = [row["width_after"] for row in report.layers]
+    assert all(w % 8 == 0 for w in widths) and sum(widths) < sum(row["width_before"] for row in report.layers)
     assert Limits(round_to=8).keep(6, 0.5) == 6 and Limits(round_to=8).keep(64, 0.43) == 40
 
 
@@ -233,7 +250,7 @@ def test_pattern_ratios_resolve_and_unmatched_patterns_fail() -> None:
 def test_excluded_layers_keep_their_filters() -> None:
     model = _model("vgg11_bn")
     model, report = prune(model, PruneSection(ratio=0.5, exclude=["features.0", "features.4"], evaluate=False))
-    widths = {row["name"]: row for row in report["layers"]}
+    widths = {row["name"]: row for row in report.layers}
     assert widths["features.0"]["width_after"] == 64 and widths["features.0"]["excluded"]
     assert widths["features.8"]["width_after"] == 128
     assert model.classifier[-1].out_features == 10
@@ -246,14 +263,14 @@ def test_target_is_solved_with_real_counts(metric: str, factor: float) -> None:
     model, report = prune(model, PruneSection(target=metric, target_factor=factor, evaluate=False))
     reached = base[metric] / model_size(model, (1, 32, 32))[metric]
     assert factor <= reached <= factor * 1.08
-    assert report["target"]["met"] and report["target"]["reached"] == pytest.approx(reached)
+    assert report.target["met"] and report.target["reached"] == pytest.approx(reached)
 
 
 def test_global_target_is_solved() -> None:
     model = _model("vgg11_bn")
     base = model_size(model, (1, 32, 32))["macs"]
     model, report = prune(model, PruneSection(target="macs", target_factor=2.0, global_threshold=True, evaluate=False))
-    assert 2.0 <= base / model_size(model, (1, 32, 32))["macs"] <= 2.2 and report["mode"] == "target-global"
+    assert 2.0 <= base / model_size(model, (1, 32, 32))["macs"] <= 2.2 and report.mode == "target-global"
 
 
 def test_unreachable_target_names_the_best_factor() -> None:
@@ -332,8 +349,8 @@ def test_one_shot_sensitivity_target_prunes_least_sensitive_layers_more(tmp_path
     path.write_text(json.dumps(_analysis(model, graph, ranked)))
     model, report = prune(model, PruneSection(target="macs", target_factor=2.0, order="sensitivity", analysis=path,
                                               evaluate=False))
-    ratios = {row["name"]: row["ratio"] for row in report["layers"]}
-    assert ratios[ranked[0]] > ratios[ranked[-1]] and report["target"]["met"]
+    ratios = {row["name"]: row["ratio"] for row in report.layers}
+    assert ratios[ranked[0]] > ratios[ranked[-1]] and report.target["met"]
 
 
 # ----------------------------------------------------------------------------- accuracy-aware
@@ -349,7 +366,7 @@ def _fake_env(model: nn.Module, **kwargs) -> tuple[StepEnvironment, list[str]]:
     base = model_size(model, (1, 28, 28))
     env = StepEnvironment(input_shape=(1, 28, 28), limits=Limits(max_ratio=0.9), step=0.25, max_drop=0.05,
                           score=lambda m, g, name: g.importance(name, "l1"), finetune=lambda m, name: calls.append(name),
-                          evaluate=evaluate, target_met=lambda size: base["macs"] / size["macs"] >= 100, **kwargs)
+                          evaluate=evaluate, drop=lambda before, after: before - after, target_met=lambda size: base["macs"] / size["macs"] >= 100, **kwargs)
     return env, calls
 
 
@@ -365,7 +382,8 @@ def test_accuracy_aware_backs_off_a_layer_that_drops_accuracy() -> None:
     assert result.ratios["features.3"] == 0.5 and not result.target_met
     assert result.ratios["features.0"] == pytest.approx(0.9) and result.ratios["classifier.1"] == pytest.approx(0.9)
     assert finetuned == [r["layer"] for r in rows]
-    assert all({"layer", "ratio", "params", "macs", "val_top1", "accepted"} <= set(r) for r in rows)
+    assert all({"layer", "ratio", "params", "macs", "val", "drop", "accepted"} <= set(r) for r in rows)
+    assert all(r["drop"] == pytest.approx(result.baseline - r["val"]) for r in rows) and result.baseline == 0.9
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
 
 
@@ -396,11 +414,11 @@ def test_with_rollback_a_step_fine_tune_that_lowers_accuracy_is_undone() -> None
     env, _ = _fake_env(model)
     env.finetune, env.evaluate = harmful_finetune, evaluate
     kept = accuracy_aware(model, ["features.0"], env)
-    assert [(r["val_top1"], r["finetune_kept"], r["accepted"]) for r in kept.rows] == [(0.2, True, False)]
+    assert [(r["val"], r["finetune_kept"], r["accepted"]) for r in kept.rows] == [(0.2, True, False)]
     env.rollback = True
     result = accuracy_aware(model, ["features.0"], env)
     assert result.rows and all(r["accepted"] and not r["finetune_kept"] for r in result.rows)
-    assert all(r["finetune_steps"] == 7 and r["val_top1"] == r["val_top1_pruned"] == 0.9 for r in result.rows)
+    assert all(r["finetune_steps"] == 7 and r["val"] == r["val_pruned"] == 0.9 for r in result.rows)
     assert float(result.model.classifier[5].weight.detach().abs().sum()) > 0
 
 
@@ -414,28 +432,56 @@ def test_accuracy_aware_stops_at_the_target() -> None:
     assert base / model_size(result.model, (1, 28, 28))["macs"] >= 1.5
 
 
+class _Rows(Observer):
+    """Keeps the structured rows a command sends."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, dict]] = []
+
+    def row(self, kind: str, row: dict) -> None:
+        self.rows.append((kind, dict(row)))
+
+
 @needs_fmnist
 def test_accuracy_aware_end_to_end_on_fashion_mnist() -> None:
-    from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
     from dnnprune.loaders import train_loader
-    from dnnprune.training import train
+    from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
+    from dnnprune.training import fit_loop
 
     model = _model("lenet5")
     meta_of(model).dataset = "fashion-mnist"
     data = DataSection(train_limit=2000, batch_size=256)
-    train(model, train_loader(meta_of(model), data, 64, 0), TrainSection(max_steps=40, lr=0.05, eval_every_epoch=False),
-          device=torch.device("cpu"))
-    config = PruneSection(target="macs", target_factor=2.0, accuracy_aware=True, step=0.3, max_accuracy_drop=0.05,
-                          val_samples=300, samples=300, criterion="taylor", taylor_batches=1,
+    fit_loop(model, train_loader(meta_of(model), data, 64, 0), TrainSection(max_steps=40, lr=0.05, eval_every_epoch=False),
+             device=torch.device("cpu"))
+    config = PruneSection(target="macs", target_factor=2.0, accuracy_aware=True, strategy="round-robin", step=0.3,
+                          max_accuracy_drop=0.05, val_samples=300, samples=300, criterion="taylor", taylor_batches=1,
                           step_finetune=FineTuneSection(max_steps=3, epochs=1, lr=0.01),
                           finetune=FineTuneSection(max_steps=5, epochs=1, lr=0.01))
-    seen: list[dict] = []
-    model, report = prune(model, config, data=data, on_step=seen.append)
-    assert report["steps"] == seen and seen
-    assert report["before"]["test"]["samples"] == 300 and report["after"]["val"] is not None
-    assert report["final_finetune"]["steps"] == 5 and report["seconds"]["total"] > 0
-    assert report["target"]["met"] == (report["target"]["reached"] >= 2.0)
-    assert meta_of(model).lineage[-1]["command"] == "prune"
+    observer = _Rows()
+    model, report = prune(model, config, data=data, observer=observer)
+    seen = [row for kind, row in observer.rows if kind == "prune.step"]
+    assert report.steps == seen and seen
+    assert all({"val", "val_pruned", "drop", "accepted"} <= set(row) for row in seen)
+    assert (report.primary_metric, report.higher_is_better) == ("top1", True)
+    assert report.baseline_val is not None and 0.0 <= report.baseline_val <= 1.0
+    assert report.before["test"]["samples"] == 300 and report.after["val"] is not None
+    assert report.accuracy_drop["test"] == pytest.approx(report.before["test"]["top1"] - report.after["test"]["top1"])
+    assert report.final_finetune["steps"] == 5 and report.seconds["total"] > 0
+    assert report.target["met"] == (report.target["reached"] >= 2.0)
+    assert meta_of(model).lineage[-1].command == "prune"
+
+
+@needs_fmnist
+def test_accuracy_aware_increments_accept_the_taylor_criterion() -> None:
+    from dnnprune.recipe import DataSection, FineTuneSection
+
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    config = PruneSection(target="macs", target_factor=1.5, accuracy_aware=True, max_accuracy_drop=0.5,
+                          val_samples=200, samples=200, criterion="taylor", taylor_batches=1, increments=1,
+                          step_finetune=FineTuneSection(max_steps=1, epochs=1, lr=0.01))
+    model, report = prune(model, config, data=DataSection(train_limit=500, batch_size=256))
+    assert report.mode == "accuracy-aware-increments" and report.target["met"]
 
 
 def test_pruned_size_leaves_the_original_alone() -> None:
@@ -448,6 +494,6 @@ def test_pruned_size_leaves_the_original_alone() -> None:
 
 def test_quantized_checkpoints_are_refused() -> None:
     model = _model("lenet5")
-    meta_of(model).encodings = {"classifier.1.weight": {"codec": "kmeans"}}
+    meta_of(model).encodings = {"classifier.1.weight": c.Encoding(values=c.KMeansSpec(bits=4))}
     with pytest.raises(PruningError, match="quantized"):
         prune(model, PruneSection(ratio=0.5, evaluate=False))

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import dnnprune
 from dnnprune import codecs as c
 from dnnprune import quantization as q
-from dnnprune.codecs import bitpack
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
+from dnnprune.codecs import bitpack
 from dnnprune.errors import CheckpointError, DnnpruneError, RecipeError
 from dnnprune.models import create_model
 from dnnprune.patterns import select_layers
@@ -119,20 +119,34 @@ def test_select_layers_globs_types_and_containers() -> None:
     assert select_layers(model, ["head.*"]) == ["head.1"]  # Flatten has no weights: skipped
     assert select_layers(model, ["features"]) == ["features.0", "features.1"]
     assert select_layers(model, ["features"], supported=q.SUPPORTED) == ["features.0"]
+    # a glob, type or container pattern passes over the layers the command cannot take ...
+    assert select_layers(model, ["features.*"], supported=q.SUPPORTED) == ["features.0"]
+    assert select_layers(model, ["*"], supported=q.SUPPORTED) == ["features.0", "head.1"]
     with pytest.raises(RecipeError, match="'type:LSTM' matches no layer"):
         select_layers(model, ["type:Linear", "type:LSTM"])
-    with pytest.raises(RecipeError, match=r"'features.1' is a BatchNorm2d"):
-        select_layers(model, ["features.*"], supported=q.SUPPORTED)
+    # ... but a layer named exactly is never skipped silently, nor is a pattern left with nothing
+    with pytest.raises(RecipeError, match=r"'features.1' is a BatchNorm2d, which cannot be handled here"):
+        select_layers(model, ["features.0", "features.1"], supported=q.SUPPORTED)
+    with pytest.raises(RecipeError, match=r"'features.1\*' matches only layers that cannot be handled here "
+                                          r"\(features.1 \(BatchNorm2d\)\)"):
+        select_layers(model, ["features.1*"], supported=q.SUPPORTED)
 
 
-@pytest.mark.parametrize("pattern, fragment", [("embed", "'embed' is a Embedding"), ("type:BatchNorm2d", "BatchNorm2d"),
-                                               ("classifier.*", "matches no layer")])
+@pytest.mark.parametrize("pattern, fragment", [
+    ("embed", "'embed' is a Embedding"),
+    ("type:BatchNorm2d", r"'type:BatchNorm2d' matches only layers that cannot be handled here \(features.1 \(BatchNorm2d\)\)"),
+    ("classifier.*", "matches no layer"),
+])
 def test_quantize_refuses_what_it_cannot_take(pattern: str, fragment: str) -> None:
     model = _Mixed()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RecipeError, match=fragment):
+        q.quantize_layers(model, QuantizeSection(layers=[pattern]))
+    attach_meta(model, CheckpointMeta(arch="mixed", input_shape=(1, 4, 4), dataset="nowhere"))
+    with pytest.raises(RecipeError, match=fragment):  # the command checks its patterns before it reads any data
         q.quantize(model, QuantizeSection(layers=[pattern]))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not dnnprune.meta_of(model).encodings and not dnnprune.meta_of(model).lineage
 
 
 def test_layer_bits_add_layers_and_the_last_pattern_wins() -> None:
@@ -187,16 +201,16 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     for key, (arch, args, config) in _CASES.items():
         model = _model(arch, **args)
         plain = save(model, folder / f"{key}.plain.safetensors")
-        result = q.quantize(model, config)
+        result = q.quantize_layers(model, config)
         cases[key] = {**_save_and_record(model, folder / f"{key}.safetensors"), "plain": plain.stat().st_size,
                       "result": result, "plan": q.plan_layers(_model(arch, **args), config)}
     pruned = _model("lenet5")  # channels removed before quantization
     _shrink(pruned, "features.0", "features.3", keep=4)
     _shrink(pruned, "classifier.1", "classifier.3", keep=50)
-    q.quantize(pruned, QuantizeSection(method="kmeans", bits=4, layers=["type:Conv2d", "type:Linear"]))
+    q.quantize_layers(pruned, QuantizeSection(method="kmeans", bits=4, layers=["type:Conv2d", "type:Linear"]))
     cases["pruned"] = _save_and_record(pruned, folder / "pruned.safetensors")
     then_pruned = _model("lenet5")  # channels removed after quantization: the encoding survives
-    q.quantize(then_pruned, QuantizeSection(method="linear", bits=4))
+    q.quantize_layers(then_pruned, QuantizeSection(method="linear", bits=4))
     _shrink(then_pruned, "classifier.3", "classifier.5", keep=30)
     cases["then_pruned"] = _save_and_record(then_pruned, folder / "then_pruned.safetensors")
     identical = reload_in_new_process(list(cases.values()))
@@ -224,7 +238,7 @@ def test_file_size_is_the_predicted_size_and_shrinks_by_the_reported_bytes(saved
 
 def test_int8_and_packed_codes_are_what_the_file_holds(tmp_path: Path) -> None:
     model = _model("mlp", hidden=[40])
-    q.quantize(model, QuantizeSection(method="linear", bits=8, layers=["classifier.1"], layer_bits={"classifier.3": 3}))
+    q.quantize_layers(model, QuantizeSection(method="linear", bits=8, layers=["classifier.1"], layer_bits={"classifier.3": 3}))
     path = save(model, tmp_path / "m.safetensors")
     with safe_open(str(path), "pt") as handle:
         dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
@@ -242,7 +256,7 @@ def test_pruned_model_keeps_its_shape_and_encodings(saved: dict[str, dict]) -> N
 
 def test_changed_quantized_weights_refuse_to_save_with_the_tensor_named(tmp_path: Path) -> None:
     model = _model("mlp", hidden=[32])
-    q.quantize(model, QuantizeSection(method="kmeans", bits=2))
+    q.quantize_layers(model, QuantizeSection(method="kmeans", bits=2))
     with torch.no_grad():
         model.classifier[1].weight.add_(torch.randn_like(model.classifier[1].weight))
     with pytest.raises(CheckpointError, match=r"classifier\.1\.weight: .*changed after quantization"):
@@ -252,9 +266,11 @@ def test_changed_quantized_weights_refuse_to_save_with_the_tensor_named(tmp_path
 
 def test_a_quantized_layer_is_not_quantized_twice() -> None:
     model = _model("mlp", hidden=[32])
-    q.quantize(model, QuantizeSection(method="kmeans", bits=5))
+    q.quantize_layers(model, QuantizeSection(method="kmeans", bits=5))
     with pytest.raises(DnnpruneError, match="already quantized"):
-        q.quantize(model, QuantizeSection(method="kmeans", bits=5))
+        q.quantize_layers(model, QuantizeSection(method="kmeans", bits=5))
+    with pytest.raises(DnnpruneError, match="already quantized"):
+        q.quantize(model, QuantizeSection(method="kmeans", bits=5, evaluate=False))
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -275,8 +291,8 @@ def test_finetuning_moves_the_codebook_and_keeps_weights_on_it(method: str) -> N
     config = QuantizeSection(method=method, bits=3, finetune=finetune)
     untuned = _model("mlp", hidden=[32])
     untuned.load_state_dict(model.state_dict())
-    q.quantize(untuned, QuantizeSection(method=method, bits=3))
-    result = q.quantize(model, config, train_loader=_random_loader())
+    q.quantize_layers(untuned, QuantizeSection(method=method, bits=3))
+    result = q.quantize_layers(model, config, train_loader=_random_loader())
     assert result.finetune is not None and result.finetune["steps"] == 6
     zeros = untuned.classifier[1].weight == 0
     for name in ("classifier.1", "classifier.3"):

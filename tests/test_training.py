@@ -63,10 +63,14 @@ def test_training_reduces_loss_and_logs_epochs() -> None:
     before = evaluate(model, _toy_loader())["loss"]
     observer = _Lines()
     history = fit_loop(model, _toy_loader(), TrainSection(epochs=4, lr=0.05, schedule="cosine"), device=_CPU,
-                       observer=observer)
+                       observer=observer, val_loader=_toy_loader())
     assert evaluate(model, _toy_loader())["loss"] < before
     assert [row["epoch"] for row in history.epochs] == [1, 2, 3, 4] and len(observer.lines) == 4
+    assert all(line.startswith(f"epoch {i} ") and "val top-1" in line for i, line in enumerate(observer.lines, 1))
     assert history.steps == 16
+    quiet = _Lines()  # a fine-tune without validation data shows its progress bar only, no epoch lines
+    fit_loop(model, _toy_loader(), FineTuneSection(epochs=1, lr=0.01), device=_CPU, observer=quiet)
+    assert quiet.lines == []
 
 
 def test_epoch_rows_carry_the_primary_validation_metric() -> None:

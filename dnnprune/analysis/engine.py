@@ -175,7 +175,7 @@ class _Engine:
         if strategy in ("fast", "cache"):
             try:
                 self.trace = Trace(work, input_shape, batches[0][0].device)
-            except Exception:  # noqa: BLE001 - anything fx cannot trace is evaluated with full forwards
+            except Exception:
                 self.trace = None
         self.routes = {name: self._route(name) for name in plan.layers}
 

@@ -43,7 +43,7 @@ class LayerAnalysis:
         self.calibration: torch.Tensor | None = None
 
     def measure(self, batches: Batches, task: Task, observer: Observer, *, rank: int = 0, world: int = 1) -> Measurement:
-        mine = share_by_cost(self.units, lambda u: float(u.macs + 1), world, key=lambda u: u.name)[rank]
+        mine = share_by_cost(self.units, lambda u: float(max(u.macs, 0) + 1), world, key=lambda u: u.name)[rank]
         bar = observer.begin("analyze layers" + (f" (rank {rank} of {world})" if world > 1 else ""), len(mine))
         measured = {}
         for unit in mine:

@@ -186,7 +186,7 @@ def _maybe_inplace(model: nn.Module, node: torch.fx.Node) -> bool:
     if node.kwargs.get("inplace"):
         return True
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and (name.endswith("_") and not name.endswith("__")
+    return node.op in ("call_method", "call_function") and ((name.endswith("_") and not name.endswith("__"))
                                                              or name.startswith("__i"))
 
 

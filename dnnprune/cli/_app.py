@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Iterator
 
+import torch
 import typer
 from rich.console import Console
 from rich.text import Text
 
 from dnnprune.checkpoint import check_output_path
+from dnnprune.distributed import distributed_env, init_distributed, leave_distributed, process_device
 from dnnprune.errors import DnnpruneError, OutputError
+from dnnprune.lineage import resolve_device
 from dnnprune.recipe import Recipe, load_recipe
 from dnnprune.reports import Report, default_report_path, envelope, write_report
 
@@ -46,12 +50,31 @@ def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable
             except DnnpruneError as exc:
                 fail(str(exc))
             except KeyboardInterrupt:
-                err_console.print(Text("interrupted: ", style="bold red") + Text("nothing was written"))
+                err_console.print(Text("interrupted: ", style="bold red") + Text("no partial file was left (outputs are written whole or not at all)"))
                 raise typer.Exit(130) from None
 
         return app.command(name, **kwargs)(wrapper)
 
     return decorator
+
+
+@contextmanager
+def torchrun_session(device_name: str) -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, this process's device); under torchrun the process group lives for the block.
+
+    Every process runs the command (DistributedDataParallel inside the training loop); only rank 0
+    writes outputs and draws progress.
+    """
+    rank, world = distributed_env()
+    device = process_device(resolve_device(device_name), world)
+    started = init_distributed(world, device)
+    completed = False
+    try:
+        yield rank, world, device
+        completed = True
+    finally:
+        if started:
+            leave_distributed(completed)
 
 
 def fail(message: str) -> None:

@@ -9,9 +9,23 @@ import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load, save
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
-                               recipe_with, write_command_report)
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    ForceOption,
+    OutputOption,
+    RecipeOption,
+    ReportOption,
+    command,
+    common_overrides,
+    console,
+    prepare_output,
+    recipe_with,
+    torchrun_session,
+    write_command_report,
+)
 from dnnprune.cli._observer import RichObserver
 from dnnprune.pruning.double import DoublePruneReport, double_prune
 
@@ -47,9 +61,10 @@ def double_prune_command(
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     model = load(checkpoint)
-    with RichObserver(console) as observer:
-        model, result = double_prune(model, config.double_prune, data=config.data, device=config.device,
-                                     observer=observer)
+    with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
+        model, result = double_prune(model, config.double_prune, data=config.data, device=device, observer=observer)
+    if rank != 0:
+        return
     save(model, output, force=force, protect=(checkpoint,))
     result.totals["file_bytes"] = output.stat().st_size
     result.totals["compression_vs_fp32"] = result.totals["fp32_bytes_before"] / max(1, output.stat().st_size)

@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import check_output_path, load
-from dnnprune.cli._app import ForceOption, ReportOption, RecipeOption, check_report_path, command, console, recipe_with, write_command_report
+from dnnprune.cli._app import (
+    ForceOption,
+    RecipeOption,
+    ReportOption,
+    check_report_path,
+    command,
+    console,
+    recipe_with,
+    write_command_report,
+)
 from dnnprune.errors import OutputError
 from dnnprune.export import ExportReport, export
 from dnnprune.reports import default_report_path
@@ -23,7 +32,7 @@ def export_command(
     report: ReportOption = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (13-23).")] = None,
     exporter: Annotated[str | None, typer.Option(help="torch.onnx exporter: torchscript or dynamo.")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Largest |torch - onnxruntime| accepted (default 1e-4).")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Largest |torch - onnxruntime| accepted (default 1e-4; times the largest output when that is below 1).")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Time PyTorch and onnxruntime on the CPU.")] = None,
     force: ForceOption = False,
 ) -> None:

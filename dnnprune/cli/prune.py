@@ -9,9 +9,23 @@ import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load, save
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
-                               recipe_with, write_command_report)
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    ForceOption,
+    OutputOption,
+    RecipeOption,
+    ReportOption,
+    command,
+    common_overrides,
+    console,
+    prepare_output,
+    recipe_with,
+    torchrun_session,
+    write_command_report,
+)
 from dnnprune.cli._observer import RichObserver
 from dnnprune.pruning import PruneReport, prune
 from dnnprune.pruning.structured import parse_target
@@ -26,7 +40,7 @@ def prune_command(
     granularity: Annotated[str | None, typer.Option(help="filter: remove channels; layer: remove whole units (blocks, layers).")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in [0, 1).")] = None,
     remove: Annotated[int | None, typer.Option(help="Layer granularity: remove this many units.")] = None,
-    target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs (params, macs or bytes).")] = None,
+    target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs, latency:2 for a measured 2x speedup (params, macs, bytes or latency).")] = None,
     criterion: Annotated[str | None, typer.Option(help="l1, l2, bn_scale, taylor or random.")] = None,
     order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity or random.")] = None,
     analysis: Annotated[Path | None, typer.Option(help="Report from `dnnprune analyze` (for --order sensitivity).")] = None,
@@ -35,6 +49,8 @@ def prune_command(
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Accuracy-aware: largest val top-1 drop a step may cause (0.01 = 1 point).")] = None,
     step: Annotated[float | None, typer.Option(help="Accuracy-aware: ratio added to a layer per step.")] = None,
     round_to: Annotated[int | None, typer.Option(help="Keep channel counts a multiple of this (8 suits CPU kernels).")] = None,
+    latency_widths: Annotated[bool | None, typer.Option("--latency-widths/--no-latency-widths", help="Move each width to the fastest nearby one (measured, cached).")] = None,
+    report_latency: Annotated[bool | None, typer.Option("--report-latency/--no-report-latency", help="Time the model before and after (batch 1 and 64, interleaved).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
     samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,
@@ -49,13 +65,16 @@ def prune_command(
     overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
-                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.exclude": exclude or None,
+                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     model = load(checkpoint)
-    with RichObserver(console, formatter=_row_line) as observer:
-        model, result = prune(model, config.prune, data=config.data, device=config.device, observer=observer)
+    with (torchrun_session(config.device) as (rank, _, device),
+          RichObserver(console, formatter=_row_line, enabled=rank == 0) as observer):
+        model, result = prune(model, config.prune, data=config.data, device=device, observer=observer)
+    if rank != 0:
+        return
     save(model, output, force=force, protect=(checkpoint,))
     inputs = {"checkpoint": str(checkpoint), "recipe": recipe, "analysis": config.prune.analysis}
     path = write_command_report("prune", result, report_path, inputs)
@@ -67,7 +86,19 @@ def _row_line(kind: str, row: Mapping[str, Any]) -> str | None:
         return _step_line(row)
     if kind == "prune.layer":
         return _layer_line(row)
+    if kind == "prune.increment":
+        return _increment_line(row)
     return None
+
+
+def _increment_line(row: Mapping[str, Any]) -> str:
+    if "val" not in row:
+        return f"increment {row['increment']} (try {row['attempt']}): [yellow]{row.get('reason', 'stopped')}[/]"
+    verdict = "[green]kept[/]" if row["accepted"] else "[red]undone[/]"
+    error = f" ± {row['drop_stderr'] * 100:.2f}" if row.get("drop_stderr") is not None else ""
+    return (f"increment {row['increment']} (try {row['attempt']}): {row['layers_cut']} layers, -{row['channels_removed']} "
+            f"channels -> params {row['params']:,} MACs {row['macs']:,}  val {row['val']:.4f}  drop "
+            f"{row['drop'] * 100:.2f}{error} pts  {verdict}  ({row['seconds']:.0f} s)")
 
 
 def _layer_line(row: Mapping[str, Any]) -> str:
@@ -104,6 +135,9 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
             table.add_row(f"{split} {metric}", f"{before[split][metric]:.4f}", f"{after[split][metric]:.4f}",
                           f"{-drop * 100:+.2f} {'pts' if result.higher_is_better else '%'}")
     console.print(table)
+    for row in (result.latency or {}).get("rows", []):
+        table.add_row(f"latency batch {row['batch_size']}", f"{row['before_ms']:.2f} ms", f"{row['after_ms']:.2f} ms",
+                      f"{row['speedup']:.2f}x")
     if result.target and not result.target["met"]:
         console.print(f"[yellow]target {result.target['factor']:g}x {result.target['metric']} not met "
                       f"(reached {result.target['reached']:.2f}x): no layer could take more within the accuracy budget")

@@ -4,15 +4,29 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load, save
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
-                               recipe_with, write_command_report)
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    ForceOption,
+    OutputOption,
+    RecipeOption,
+    ReportOption,
+    command,
+    common_overrides,
+    console,
+    prepare_output,
+    recipe_with,
+    torchrun_session,
+    write_command_report,
+)
 from dnnprune.cli._observer import RichObserver
 from dnnprune.errors import DnnpruneError
 from dnnprune.quantization import QuantizeReport, quantize
@@ -47,8 +61,10 @@ def quantize_command(
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     model = load(checkpoint)
-    with RichObserver(console) as observer:
-        model, result = quantize(model, config.quantize, data=config.data, device=config.device, observer=observer)
+    with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
+        model, result = quantize(model, config.quantize, data=config.data, device=device, observer=observer)
+    if rank != 0:
+        return
     save(model, output, force=force, protect=(checkpoint,))
     result.with_file_sizes(checkpoint, output)
     path = write_command_report("quantize", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})

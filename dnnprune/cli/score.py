@@ -10,8 +10,19 @@ import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import load
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, RecipeOption, ReportOption,
-                               command, common_overrides, console, recipe_with, write_command_report)
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    RecipeOption,
+    ReportOption,
+    command,
+    common_overrides,
+    console,
+    recipe_with,
+    write_command_report,
+)
 from dnnprune.errors import OutputError
 from dnnprune.reports import default_report_path, envelope
 from dnnprune.scoring import ScoreReport, score

@@ -9,9 +9,23 @@ import typer
 from rich.table import Table
 
 from dnnprune.checkpoint import save
-from dnnprune.cli._app import (DataRootOption, DatasetOption, DeviceOption, DownloadOption, ForceOption, OutputOption,
-                               RecipeOption, ReportOption, command, common_overrides, console, prepare_output,
-                               recipe_with, write_command_report)
+from dnnprune.cli._app import (
+    DataRootOption,
+    DatasetOption,
+    DeviceOption,
+    DownloadOption,
+    ForceOption,
+    OutputOption,
+    RecipeOption,
+    ReportOption,
+    command,
+    common_overrides,
+    console,
+    prepare_output,
+    recipe_with,
+    torchrun_session,
+    write_command_report,
+)
 from dnnprune.cli._observer import RichObserver
 from dnnprune.fresh import model_from_source
 from dnnprune.training import TrainReport, train
@@ -47,8 +61,10 @@ def train_command(
     inputs = (source_path,) if source_path.exists() else ()
     report_path = prepare_output(output, force=force, inputs=inputs, report=report)
     model = model_from_source(source, config.model, config.data, config.train.seed)
-    with RichObserver(console) as observer:
-        model, result = train(model, config.train, data=config.data, device=config.device, observer=observer)
+    with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
+        model, result = train(model, config.train, data=config.data, device=device, observer=observer)
+    if rank != 0:
+        return
     save(model, output, force=force, protect=inputs)
     path = write_command_report("train", result, report_path, {"source": source, "recipe": recipe})
     _print_summary(result, output, path)
@@ -56,12 +72,14 @@ def train_command(
 
 def _print_summary(result: TrainReport, output: Path, report_path: Path) -> None:
     key = f"val_{result.primary_metric}"
+    rows = result.history["epochs"]
+    classifier = any(row.get("train_top1") is not None for row in rows)
     table = Table(title="training")
-    for column in ("epoch", "train loss", "train top-1", f"val {result.primary_metric}", "lr"):
+    for column in ("epoch", "train loss", *(["train top-1"] if classifier else []), f"val {result.primary_metric}", "lr"):
         table.add_column(column, justify="right")
-    for row in result.history["epochs"]:
-        table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", _number(row.get("train_top1")),
-                      _number(row.get(key)), f"{row['lr']:.2e}")
+    for row in rows:
+        top1 = [_number(row.get("train_top1"))] if classifier else []
+        table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", *top1, _number(row.get(key)), f"{row['lr']:.2e}")
     console.print(table)
     console.print(f"test {result.primary_metric} {_number(result.test.get(result.primary_metric))}  ->  {output}  "
                   f"(report {report_path})")

@@ -6,6 +6,7 @@ checked before any training or surgery, so a bad input fails fast and nothing is
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -14,19 +15,51 @@ import torch
 import torch.nn as nn
 from pydantic import Field
 
+from dnnprune.analysis.command import analyze
+from dnnprune.analysis.plan import CRITERIA as ANALYSIS_CRITERIA
 from dnnprune.checkpoint import CheckpointMeta, meta_of
 from dnnprune.errors import PruningError
+from dnnprune.latency import LayerTable, compare_models
 from dnnprune.lineage import command
 from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_loader
 from dnnprune.observe import Observer
-from dnnprune.pruning.depth import (DepthPlan, Removal, check_reachable, check_units, load_layer_analysis,
-                                    remove_in_order, sensitivity_order, unit_metrics, unit_order)
-from dnnprune.pruning.schedule import (LoopResult, StepEnvironment, accuracy_aware, layer_order, load_analysis,
-                                       order_weights, target_check)
-from dnnprune.pruning.structured import (GlobalRanking, Limits, Plan, TargetSolution, apply_plan, model_size,
-                                         pattern_ratios, pruned_size, ratio_plan, score_groups, solve_target,
-                                         uniform_ratios)
-from dnnprune.recipe import DataSection, FineTuneSection, PruneSection
+from dnnprune.pruning.depth import (
+    DepthPlan,
+    Removal,
+    check_reachable,
+    check_units,
+    load_layer_analysis,
+    remove_in_order,
+    sensitivity_order,
+    unit_metrics,
+    unit_order,
+)
+from dnnprune.pruning.increments import Curves, IncrementEnvironment, prune_in_increments
+from dnnprune.pruning.schedule import (
+    LoopResult,
+    StepEnvironment,
+    accuracy_aware,
+    layer_order,
+    load_analysis,
+    order_weights,
+    target_check,
+)
+from dnnprune.pruning.structured import (
+    GlobalRanking,
+    Limits,
+    Plan,
+    TargetSolution,
+    apply_plan,
+    latency_widths,
+    model_size,
+    pattern_ratios,
+    pruned_size,
+    ratio_plan,
+    score_groups,
+    solve_target,
+    uniform_ratios,
+)
+from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneSection
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
 from dnnprune.tasks import Task, make_task
@@ -55,6 +88,8 @@ class PruneReport(Report):
     knob: float | None = None
     removed: dict[str, int] = Field(default_factory=dict)
     unit_metrics: dict[str, Any] = Field(default_factory=dict)
+    latency: dict[str, Any] | None = None
+    analyses: int | None = None
     baseline_val: float | None = None
     layer_ratios: dict[str, float] = Field(default_factory=dict)
     steps: list[dict[str, Any]] = Field(default_factory=list)
@@ -90,7 +125,8 @@ def prune(model: nn.Module, section: PruneSection, *, data: DataSection, device:
         details = job.run_one_shot()
     history = job.final_finetune(model)
     after = job.measure(model, "after")
-    report = job.report(before, after, details, history, time.perf_counter() - started)
+    latency = job.latency(model)
+    report = job.report(before, after, details, history, time.perf_counter() - started, latency)
     model.to("cpu").eval()
     return model, report
 
@@ -169,7 +205,15 @@ class _Job:
         if self._needs_data():
             self.feeds.check()
         self.base_size = model_size(self.model, self.shape)
-        if config.target is not None:
+        if config.target == "latency" or config.report_latency:
+            self.original = copy.deepcopy(self.model).cpu()
+        if config.target == "latency":
+            if config.accuracy_aware:
+                raise PruningError("--target latency is solved one-shot: drop --accuracy-aware, or use --target macs:F "
+                                   "with --latency-widths")
+            self.base_size["latency"] = compare_models([self.model], self.shape, config.latency_batch,
+                                                       config.latency_repeats)[0]
+        elif config.target is not None:
             self._check_reachable()
 
     def _needs_data(self) -> bool:
@@ -212,11 +256,32 @@ class _Job:
     def _plan(self, scores: dict[str, torch.Tensor]) -> TargetSolution:
         config = self.config
         plan_at = self._plan_family(scores)
+        if config.latency_widths:
+            plan_at = self._fastest(plan_at)
         if config.target is None:
             knob = config.ratio if config.ratio is not None else 0.0
             return TargetSolution(plan_at(knob), knob, 1.0, {})
-        measure = lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude)  # noqa: E731
+        if config.target == "latency":
+            measure: Callable[[Plan], dict[str, Any]] = lambda plan: self._measured_latency(scores, plan)  # noqa: E731
+        else:
+            measure = lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude)  # noqa: E731
         return solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
+
+    def _fastest(self, plan_at: Callable[[float], Plan]) -> Callable[[float], Plan]:
+        """The plan family with every width moved to the fastest nearby width (measured layer times)."""
+        config = self.config
+        table = LayerTable(config.latency_batch, config.latency_repeats)
+        grow = config.target == "latency"
+        return lambda knob: latency_widths(self.model, self.graph, plan_at(knob), table, self.shape, self.limits,
+                                           search=config.width_search, may_grow=grow)
+
+    def _measured_latency(self, scores: dict[str, torch.Tensor], plan: Plan) -> dict[str, Any]:
+        """The pruned copy's latency, timed interleaved with the original (so the ratio survives machine load)."""
+        clone = copy.deepcopy(self.model)
+        apply_plan(ChannelGraph(clone, self.shape, exclude=self.config.exclude), scores, plan)
+        base_ms, pruned_ms = compare_models([self.model, clone], self.shape, self.config.latency_batch,
+                                            self.config.latency_repeats)
+        return {"latency": pruned_ms * self.base_size["latency"] / base_ms}
 
     def _plan_family(self, scores: dict[str, torch.Tensor]) -> Callable[[float], Plan]:
         """Plans indexed by one knob in [0, 1]: a uniform ratio, or a global fraction of all channels."""
@@ -243,6 +308,8 @@ class _Job:
     # -- accuracy-aware ----------------------------------------------------------------------
 
     def run_accuracy_aware(self) -> tuple[nn.Module, dict[str, Any]]:
+        if self.config.target is not None and self.config.strategy == "increments":
+            return self.run_increments()
         config = self.config
         val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
         caps = self.fixed if config.target is not None else uniform_ratios(self.graph, config.ratio or 0.0, self.fixed)
@@ -261,6 +328,38 @@ class _Job:
         self.seconds["accuracy_aware"] = time.perf_counter() - started
         self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
         return result.model, _loop_details(result)
+
+    def run_increments(self) -> tuple[nn.Module, dict[str, Any]]:
+        """Verified increments planned from the sensitivity analysis (analysed here when none was given)."""
+        config = self.config
+        started = time.perf_counter()
+        val = self.feeds.eval("val", config.val_samples, config.seed)
+        analysis = self.analysis or self._analyze(self.model, None)
+        env = IncrementEnvironment(
+            input_shape=self.shape, limits=self.limits, metric=config.target, factor=config.target_factor,  # type: ignore[arg-type]
+            max_drop=config.max_accuracy_drop, task=self.task, score=lambda m, g: self._scores(m, g),
+            evaluate=lambda m: evaluate(m, val, self.device, task=self.task),
+            finetune=lambda m, label: (self.finetune(m, config.step_finetune, f"fine-tune {label}") or {}).get("steps", 0),
+            analyze=lambda m: self._analyze(m, config.reanalyze_ratios), exclude=config.exclude,
+            increments=config.increments, confidence=config.confidence, backoffs=config.backoffs,
+            reanalyze_below=config.reanalyze_below, on_step=lambda row: self.observer.row("prune.increment", row),
+            seed=config.seed)
+        result = prune_in_increments(self.model, Curves.from_report(analysis, self.task), env)
+        self.seconds["accuracy_aware"] = time.perf_counter() - started
+        self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
+        return result.model, {"mode": "accuracy-aware-increments", "baseline_val": result.baseline,
+                              "steps": result.rows, "target_met_during_loop": result.target_met,
+                              "analyses": result.analyses}
+
+    def _analyze(self, model: nn.Module, ratios: list[float] | None) -> dict[str, Any]:
+        """The sensitivity analysis of `model` (the filter engine) on the validation subset."""
+        section = AnalyzeSection(criterion=self.config.criterion if self.config.criterion in ANALYSIS_CRITERIA else "l1",
+                                 samples=self.config.val_samples or 2000, exclude=list(self.config.exclude),
+                                 seed=self.config.seed, **({"ratios": ratios} if ratios else {}))
+        started = time.perf_counter()
+        _, report = analyze(model, section, data=self.feeds.section, device=self.device, observer=self.observer)
+        self.seconds["analysis"] = self.seconds.get("analysis", 0.0) + time.perf_counter() - started
+        return report.as_json()
 
     def _jumps(self) -> dict[str, float]:
         """The analysis's suggested ratio per layer (largest grid ratio within its accuracy budget)."""
@@ -319,7 +418,7 @@ class _Job:
     # -- the report ---------------------------------------------------------------------------
 
     def report(self, before: dict[str, Any], after: dict[str, Any], details: dict[str, Any],
-               history: dict[str, Any] | None, seconds: float) -> PruneReport:
+               history: dict[str, Any] | None, seconds: float, latency: dict[str, Any] | None = None) -> PruneReport:
         config = self.config
         return PruneReport(
             arch=self.meta.arch, criterion=config.criterion, order=config.order, layer_order=self.order,
@@ -328,7 +427,7 @@ class _Job:
             after=after, reduction={k: before[k] / max(1, after[k]) for k in ("params", "macs", "bytes")},
             accuracy_drop=_drops(before, after, self.task), target=self._target_block(after),
             layers=self._layer_rows(), locked=self._locked(), **details, final_finetune=history,
-            seconds={**self.seconds, "total": seconds})
+            latency=latency, seconds={**self.seconds, "total": seconds})
 
     def _locked(self) -> dict[str, str]:
         return dict(self.graph.locked)
@@ -336,9 +435,25 @@ class _Job:
     def _target_block(self, after: dict[str, Any]) -> dict[str, Any] | None:
         if self.config.target is None:
             return None
-        reached = self.base_size[self.config.target] / max(1, after[self.config.target])
+        if self.config.target == "latency":
+            reached = self.speedups[self.config.latency_batch]
+        else:
+            reached = self.base_size[self.config.target] / max(1, after[self.config.target])
         return {"metric": self.config.target, "factor": self.config.target_factor, "reached": reached,
                 "met": reached >= self.config.target_factor}
+
+    def latency(self, model: nn.Module) -> dict[str, Any] | None:
+        """Original against pruned, interleaved in one process, medians, at batch 1 and `latency_batch`."""
+        if not hasattr(self, "original"):
+            return None
+        rows = []
+        self.speedups: dict[int, float] = {}
+        for batch in sorted({1, self.config.latency_batch}):
+            before, after = compare_models([self.original, model], self.shape, batch, max(20, self.config.latency_repeats))
+            self.speedups[batch] = before / after
+            rows.append({"batch_size": batch, "before_ms": before, "after_ms": after, "speedup": before / after})
+        return {"rows": rows, "threads": torch.get_num_threads(),
+                "note": "interleaved in one process, medians of the repeats"}
 
     def _layer_rows(self) -> list[dict[str, Any]]:
         after = self.graph.widths()
@@ -412,16 +527,30 @@ class _LayerJob(_Job):
             self.order = []  # measured once data is at hand
         else:
             self.order = unit_order(self.units, config.order, config.seed)
-        self.feeds.check()
+        if self._needs_data():
+            self.feeds.check()
         self.graph = None  # type: ignore[assignment]
         self.widths_before = {}
+
+    def _needs_data(self) -> bool:
+        """Blocks and convs come out without data; a hidden Linear's bridge is fitted on training samples,
+        and measuring the order or the budget needs the validation split."""
+        config = self.config
+        return (config.evaluate or config.accuracy_aware or not self.order
+                or self._has_steps(config.finetune) or self._has_steps(config.step_finetune)
+                or any(unit.kind == "linear" for unit in self.units))
 
     def run_layers(self) -> tuple[nn.Module, dict[str, Any]]:
         config = self.config
         started = time.perf_counter()
-        calibration = self._calibration()
-        val = self.feeds.eval("val", config.val_samples or config.samples, config.seed)
-        evaluate_val = lambda m: evaluate(m, val, self.device, task=self.task)  # noqa: E731
+        calibration = self._calibration() if any(unit.kind == "linear" for unit in self.units) else None
+        loaded: list[Any] = []
+
+        def evaluate_val(model: nn.Module) -> Any:
+            if not loaded:  # the validation split is read only when something is measured
+                loaded.append(self.feeds.eval("val", config.val_samples or config.samples, config.seed))
+            return evaluate(model, loaded[0], self.device, task=self.task)
+
         measured: dict[str, Any] = {}
         if not self.order:
             metrics = unit_metrics(self.model, self.units, evaluate_val, calibration)

@@ -112,26 +112,38 @@ class DepthPlan:
 
 
 def check_reachable(model: nn.Module, units: Sequence[Unit], plan: DepthPlan, input_shape: Sequence[int]) -> None:
-    """A count above the number of units, or a target beyond removing them all, is an input error."""
+    """A count above the number of units, or a target beyond what removing units can give, is an input error."""
     if plan.remove is not None and plan.remove > len(units):
         raise PruningError(f"--remove {plan.remove} is more than the {len(units)} removable units of this model; "
                            f"give at most {len(units)}")
     if plan.target is None or plan.factor is None:
         return
-    best = plan.base[plan.target] / max(1, stripped_size(model, input_shape)[plan.target])
+    best = plan.base[plan.target] / max(1, stripped_size(model, input_shape, plan.target)[plan.target])
     if best < plan.factor:
-        raise PruningError(f"removing every removable unit gives at most {best:.2f}x fewer {plan.target}; "
-                           f"lower the target below {best:.2f}")
+        raise PruningError(f"removing layers can give at most {best:.2f}x fewer {plan.target}; lower the target "
+                           f"below {best:.2f}")
 
 
-def stripped_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """The size left once every unit that can go is gone (bridges sized, not fitted)."""
+def stripped_size(model: nn.Module, input_shape: Sequence[int], metric: str | None = None) -> dict[str, int]:
+    """The smallest size removing units leaves (bridges sized, not fitted).
+
+    Without a metric every unit goes. With one, only units that shrink that metric are taken, again
+    and again, as the removal loop does: on an accordion, removing a bottleneck layer widens the next
+    one, so "every unit gone" can be larger than what the loop reaches. The smaller of the two counts.
+    """
     clone = copy.deepcopy(model)
+    skipped = False
     while True:
         units = find_units(clone, input_shape)
-        if not units:
-            return model_size(clone, input_shape)
-        strip_unit(clone, units[0])
+        shrinking = [u for u in units if _shrinks(u, metric)]
+        skipped = skipped or len(shrinking) < len(units)
+        if not shrinking:
+            break
+        strip_unit(clone, shrinking[0])
+    size = model_size(clone, input_shape)
+    if metric is None or not skipped:
+        return size
+    return min(size, stripped_size(model, input_shape), key=lambda s: s[metric])
 
 
 @dataclass
@@ -139,7 +151,8 @@ class Removal:
     """What the loop needs from outside: data-bound callables."""
 
     input_shape: tuple[int, ...]
-    calibration: torch.Tensor
+    calibration: torch.Tensor | None
+    """Training inputs for the bridges of hidden Linear units (None: the model has none)."""
     evaluate: Callable[[nn.Module], float]
     drop: Callable[[float, float], float]
     finetune: Callable[[nn.Module, str], int]
@@ -149,23 +162,29 @@ class Removal:
 
 
 def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal) -> tuple[nn.Module, list[dict[str, Any]]]:
-    """Walk the order, removing units until the plan is met; returns the model and one row per try."""
+    """Remove units until the plan is met; returns the model and one row per try.
+
+    Each try takes the first unit of `order` that is still in the model and not tried yet. With a
+    params/macs target a unit whose removal would not shrink the model now (a bottleneck Linear,
+    whose bridge widens the next layer) is passed over, not dropped: after other removals it can
+    shrink the model, and it is tried then. A unit rejected by the accuracy budget is not tried again.
+    """
     baseline = env.evaluate(model) if env.max_drop is not None else None
     rows: list[dict[str, Any]] = []
     removed = 0
-    for name in order:
-        if plan.met(removed, model_size(model, env.input_shape)):
-            break
+    tried: set[str] = set()
+    while not plan.met(removed, model_size(model, env.input_shape)):
         units = {u.name: u for u in find_units(model, env.input_shape)}
-        if name not in units:
-            continue  # inside something already removed, or no longer removable
-        if plan.target in ("params", "macs") and getattr(units[name], plan.target) <= 0:
-            continue  # removing it now would not make the model smaller
+        name = next((n for n in order if n not in tried and n in units and _shrinks(units[n], plan.target)), None)
+        if name is None:
+            break
+        tried.add(name)
+        unit = units[name]
         started = time.perf_counter()
         candidate = copy.deepcopy(model) if env.max_drop is not None else model
-        remove_unit(candidate, units[name], env.calibration)
-        row: dict[str, Any] = {"step": len(rows) + 1, "unit": name, "kind": units[name].kind,
-                               "unit_params": units[name].params, "unit_macs": units[name].macs}
+        remove_unit(candidate, unit, env.calibration)
+        row: dict[str, Any] = {"step": len(rows) + 1, "unit": name, "kind": unit.kind,
+                               "unit_params": unit.params, "unit_macs": unit.macs}
         if env.max_drop is not None and baseline is not None:
             row["finetune_steps"] = env.finetune(candidate, name)
             value = env.evaluate(candidate)
@@ -181,3 +200,7 @@ def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env
             env.on_step(row)
     return model, rows
 
+
+def _shrinks(unit: Unit, target: str | None) -> bool:
+    """Under a params/macs target, only a removal that makes the model smaller in it counts."""
+    return target not in ("params", "macs") or getattr(unit, target) > 0

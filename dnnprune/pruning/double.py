@@ -10,6 +10,7 @@ non-zero parameters: the first is what dense execution pays, the second what spa
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Any
 
@@ -92,18 +93,40 @@ class _DoubleJob:
         if any(encoding.values is not None for encoding in self.meta.encodings.values()):
             raise PruningError("this checkpoint has quantized layers, whose codes pruning would cut through; "
                                "double-prune the float checkpoint, then quantize the result")
-        if section.slimming_ratio > 0:
+        # A sparsity that would empty a layer fails here, before any training. Slimming changes the layer
+        # sizes that decide what is reachable: with the gammas as they are (no sparsity training) the plan
+        # is made on a slimmed copy, exactly; otherwise `_slimming` checks again before fine-tuning.
+        probe_slimming = section.slimming_ratio > 0 and section.sparsity > 0 and section.sparsity_steps == 0
+        if section.slimming_ratio > 0 and not probe_slimming:
             check_slimmable(self.model, ChannelGraph(self.model, self.shape))
-        if section.sparsity > 0:
-            self._sparsity_plan()  # a sparsity that would empty a layer fails here, before any training
+        if probe_slimming:
+            try:
+                self._sparsity_plan(self._slimmed_copy())
+            except PruningError as exc:
+                raise PruningError(f"{exc} or --slimming-ratio (what is reachable is measured on the slimmed "
+                                   "layers)") from None
+        elif section.sparsity > 0:
+            self._sparsity_plan()
         if section.evaluate or section.sparsity_steps or section.finetune_steps:
             splits_for(self.meta, self.data)
 
-    def _sparsity_plan(self) -> SparsityPlan:
-        order = prunable_layers(self.model, execution_order(self.model, self.shape))
+    def _slimmed_copy(self) -> nn.Module:
+        """The model as slimming with the current gammas leaves it (raises when it has no BatchNorm)."""
+        probe = copy.deepcopy(self.model)
+        slim(probe, ChannelGraph(probe, self.shape), self.section.slimming_ratio, self._limits())
+        return probe
+
+    def _limits(self) -> Limits:
+        section = self.section
+        return Limits(min_channels=section.min_channels, min_fraction=section.min_fraction, max_ratio=0.99,
+                      round_to=section.round_to)
+
+    def _sparsity_plan(self, model: nn.Module | None = None) -> SparsityPlan:
+        model = self.model if model is None else model
+        order = prunable_layers(model, execution_order(model, self.shape))
         if not order:
             raise PruningError(f"{self.meta.arch} has no conv or linear layer to prune")
-        weights = {name: self.model.get_submodule(name).weight for name in order}
+        weights = {name: model.get_submodule(name).weight for name in order}
         return plan_sparsity(weights, self.section.sparsity, threshold=self.section.threshold,
                              light={order[0], order[-1]}, factor=self.section.first_last_factor,
                              min_density=self.section.min_density)
@@ -130,11 +153,11 @@ class _DoubleJob:
         strength = section.sparsity_lambda if section.sparsity_lambda is not None else default_lambda(self.model)
         sparsity_history = self._train(section.sparsity_steps, "sparsity training", bn_l1=strength)
         graph = ChannelGraph(self.model, self.shape)
-        limits = Limits(min_channels=section.min_channels, min_fraction=section.min_fraction, max_ratio=0.99,
-                        round_to=section.round_to)
         started = time.perf_counter()
-        result: SlimmingResult = slim(self.model, graph, section.slimming_ratio, limits)
+        result: SlimmingResult = slim(self.model, graph, section.slimming_ratio, self._limits())
         self.seconds["slimming_surgery"] = time.perf_counter() - started
+        if section.sparsity > 0 and section.sparsity_steps > 0:
+            self._sparsity_plan()  # trained gammas may have slimmed differently: check before fine-tuning
         stages.append(self._measure("slimmed"))
         history = self._train(section.finetune_steps, "fine-tune after slimming")
         stages.append(self._measure("after_slimming"))

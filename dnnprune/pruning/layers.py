@@ -30,7 +30,8 @@ from dnnprune.metrics import count_macs
 UnitKind = Literal["block", "conv", "linear"]
 _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
                 nn.Dropout, nn.Identity)
-_RIDGE = 1e-4
+_RCOND = 1e-10
+"""Eigenvalues of the centred Gram matrix below this fraction of the largest count as zero variance."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,8 @@ def _chain_unit(model: nn.Module, name: str, module: nn.Module) -> Unit | None:
         return Unit(name, "conv", tuple(members))
     if isinstance(module, nn.Linear):
         following = _next_linear(siblings, position)
-        if following is None:
-            return None
+        if following is None or siblings[following].bias is None:
+            return None  # the bridge needs the next layer's bias to absorb the removed layer's offset
         members = [name] + [f"{prefix}{i}" for i in range(position + 1, following)
                             if not isinstance(siblings[i], nn.Identity)]
         return Unit(name, "linear", tuple(members), bridge=f"{prefix}{following}")
@@ -252,13 +253,22 @@ def _activations(model: nn.Module, first: nn.Module, follower: nn.Module,
 
 
 def least_squares(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W, b minimising ||inputs W^T + b - targets||^2 plus a small ridge (scaled to the data) for stability."""
-    x = torch.cat([inputs.double(), torch.ones(inputs.shape[0], 1, dtype=torch.float64, device=inputs.device)], 1)
-    gram = x.T @ x
-    ridge = _RIDGE * gram.diagonal().mean().clamp_min(1e-12)
-    solution = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device),
-                                  x.T @ targets.double())
-    return solution[:-1].T.float(), solution[-1].float()
+    """W, b minimising ||inputs W^T + b - targets||^2, in float64.
+
+    The data are centred first, so the bias is fitted exactly and the scale of the inputs does not
+    matter; the centred normal equations are solved by a pseudo-inverse that drops only directions
+    with (relatively) no variance (dead or constant units, duplicated columns), so an affine relation
+    is recovered exactly and a rank-deficient one still gets a finite, minimum-norm answer.
+    """
+    x, y = inputs.double(), targets.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    centred = x - x_mean
+    values, vectors = torch.linalg.eigh(centred.T @ centred)
+    keep = values > _RCOND * values.max().clamp_min(torch.finfo(torch.float64).tiny)
+    basis = vectors[:, keep]
+    weight = (basis / values[keep]) @ (basis.T @ (centred.T @ (y - y_mean)))
+    bias = y_mean - x_mean @ weight
+    return weight.T.float(), bias.float()
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

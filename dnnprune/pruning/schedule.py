@@ -38,6 +38,9 @@ def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
         raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file `dnnprune analyze` wrote") from None
     if not isinstance(report, dict) or report.get("command") != "analyze" or not isinstance(report.get("model"), dict):
         raise PruningError(f"{path} is not an analysis report (no command: analyze); pass the file `dnnprune analyze` wrote")
+    if report.get("granularity", "filter") != "filter":
+        raise PruningError(f"{path} is a {report.get('granularity')} analysis; channel pruning needs a filter analysis "
+                           "(`dnnprune analyze CKPT`), or prune with --granularity layer")
     made_for = report["model"]
     if made_for.get("fingerprint") != model_fingerprint(arch, graph):
         raise PruningError(f"analysis {path} was made for another model ({made_for.get('arch')}, "

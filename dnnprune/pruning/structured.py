@@ -16,14 +16,15 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import PruningError
+from dnnprune.latency import LayerTable, input_spatial_sizes
 from dnnprune.metrics import count_macs, count_parameters
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import PruneSection
 from dnnprune.surgery import ChannelGraph, channels_to_keep
 
 Plan = dict[str, int]
-Metric = Literal["params", "macs", "bytes"]
-METRICS: tuple[Metric, ...] = ("params", "macs", "bytes")
+Metric = Literal["params", "macs", "bytes", "latency"]
+METRICS: tuple[Metric, ...] = ("params", "macs", "bytes", "latency")
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,10 @@ class GlobalRanking:
         entries = []
         for name, values in scores.items():
             ranked = values / values.abs().mean().clamp_min(1e-12) if normalize else values
-            entries.extend((float(v), name, i) for i, v in enumerate(ranked))
+            width = max(1, values.numel())
+            entries.extend((float(v), i / width, name, i) for i, v in enumerate(ranked))
+        # Equal scores (an untrained net's gammas are all 1) are taken in turn from every group, not one
+        # group after the other.
         self.entries = sorted(entries)
 
     def plan(self, fraction: float, fixed: Plan | None = None) -> Plan:
@@ -109,7 +113,7 @@ class GlobalRanking:
         fixed = fixed or {}
         budget = round(fraction * sum(self.widths.values())) - sum(fixed.values())
         counts = {name: fixed.get(name, 0) for name in self.widths}
-        for _, name, _ in self.entries:
+        for _, _, name, _ in self.entries:
             if budget <= 0:
                 break
             if name not in fixed and counts[name] < self.caps[name]:
@@ -200,3 +204,78 @@ def parse_target(text: str) -> tuple[Metric, float]:
     if not math.isfinite(value) or value <= 1.0:
         raise PruningError(f"--target factor must be greater than 1 (3 means 3x fewer); got {value:g}")
     return metric, value  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- latency-aware widths
+
+
+def latency_widths(model: nn.Module, graph: ChannelGraph, plan: Plan, table: LayerTable, input_shape: Sequence[int],
+                   limits: Limits, *, search: int, may_grow: bool = False) -> Plan:
+    """Each planned group's fastest width within `search` channels of the plan, from measured layer times.
+
+    A width is timed as the sum of the group's layers at that width: the layers that produce its
+    channels (out = width) and those that consume them (in = width; a Linear after a flatten scales).
+    With `may_grow` False a group never keeps more channels than planned, so a size target still holds.
+    """
+    spatial = input_spatial_sizes(model, input_shape)
+    widths = {g.name: g.width for g in graph.groups}
+    keep = {name: widths[name] - plan.get(name, 0) for name in widths}
+    roles = _layer_roles(model, graph)
+    for group in graph.groups:
+        if not plan.get(group.name) and not may_grow:
+            continue
+        floor = limits.keep(group.width, 1.0)
+        planned = keep[group.name]
+        reach = min(search, math.ceil(_REACH * group.width))
+        candidates = range(max(floor, planned - reach), min(group.width, planned + (reach if may_grow else 0)) + 1)
+        costs = {c: _group_ms(model, group.name, c, keep, roles, spatial, table) for c in candidates}
+        fastest = min(costs.values())
+        if costs.get(planned, float("inf")) > fastest * (1 + _WORTH_IT):  # timing noise never moves a width
+            keep[group.name] = max(c for c, ms in costs.items() if ms <= fastest * (1 + _WORTH_IT))
+    table.save()
+    return {name: widths[name] - keep[name] for name in widths if widths[name] - keep[name] > 0 or name in plan}
+
+
+_REACH = 0.125
+"""A width moves by at most this fraction of the layer (and at most `search` channels)."""
+_WORTH_IT = 0.05
+"""A width moves only to one measured at least this much faster (relative), and then to the widest such."""
+
+
+def _layer_roles(model: nn.Module, graph: ChannelGraph) -> dict[str, list[tuple[str, str, int]]]:
+    """Per group: (layer, "out" | "in", width of the group when the layer was built) for its conv/linear layers."""
+    roles: dict[str, list[tuple[str, str, int]]] = {}
+    for group in graph.groups:
+        for name in group.members:
+            module = model.get_submodule(name)
+            if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            roles.setdefault(group.name, []).append((name, "out" if name in group.outputs else "in", group.width))
+    return roles
+
+
+def _group_ms(model: nn.Module, group: str, width: int, keep: dict[str, int],
+              roles: dict[str, list[tuple[str, str, int]]], spatial: dict[str, tuple[int, ...]],
+              table: LayerTable) -> float:
+    owner = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "out"}
+    feeder = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "in"}
+    total = 0.0
+    for layer, role, group_width in roles.get(group, []):
+        module = model.get_submodule(layer)
+        current_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
+        current_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+        source = feeder.get(layer)
+        cin = current_in if source is None else current_in // max(1, _width_of(roles, source)) * keep[source]
+        cout = keep[owner[layer]] if layer in owner else current_out
+        if role == "out":
+            cout = width
+            if module.__class__ is not nn.Linear and getattr(module, "groups", 1) > 1 and module.groups == current_in:
+                cin = width  # depthwise: its inputs are its outputs
+        else:
+            cin = current_in // max(1, group_width) * width
+        total += table.layer_ms(module, cin, cout, spatial.get(layer, ()))
+    return total
+
+
+def _width_of(roles: dict[str, list[tuple[str, str, int]]], group: str) -> int:
+    return next((w for _, _, w in roles.get(group, [])), 1)

@@ -16,8 +16,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from dnnprune.errors import PruningError
 
@@ -64,7 +66,7 @@ def plan_sparsity(weights: dict[str, torch.Tensor], target: float, *, threshold:
         raise PruningError(f"sparsity {target:g} would empty layers: with every layer kept at min_density "
                            f"{min_density:g} (and the first and last layers at {factor:g} of the sparsity) at most "
                            f"{reachable:.4f} is reachable; lower --sparsity")
-    magnitudes = {name: weights[name].detach().abs().flatten().double().sort().values for name in heavy}
+    magnitudes = {name: _sorted_magnitudes(weights[name]) for name in heavy}
     scale = {name: float(weights[name].detach().double().std()) if threshold == "layer" else 1.0 for name in heavy}
 
     def keep_at(knob: float) -> dict[str, int]:
@@ -75,6 +77,13 @@ def plan_sparsity(weights: dict[str, torch.Tensor], target: float, *, threshold:
     knob = _bisect(lambda k: sum(sizes[n] - v for n, v in keep_at(k).items()), wanted_zeros,
                    max(float(m[-1]) / max(scale[n], 1e-30) for n, m in magnitudes.items()) if heavy else 0.0)
     return SparsityPlan({**keep_at(knob), **light_keep}, sizes, threshold, knob)
+
+
+def _sorted_magnitudes(weight: torch.Tensor) -> torch.Tensor:
+    """|w| ascending, in float64; numpy's sort, about ten times faster than torch's on one CPU thread
+    (planning resnet18 took seconds in torch's sort)."""
+    flat = weight.detach().abs().flatten().double().cpu().numpy()
+    return torch.from_numpy(np.sort(flat))
 
 
 def _bisect(zeros_at: Callable[[float], int], wanted: int, high: float) -> float:
@@ -90,9 +99,11 @@ def _bisect(zeros_at: Callable[[float], int], wanted: int, high: float) -> float
     return high
 
 
-def magnitude_mask(weight: torch.Tensor, keep: int) -> torch.Tensor:
-    """The `keep` largest-magnitude weights (ties by position: deterministic)."""
+def magnitude_mask(weight: torch.Tensor, keep: int, within: torch.Tensor | None = None) -> torch.Tensor:
+    """The `keep` largest-magnitude weights, chosen only `within` an earlier mask when one is given."""
     flat = weight.detach().abs().flatten()
+    if within is not None:  # pruned positions rank below every live one, whatever value they hold now
+        flat = torch.where(within.flatten().to(flat.device), flat, torch.full_like(flat, -1.0))
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if keep > 0:
         mask[torch.topk(flat, keep, sorted=False).indices] = True
@@ -111,6 +122,8 @@ class GradualPruner:
 
     Gradients of pruned weights are masked by hooks and the weights re-zeroed after every step, so
     momentum and weight decay cannot revive them. Call `close()` (or `finish()`) to drop the hooks.
+    Masks act on the tensor the optimizer updates: while a training loop holds a sparse checkpoint's
+    encodings, `module.weight` is computed (original x old mask) and only the original can be zeroed.
     """
 
     def __init__(self, model: nn.Module, plan: SparsityPlan, *, total_steps: int, ramp: float, every: int) -> None:
@@ -119,8 +132,8 @@ class GradualPruner:
         self.ramp_steps = max(1, round(ramp * total_steps)) if total_steps > 0 else 0
         self.every = every
         self.step = 0
-        self.masks = {name: torch.ones_like(m.weight, dtype=torch.bool) for name, m in self.modules.items()}
-        self.hooks = [m.weight.register_hook(self._grad_mask(name)) for name, m in self.modules.items()]
+        self.masks = {name: torch.ones_like(_trained(m), dtype=torch.bool) for name, m in self.modules.items()}
+        self.hooks = [_trained(m).register_hook(self._grad_mask(name)) for name, m in self.modules.items()]
         self.fraction = 0.0
 
     def _grad_mask(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -132,13 +145,17 @@ class GradualPruner:
         for name, module in self.modules.items():
             size = self.plan.sizes[name]
             keep = size - round(fraction * (size - self.plan.keep[name]))
-            self.masks[name] = magnitude_mask(module.weight, keep).to(module.weight.device)
+            # Only live weights compete: momentum may have moved a pruned one since the last re-zeroing,
+            # and a pruned weight must never come back (masks only tighten).
+            weight = _trained(module)
+            self.masks[name] = magnitude_mask(weight, keep, within=self.masks[name]).to(weight.device)
         self.apply()
 
     @torch.no_grad()
     def apply(self) -> None:
         for name, module in self.modules.items():
-            module.weight.mul_(self.masks[name].to(module.weight.dtype))
+            weight = _trained(module)
+            weight.mul_(self.masks[name].to(weight.device, weight.dtype))
 
     def __call__(self, model: nn.Module) -> None:
         """After each optimizer step: prune on schedule, and keep pruned weights at zero."""
@@ -157,6 +174,13 @@ class GradualPruner:
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+
+def _trained(module: nn.Module) -> torch.Tensor:
+    """The weight parameter itself: under a parametrization (held encodings) its original."""
+    if parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations["weight"].original
+    return module.weight
 
 
 def density(model: nn.Module, names: Sequence[str]) -> dict[str, float]:

@@ -52,7 +52,7 @@ def test_analyze_writes_report_csv_and_plot_next_to_the_checkpoint(runner: CliRu
     (["--ratios", ""], ("ratio grid is empty",)),
     (["--ratios", "a,b"], ("--ratios",)),
     (["--criterion", "taylor"], ("taylor",)),
-    (["--granularity", "layer"], ("analyze.granularity", "not available yet")),
+    (["--granularity", "layer", "--layers", "nothing*"], ("no removable unit",)),
     (["--granularity", "channels"], ("analyze.granularity",)),
     (["--layers", "nothing*"], ("nothing*",)),
     (["-o", "out.txt"], (".json",)),
@@ -71,6 +71,20 @@ def test_model_without_prunable_layer(runner: CliRunner, tmp_path: Path) -> None
     result = runner.invoke(app, ["analyze", str(checkpoint)])
     _assert_clean_failure(result, "no prunable layer")
     assert _outputs(tmp_path) == []
+
+
+@needs_fmnist
+def test_layer_granularity_measures_each_unit_removed_whole(runner: CliRunner, lenet_checkpoint: Path) -> None:
+    out = lenet_checkpoint.with_name("units.json")
+    result = runner.invoke(app, ["analyze", str(lenet_checkpoint), "--samples", "200", "--granularity", "layer",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["granularity"] == "layer" and report["samples"] == 200 and report["layers"]
+    assert all([(c["ratio"], c["removed"]) for c in layer["cells"]] == [(1.0, 1)] for layer in report["layers"])
+    assert all(layer["cells"][0]["params"] < report["model"]["params"] for layer in report["layers"])
+    assert sorted(report["order"]) == sorted(layer["name"] for layer in report["layers"])
+    assert out.with_suffix(".csv").exists() and "order (least sensitive first)" in result.output
 
 
 @needs_fmnist

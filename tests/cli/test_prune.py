@@ -49,7 +49,7 @@ def test_prune_without_data_writes_a_smaller_checkpoint_and_report(runner: CliRu
     assert rows["conv1"]["width_before"] == 16 and rows["conv1"]["width_after"] == 8
     assert rows["layer3.2.conv1"]["width_after"] == 64 and rows["layer3.2.conv1"]["excluded"]
     model = dnnprune.load(out)
-    assert dnnprune.meta_of(model).lineage[-1]["command"] == "prune"
+    assert dnnprune.meta_of(model).lineage[-1].command == "prune"
     assert model.conv1.out_channels == 8
 
 
@@ -71,6 +71,7 @@ def test_accuracy_aware_prune_with_a_recipe(runner: CliRunner, tmp_path: Path, l
     recipe = tmp_path / "prune.yaml"
     recipe.write_text(
         "data:\n  train_limit: 1000\nprune:\n  target: macs\n  target_factor: 1.5\n  accuracy_aware: true\n"
+        "  strategy: round-robin\n"
         "  step: 0.4\n  max_accuracy_drop: 0.5\n  val_samples: 200\n  samples: 200\n"
         "  step_finetune:\n    max_steps: 2\n    epochs: 1\n  finetune:\n    max_steps: 2\n    epochs: 1\n")
     out = tmp_path / "pruned.safetensors"
@@ -90,6 +91,7 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     recipe = tmp_path / "prune.yaml"
     recipe.write_text(
         "data:\n  train_limit: 500\nprune:\n  target: macs\n  target_factor: 1.3\n  accuracy_aware: true\n"
+        "  strategy: round-robin\n"
         "  step: 0.2\n  max_accuracy_drop: 0.5\n  val_samples: 100\n  samples: 100\n"
         "  step_finetune:\n    max_steps: 1\n    epochs: 1\n")
     out = tmp_path / "pruned.safetensors"
@@ -112,6 +114,10 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     (["--target", "macs:2", "--order", "sensitivity"], ("--analysis",)),
     (["--ratio", "0.5", "--criterion", "magic"], ("prune.criterion",)),
     (["--ratio", "0.5", "--criterion", "bn_scale"], ("bn_scale", "l1")),
+    (["--remove", "1"], ("--remove counts whole units", "--granularity layer")),
+    (["--granularity", "layer"], ("say how much to remove",)),
+    (["--granularity", "layer", "--remove", "1", "--ratio", "0.5"], ("--granularity layer use --remove N",)),
+    (["--granularity", "layer", "--target", "bytes:2"], ("params:F or macs:F",)),
 ])
 def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                    args: list[str], fragments: tuple[str, ...]) -> None:

@@ -25,7 +25,8 @@ def bn_checkpoint(tmp_path: Path) -> Path:
         (["--bits", "1"], ("quantize.bits", "greater than or equal to 2")),
         (["--bits", "9"], ("quantize.bits", "less than or equal to 8")),
         (["--layers", "decoder.*"], ("'decoder.*' matches no layer",)),
-        (["--layers", "type:BatchNorm2d"], ("BatchNorm2d", "narrow the pattern")),
+        (["--layers", "type:BatchNorm2d"], ("'type:BatchNorm2d' matches only layers that cannot be handled here",
+                                            "bn1 (BatchNorm2d)")),
         (["--layers", "layer1.0.bn1"], ("'layer1.0.bn1' is a BatchNorm2d",)),
         (["--layer-bits", "type:Conv2d=12"], ("layer_bits",)),
         (["--layer-bits", "type:Conv2d"], ("PATTERN=BITS",)),
@@ -38,6 +39,13 @@ def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path:
     result = runner.invoke(app, ["quantize", str(bn_checkpoint), "-o", str(out), "--no-evaluate", *options])
     _assert_clean_failure(result, *fragments)
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+def test_a_glob_passes_over_layers_it_cannot_quantize(runner: CliRunner, tmp_path: Path, bn_checkpoint: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["quantize", str(bn_checkpoint), "-o", str(out), "--no-evaluate", "--layers", "layer1.0.*"])
+    assert result.exit_code == 0, result.output
+    assert set(dnnprune.meta_of(dnnprune.load(out)).encodings) == {"layer1.0.conv1.weight", "layer1.0.conv2.weight"}
 
 
 def test_quantize_writes_a_smaller_checkpoint_and_an_honest_report(runner: CliRunner, tmp_path: Path,
@@ -59,7 +67,12 @@ def test_quantize_writes_a_smaller_checkpoint_and_an_honest_report(runner: CliRu
     assert all(row["sqnr_db"] > 10 for row in report["layers"][1:])
     assert all(row["bytes_after"] < row["bytes_before"] / 5 for row in report["layers"] if row["type"] == "Linear")
     meta = dnnprune.meta_of(dnnprune.load(out))
-    assert meta.lineage[-1]["command"] == "quantize" and meta.encodings["features.0.weight"]["bits"] == 8
+    assert meta.lineage[-1].command == "quantize"
+    assert meta.lineage[-1].metrics["layers"] == {"features.0": 8, "features.3": 8, "classifier.1": 5,
+                                                  "classifier.3": 5, "classifier.5": 5}
+    encoding = meta.encodings["features.0.weight"]
+    assert (encoding.values.codec, encoding.values.bits, encoding.sparse) == ("kmeans", 8, None)
+    assert meta.encodings["classifier.1.weight"].values.bits == 5
 
     again = runner.invoke(app, ["quantize", str(out), "-o", str(tmp_path / "twice.safetensors"), "--no-evaluate"])
     _assert_clean_failure(again, "already quantized")
@@ -77,7 +90,8 @@ def test_quantize_measures_accuracy_and_int8_execution(runner: CliRunner, tmp_pa
                                  "--method", "linear", "--bits", "8", "--int8-execution"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
-    assert report["accuracy"]["before"]["samples"] == 200 == report["accuracy"]["after"]["samples"]
+    assert report["primary_metric"] == "top1" and report["metrics"]["split"] == "test"
+    assert report["metrics"]["before"]["samples"] == 200 == report["metrics"]["after"]["samples"]
     int8 = report["int8_execution"]
     assert int8["available"], int8
     assert int8["linear_layers"] == 3 and int8["latency"][0]["int8_median_ms"] > 0

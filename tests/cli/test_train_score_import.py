@@ -39,7 +39,8 @@ def test_train_from_scratch_on_mnist_files_writes_checkpoint_and_curves(runner: 
     assert report["test"]["samples"] == 100
     meta = dnnprune.meta_of(dnnprune.load(out))
     assert meta.dataset == "mnist" and meta.input_shape == (1, 28, 28) and meta.arch_args["input_size"] == 28
-    assert meta.lineage[-1]["command"] == "train" and len(meta.lineage[-1]["recipe_sha256"]) == 64
+    assert meta.lineage[-1].command == "train" and len(meta.lineage[-1].recipe_sha256) == 64
+    assert meta.lineage[-1].metrics["test_top1"] == report["test"]["top1"] and report["primary_metric"] == "top1"
 
 
 def test_training_is_deterministic_for_a_seed(runner: CliRunner, tmp_path: Path) -> None:
@@ -58,8 +59,8 @@ def test_finetune_records_parent_in_lineage(runner: CliRunner, tmp_path: Path) -
     result = runner.invoke(app, ["train", str(parent), "-o", str(child), "--data-root", str(root), "--max-steps", "3"])
     assert result.exit_code == 0, result.output
     lineage = dnnprune.meta_of(dnnprune.load(child)).lineage
-    assert [e["command"] for e in lineage] == ["train", "train"]
-    assert lineage[1]["parent_sha256"] == dnnprune.checkpoint.file_sha256(parent)
+    assert [e.command for e in lineage] == ["train", "train"]
+    assert lineage[1].parent_sha256 == dnnprune.checkpoint.file_sha256(parent)
 
 
 def test_score_report_has_every_metric(runner: CliRunner, tmp_path: Path) -> None:
@@ -70,17 +71,23 @@ def test_score_report_has_every_metric(runner: CliRunner, tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     assert "NetScore" in result.output
     report = json.loads(report_path.read_text())
-    params, macs, top1 = report["params"], report["macs"], report["accuracy"]["top1"]
-    assert params == sum(p.numel() for p in dnnprune.load(out).parameters())
+    params, macs, top1 = report["params"], report["macs"], report["metrics"]["top1"]
+    assert report["primary_metric"] == "top1" and report["task"]["kind"] == "classification"
+    loaded = dnnprune.load(out)
+    assert params == sum(p.numel() for p in loaded.parameters())
+    nonzero = report["nonzero_params"]
+    assert nonzero == sum(int(p.count_nonzero()) for p in loaded.parameters()) and nonzero <= params
     assert macs == 6 * 28 * 28 * 25 + 16 * 10 * 10 * 6 * 25 + 400 * 120 + 120 * 84 + 84 * 10
     assert report["disk_bytes"] == out.stat().st_size
     assert math.isclose(report["bits_per_weight"], out.stat().st_size * 8 / params)
     expected = 20 * math.log10((top1 * 100) ** 2 / ((params / 1e6) ** 0.5 * (macs / 1e6) ** 0.5))
     assert math.isclose(report["netscore"]["value"], expected, rel_tol=1e-9)
+    expected_nonzero = 20 * math.log10((top1 * 100) ** 2 / ((nonzero / 1e6) ** 0.5 * (macs / 1e6) ** 0.5))
+    assert math.isclose(report["netscore"]["value_nonzero"], expected_nonzero, rel_tol=1e-9)
     assert report["netscore"]["units"]["p"].startswith("parameters in millions")
     assert [row["batch_size"] for row in report["latency"]] == [1, 64]
     assert all(row["median_ms"] > 0 for row in report["latency"])
-    assert report["accuracy"]["top5"] is not None
+    assert report["metrics"]["top5"] is not None and report["metrics"]["samples"] == 100
 
 
 def test_score_json_flag_prints_the_report(runner: CliRunner, tmp_path: Path) -> None:
@@ -118,7 +125,7 @@ def test_import_torchvision_resnet18_reproduces_outputs(runner: CliRunner, tmp_p
         assert torch.equal(imported(sample), original(sample))
     meta = dnnprune.meta_of(imported)
     assert meta.arch_args == {"num_classes": 10, "in_channels": 1} and meta.input_shape == (1, 32, 32)
-    assert meta.lineage[0]["command"] == "import"
+    assert meta.lineage[0].command == "import"
 
 
 def test_import_plain_safetensors_with_module_prefix(runner: CliRunner, tmp_path: Path) -> None:
@@ -138,7 +145,7 @@ def test_score_on_real_fashion_mnist_subset(runner: CliRunner, lenet_checkpoint:
     result = runner.invoke(app, ["score", str(lenet_checkpoint), "--samples", "500", "--no-latency", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["accuracy"]["samples"] == 500 and report["dataset"] == "fashion-mnist"
+    assert report["metrics"]["samples"] == 500 and report["dataset"] == "fashion-mnist"
 
 
 def test_python_dash_m_entry_point() -> None:

@@ -1,0 +1,309 @@
+"""Benchmark: double pruning (network slimming, then magnitude pruning) against a control and Torch-Pruning.
+
+From one baseline checkpoint, per seed, with the same training steps, batches, learning-rate schedule
+and data in every arm:
+
+- dnnprune: `double_prune` with the recipe's `double_prune:` section (BN-scale L1 steps, global |gamma|
+  slimming, fine-tune, gradual magnitude pruning to the sparsity), saved sparse; then `quantize` with
+  the recipe's `quantize:` section (codes stacked on the sparse form);
+- control: the same baseline fine-tuned through the same phases (same steps and schedule), with no
+  penalty and no pruning: what the extra training alone gives;
+- tp: Torch-Pruning's BNScalePruner (its own regularizer, same lambda and steps, global pruning to the
+  same channel ratio), the same fine-tune, then `torch.nn.utils.prune.global_unstructured` L1 to the
+  SAME non-zero parameter count as the dnnprune arm of that seed, and the same fine-tune with its masks.
+
+Every arm is scored on the test split; recipes are chosen on validation (`--split val`). The sweep mode
+(`--sweep`) runs a slimming x sparsity grid per model with short phases and plots accuracy against
+non-zero parameters with NetScore marked. Only bench code imports torch_pruning outside dnnprune.
+
+    python bench/double_prune.py CKPT -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --arms dnnprune,control,tp
+    python bench/double_prune.py --sweep runs/cache/sweep.yaml --out runs/bench/double-prune-sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.utils.prune as torch_prune
+import yaml
+
+import dnnprune
+from dnnprune.checkpoint import meta_of, predicted_file_bytes, save
+from dnnprune.loaders import eval_loader, train_loader
+from dnnprune.metrics import count_macs, count_nonzero_parameters, count_parameters
+from dnnprune.pruning.double import double_prune
+from dnnprune.quantization import quantize
+from dnnprune.recipe import FineTuneSection, NetScoreSection, Recipe, load_recipe
+from dnnprune.scoring import netscore_block
+from dnnprune.surgery import output_layers
+from dnnprune.tasks import make_task
+from dnnprune.training import evaluate, fit_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", nargs="?", type=Path)
+    parser.add_argument("-r", "--recipe", type=Path, default=ROOT / "recipes/double-prune-vgg16.yaml")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds")
+    parser.add_argument("--arms", default="dnnprune,control,tp")
+    parser.add_argument("--split", choices=["val", "test"], default="test",
+                        help="score on val while choosing a recipe, on test for the final rows")
+    parser.add_argument("--sweep", type=Path, help="YAML: models (checkpoint, recipe) x slimming x sparsity")
+    parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/double-prune")
+    return parser.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def measure(model: nn.Module, recipe: Recipe, split: str, file_bytes: int | None = None) -> dict[str, Any]:
+    meta = meta_of(model)
+    task = make_task(meta.task)
+    metrics = evaluate(model, eval_loader(meta, recipe.data, split=split), "cpu", task=task)  # type: ignore[arg-type]
+    shape = tuple(meta.input_shape)
+    size = {"params": count_parameters(model), "nonzero_params": count_nonzero_parameters(model),
+            "macs": sum(count_macs(model, shape).values())}
+    block = netscore_block(task, metrics.value, size, NetScoreSection().model_dump())
+    return {"split": split, task.primary: metrics.value, **size, "file_bytes": file_bytes,
+            "netscore": block["value"], "netscore_nonzero": block["value_nonzero"]}
+
+
+def phases(recipe: Recipe) -> list[tuple[str, int]]:
+    """The training phases of the recipe's double-prune run, in order: (name, steps)."""
+    section = recipe.double_prune
+    rows = []
+    if section.slimming_ratio > 0:
+        rows += [("sparsity training", section.sparsity_steps), ("fine-tune after slimming", section.finetune_steps)]
+    if section.sparsity > 0:
+        rows.append(("gradual magnitude pruning", section.finetune_steps))
+    return [(name, steps) for name, steps in rows if steps > 0]
+
+
+def run_phase(model: nn.Module, recipe: Recipe, index: int, steps: int, seed: int, **kwargs: Any) -> None:
+    """One phase exactly as double_prune runs it: the section's optimizer, `steps` steps, the phase's seed."""
+    config: FineTuneSection = recipe.double_prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": steps})
+    phase_seed = seed + index
+    loader = train_loader(meta_of(model), recipe.data, config.batch_size, phase_seed)
+    fit_loop(model, loader, config, device=torch.device("cpu"), description=f"phase {index}", seed=phase_seed, **kwargs)
+
+
+# ----------------------------------------------------------------------------- the arms
+
+
+def arm_dnnprune(checkpoint: Path, recipe: Recipe, seed: int, split: str, out: Path) -> dict[str, Any]:
+    model = dnnprune.load(checkpoint)
+    section = recipe.double_prune.model_copy(update={"seed": seed, "evaluate": False})
+    started = time.perf_counter()
+    model, report = double_prune(model, section, data=recipe.data)
+    seconds = time.perf_counter() - started
+    path = save(model, out / f"dnnprune-seed{seed}.safetensors", force=True)
+    row = {"arm": "dnnprune", "seed": seed, "seconds": seconds, **measure(model, recipe, split, path.stat().st_size),
+           "slimming_threshold": (report.slimming or {}).get("threshold"),
+           "reached_sparsity": (report.parameter_pruning or {}).get("reached_sparsity")}
+    quantized, _ = quantize(dnnprune.load(path), recipe.quantize.model_copy(update={"evaluate": False}), data=recipe.data)
+    qpath = save(quantized, out / f"dnnprune-q-seed{seed}.safetensors", force=True)
+    row["quantized"] = measure(quantized, recipe, split, qpath.stat().st_size)
+    return row
+
+
+def arm_control(checkpoint: Path, recipe: Recipe, seed: int, split: str) -> dict[str, Any]:
+    model = dnnprune.load(checkpoint)
+    started = time.perf_counter()
+    for index, (_, steps) in enumerate(phases(recipe)):
+        run_phase(model, recipe, index, steps, seed)
+    return {"arm": "control", "seed": seed, "seconds": time.perf_counter() - started,
+            **measure(model, recipe, split, predicted_file_bytes(model, meta_of(model)))}
+
+
+def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, nonzero: int) -> dict[str, Any]:
+    """BNScalePruner at the same lambda, steps and channel ratio, then global L1 to `nonzero` non-zeros."""
+    import torch_pruning as tp
+
+    model = dnnprune.load(checkpoint)
+    meta = meta_of(model)
+    section = recipe.double_prune
+    strength = section.sparsity_lambda if section.sparsity_lambda is not None else (
+        1e-5 if any(hasattr(m, "downsample") or type(m).__name__ == "BasicBlock" for m in model.modules()) else 1e-4)
+    example = torch.zeros(1, *meta.input_shape)
+    last = model.get_submodule(output_layers(model, meta.input_shape)[0])
+    started = time.perf_counter()
+    index = 0
+    if section.slimming_ratio > 0:
+        pruner = tp.pruner.BNScalePruner(model, example, importance=tp.importance.BNScaleImportance(),
+                                         global_pruning=True, pruning_ratio=section.slimming_ratio, reg=strength,
+                                         ignored_layers=[last])
+        if section.sparsity_steps:
+            run_phase(model, recipe, index, section.sparsity_steps, seed, after_backward=pruner.regularize, bn_l1=0.0)
+            index += 1
+        pruner.step()
+        if section.finetune_steps:
+            run_phase(model, recipe, index, section.finetune_steps, seed)
+            index += 1
+    if section.sparsity > 0:
+        weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        dense_rest = count_parameters(model) - sum(m.weight.numel() for m, _ in weights)
+        amount = max(0, sum(m.weight.numel() for m, _ in weights) - (nonzero - dense_rest))
+        torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=int(amount))
+        if section.finetune_steps:
+            run_phase(model, recipe, index, section.finetune_steps, seed)
+        for module, name in weights:
+            torch_prune.remove(module, name)
+    return {"arm": "tp", "seed": seed, "seconds": time.perf_counter() - started, "lambda": strength,
+            **measure(model, recipe, split, None)}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+def summary(rows: list[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """Mean and spread (sample standard deviation, min, max) per arm."""
+    out: dict[str, Any] = {}
+    for arm in sorted({r["arm"] for r in rows}):
+        values = [r[metric] for r in rows if r["arm"] == arm]
+        nonzero = [r["nonzero_params"] for r in rows if r["arm"] == arm]
+        out[arm] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values), "max": max(values), "n": len(values),
+                    "nonzero_params": statistics.fmean(nonzero)}
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], baseline: dict[str, Any], metric: str) -> str:
+    lines = [f"| arm | seed | {metric} | params | non-zero | MACs | file bytes | NetScore (all / non-zero) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in [{"arm": "baseline", "seed": "-", **baseline}, *rows]:
+        lines.append(f"| {row['arm']} | {row['seed']} | {row[metric] * 100:.2f} % | {row['params']:,} | "
+                     f"{row['nonzero_params']:,} | {row['macs']:,} | {row.get('file_bytes') or '-':,} | "
+                     f"{row['netscore']:.2f} / {row['netscore_nonzero']:.2f} |".replace(",} |", "} |"))
+        if row.get("quantized"):
+            q = row["quantized"]
+            lines.append(f"| {row['arm']} + quantize | {row['seed']} | {q[metric] * 100:.2f} % | {q['params']:,} | "
+                         f"{q['nonzero_params']:,} | {q['macs']:,} | {q['file_bytes']:,} | "
+                         f"{q['netscore']:.2f} / {q['netscore_nonzero']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_headline(args: argparse.Namespace) -> dict[str, Any]:
+    recipe = load_recipe(args.recipe)
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline_model = dnnprune.load(args.checkpoint)
+    metric = make_task(meta_of(baseline_model).task).primary
+    baseline = measure(baseline_model, recipe, args.split, args.checkpoint.stat().st_size)
+    rows: list[dict[str, Any]] = []
+    arms = args.arms.split(",")
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        ours = arm_dnnprune(args.checkpoint, recipe, seed, args.split, args.out) if "dnnprune" in arms else None
+        if ours:
+            rows.append(ours)
+        if "control" in arms:
+            rows.append(arm_control(args.checkpoint, recipe, seed, args.split))
+        if "tp" in arms and ours:
+            rows.append(arm_torch_pruning(args.checkpoint, recipe, seed, args.split, ours["nonzero_params"]))
+        _write(args.out, baseline, rows, metric, args)
+    return _write(args.out, baseline, rows, metric, args)
+
+
+def _write(out: Path, baseline: dict[str, Any], rows: list[dict[str, Any]], metric: str,
+           args: argparse.Namespace) -> dict[str, Any]:
+    result = {"command": " ".join(sys.argv), "baseline": baseline, "rows": rows, "summary": summary(rows, metric),
+              "threads": torch.get_num_threads(), "split": args.split}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    (out / "table.md").write_text(markdown(rows, baseline, metric))
+    print(markdown(rows, baseline, metric), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def run_sweep(args: argparse.Namespace) -> None:
+    """Per model: the baseline and every (slimming, sparsity) point; a table and a PNG."""
+    plan = yaml.safe_load(args.sweep.read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    points: list[dict[str, Any]] = []
+    for model_plan in plan["models"]:
+        checkpoint, recipe = Path(model_plan["checkpoint"]), load_recipe(Path(model_plan["recipe"]))
+        base = dnnprune.load(checkpoint)
+        points.append({"model": model_plan["name"], "slimming": 0.0, "sparsity": 0.0,
+                       **measure(base, recipe, args.split, checkpoint.stat().st_size)})
+        for slimming in plan["slimming"]:
+            for sparsity in plan["sparsity"]:
+                if slimming == 0 and sparsity == 0:
+                    continue
+                section = recipe.double_prune.model_copy(update={"slimming_ratio": slimming, "sparsity": sparsity,
+                                                                 "evaluate": False})
+                model, _ = double_prune(dnnprune.load(checkpoint), section, data=recipe.data)
+                path = save(model, args.out / f"{model_plan['name']}-{slimming}-{sparsity}.safetensors", force=True)
+                points.append({"model": model_plan["name"], "slimming": slimming, "sparsity": sparsity,
+                               **measure(model, recipe, args.split, path.stat().st_size)})
+                (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
+    (args.out / "sweep.md").write_text(sweep_table(points))
+    plot_sweep(points, args.out / "sweep.png")
+    print(sweep_table(points))
+
+
+def sweep_table(points: list[dict[str, Any]]) -> str:
+    metric = next(k for k in ("top1", "roc_auc") if k in points[0])
+    best_after = {}
+    for p in points:
+        if p["slimming"] or p["sparsity"]:
+            if p["model"] not in best_after or p["netscore_nonzero"] > best_after[p["model"]]["netscore_nonzero"]:
+                best_after[p["model"]] = p
+    lines = ["| model | slimming | sparsity | test top-1 | params | non-zero | MACs | NetScore | NetScore (non-zero) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        mark = " **best of model**" if best_after.get(p["model"]) is p else ""
+        lines.append(f"| {p['model']} | {p['slimming']} | {p['sparsity']} | {p[metric] * 100:.2f} % | {p['params']:,} | "
+                     f"{p['nonzero_params']:,} | {p['macs']:,} | {p['netscore']:.2f} | {p['netscore_nonzero']:.2f}{mark} |")
+    winner = max(best_after.values(), key=lambda p: p["netscore_nonzero"]) if best_after else None
+    if winner:
+        lines.append(f"\nBest NetScore after pruning (non-zero params): **{winner['model']}** "
+                     f"({winner['netscore_nonzero']:.2f} at slimming {winner['slimming']}, sparsity {winner['sparsity']}).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metric = next(k for k in ("top1", "roc_auc") if k in points[0])
+    fig = Figure(figsize=(8, 5), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for model in dict.fromkeys(p["model"] for p in points):
+        rows = sorted((p for p in points if p["model"] == model), key=lambda p: -p["nonzero_params"])
+        ax.plot([p["nonzero_params"] for p in rows], [p[metric] * 100 for p in rows], marker="o", label=model)
+        best = max(rows, key=lambda p: p["netscore_nonzero"])
+        ax.annotate(f"NetScore {best['netscore_nonzero']:.1f}", (best["nonzero_params"], best[metric] * 100),
+                    textcoords="offset points", xytext=(5, 5), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("non-zero parameters (log)")
+    ax.set_ylabel(f"test {metric} (%)")
+    ax.set_title("double pruning: accuracy against non-zero parameters (best NetScore per model marked)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(str(path))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.sweep is not None:
+        run_sweep(args)
+    else:
+        if args.checkpoint is None:
+            raise SystemExit("give the baseline checkpoint (or --sweep PLAN.yaml)")
+        run_headline(args)
+
+
+if __name__ == "__main__":
+    main()

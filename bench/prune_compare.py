@@ -1,0 +1,208 @@
+"""Benchmark: filter pruning to a MACs target, with a control and Torch-Pruning side by side, over seeds.
+
+From one baseline checkpoint and one recipe (`prune:` section), per seed:
+
+- dnnprune: `prune` as the recipe says (accuracy-aware increments or one-shot, sensitivity order from
+  the analysis report), timed;
+- control: the same baseline fine-tuned through exactly the phases the pruned model received (each kept
+  increment's fine-tune, then the final fine-tune: same steps, learning rates, schedules and batch
+  seeds), with no pruning: what the extra training alone gives;
+- tp: Torch-Pruning's MagnitudePruner, uniform group-L1, its ratio bisected until MACs are down at least
+  as far as the dnnprune model, channel counts rounded like the recipe, then one fine-tune with as many
+  steps as the dnnprune model received, at the recipe's final fine-tune settings.
+
+Test metric for all, mean and sample standard deviation over seeds; latency of baseline and every
+pruned model measured interleaved in one process (medians) at batch 1 and 64.
+
+    python bench/prune_compare.py runs/cache/vgg16_bn-fmnist.safetensors -r recipes/prune-vgg16-fmnist.yaml \\
+        --analysis runs/cache/vgg16_bn-fmnist.analysis.json --seeds 0,1,2 --out runs/bench/prune-vgg16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+import dnnprune
+from dnnprune.checkpoint import attach_meta, meta_of, save
+from dnnprune.latency import compare_models
+from dnnprune.loaders import eval_loader, train_loader
+from dnnprune.metrics import count_macs, count_parameters
+from dnnprune.pruning import prune
+from dnnprune.recipe import FineTuneSection, Recipe, load_recipe
+from dnnprune.surgery import output_layers
+from dnnprune.tasks import make_task
+from dnnprune.training import evaluate, fit_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("-r", "--recipe", type=Path, required=True)
+    parser.add_argument("--analysis", type=Path, default=None, help="overrides the recipe's prune.analysis")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--arms", default="dnnprune,control,tp")
+    parser.add_argument("--split", choices=["val", "test"], default="test")
+    parser.add_argument("--latency-repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path, required=True)
+    return parser.parse_args(argv)
+
+
+def test_metrics(model: nn.Module, recipe: Recipe, split: str) -> dict[str, Any]:
+    meta = meta_of(model)
+    task = make_task(meta.task)
+    result = evaluate(model, eval_loader(meta, recipe.data, split=split), "cpu", task=task)  # type: ignore[arg-type]
+    shape = tuple(meta.input_shape)
+    return {"metric": task.primary, "value": result.value, "params": count_parameters(model),
+            "macs": sum(count_macs(model, shape).values())}
+
+
+def received_phases(report: Any, recipe: Recipe) -> list[tuple[FineTuneSection, int]]:
+    """The fine-tune phases the pruned model kept, in order, each with the seed it drew its batches with."""
+    seed = recipe.prune.seed
+    phases: list[tuple[FineTuneSection, int]] = []
+    draws = 0
+    for row in report.steps:
+        steps = row.get("finetune_steps", 0)
+        if steps:
+            if row.get("accepted"):
+                phases.append((recipe.prune.step_finetune.model_copy(update={"epochs": 0.0, "max_steps": steps}),
+                               seed + draws))
+            draws += 1
+    final = report.final_finetune or {}
+    if final.get("steps") and final.get("kept", True):
+        phases.append((recipe.prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": final["steps"]}),
+                       seed + draws))
+    return phases
+
+
+def arm_dnnprune(args: argparse.Namespace, recipe: Recipe, seed: int) -> tuple[nn.Module, dict[str, Any], Any]:
+    section = recipe.prune.model_copy(update={"seed": seed, "evaluate": False})
+    started = time.perf_counter()
+    model, report = prune(dnnprune.load(args.checkpoint), section, data=recipe.data)
+    seconds = time.perf_counter() - started
+    save(model, args.out / f"dnnprune-seed{seed}.safetensors", force=True)
+    steps = sum(p.max_steps or 0 for p, _ in received_phases(report, recipe.model_copy(update={"prune": section})))
+    row = {"arm": "dnnprune", "seed": seed, "seconds": seconds, "finetune_steps_received": steps,
+           "target_met": (report.target or {}).get("met"), "increments": [
+               {k: r.get(k) for k in ("increment", "attempt", "macs", "val", "drop", "drop_stderr", "accepted", "seconds")}
+               for r in report.steps], **test_metrics(model, recipe, args.split)}
+    return model, row, report
+
+
+def arm_control(args: argparse.Namespace, recipe: Recipe, seed: int, report: Any) -> dict[str, Any]:
+    model = dnnprune.load(args.checkpoint)
+    section = recipe.prune.model_copy(update={"seed": seed})
+    started = time.perf_counter()
+    phases = received_phases(report, recipe.model_copy(update={"prune": section}))
+    for config, phase_seed in phases:
+        loader = train_loader(meta_of(model), recipe.data, config.batch_size, phase_seed)
+        fit_loop(model, loader, config, device=torch.device("cpu"), seed=phase_seed)
+    return {"arm": "control", "seed": seed, "seconds": time.perf_counter() - started,
+            "finetune_steps_received": sum(p.max_steps or 0 for p, _ in phases), **test_metrics(model, recipe, args.split)}
+
+
+def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs: int, steps: int) -> tuple[nn.Module, dict[str, Any]]:
+    import torch_pruning as tp
+
+    baseline = dnnprune.load(args.checkpoint)
+    shape = tuple(meta_of(baseline).input_shape)
+
+    def pruned(ratio: float) -> nn.Module:
+        model = copy.deepcopy(baseline)
+        ignored = [model.get_submodule(n) for n in output_layers(model, shape)]
+        round_to = recipe.prune.round_to if recipe.prune.round_to > 1 else None
+        tp.pruner.MagnitudePruner(model, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
+                                  pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
+                                  round_to=round_to).step()
+        return model
+
+    low, high = 0.0, 0.95
+    while high - low > 1e-3:
+        middle = (low + high) / 2
+        low, high = (low, middle) if sum(count_macs(pruned(middle), shape).values()) <= macs else (middle, high)
+    model = pruned(high)
+    attach_meta(model, meta_of(baseline))
+    started = time.perf_counter()
+    if steps:
+        config = recipe.prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": steps})
+        fit_loop(model, train_loader(meta_of(model), recipe.data, config.batch_size, seed), config,
+                 device=torch.device("cpu"), seed=seed)
+    return model, {"arm": "tp", "seed": seed, "ratio": high, "seconds": time.perf_counter() - started,
+                   "finetune_steps_received": steps, **test_metrics(model, recipe, args.split)}
+
+
+def latency_rows(models: dict[str, nn.Module], shape: tuple[int, ...], repeats: int) -> list[dict[str, Any]]:
+    names = list(models)
+    rows = []
+    for batch in (1, 64):
+        times = compare_models([models[n] for n in names], shape, batch, repeats)
+        rows += [{"model": n, "batch_size": batch, "median_ms": ms, "speedup": times[0] / ms} for n, ms in zip(names, times)]
+    return rows
+
+
+def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out = {}
+    for arm in dict.fromkeys(r["arm"] for r in rows):
+        values = [r["value"] for r in rows if r["arm"] == arm]
+        macs = [r["macs"] for r in rows if r["arm"] == arm]
+        out[arm] = {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                    "min": min(values), "max": max(values), "n": len(values), "macs": statistics.fmean(macs)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    recipe = load_recipe(args.recipe, {"prune.analysis": str(args.analysis) if args.analysis else None})
+    args.out.mkdir(parents=True, exist_ok=True)
+    baseline = dnnprune.load(args.checkpoint)
+    shape = tuple(meta_of(baseline).input_shape)
+    rows = [{"arm": "baseline", "seed": None, **test_metrics(baseline, recipe, args.split)}]
+    arms = args.arms.split(",")
+    latency_models: dict[str, nn.Module] = {"baseline": baseline}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        ours, row, report = arm_dnnprune(args, recipe, seed)
+        rows.append(row)
+        latency_models[f"dnnprune-seed{seed}"] = ours
+        if "control" in arms:
+            rows.append(arm_control(args, recipe, seed, report))
+        if "tp" in arms:
+            theirs, tp_row = arm_torch_pruning(args, recipe, seed, row["macs"], row["finetune_steps_received"])
+            rows.append(tp_row)
+            latency_models[f"tp-seed{seed}"] = theirs
+        write(args, rows, [])
+    write(args, rows, latency_rows(latency_models, shape, args.latency_repeats))
+
+
+def write(args: argparse.Namespace, rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> None:
+    base = rows[0]
+    for row in rows:
+        row["macs_reduction"] = base["macs"] / row["macs"]
+        row["drop_pts"] = (base["value"] - row["value"]) * 100
+    result = {"command": " ".join(sys.argv), "split": args.split, "threads": torch.get_num_threads(), "rows": rows,
+              "summary": summary(rows[1:]) if len(rows) > 1 else {}, "latency": latency}
+    (args.out / "result.json").write_text(json.dumps(result, indent=2, default=str))
+    lines = ["| arm | seed | test metric | params | MACs | MACs ↓ | fine-tune steps | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['seed']} | {r['value'] * 100:.2f} % | {r['params']:,} | {r['macs']:,} | "
+                     f"{r['macs_reduction']:.2f}x | {r.get('finetune_steps_received', '-')} | {r.get('seconds', 0):.0f} |")
+    if latency:
+        lines += ["", "| model | batch | median ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['model']} | {r['batch_size']} | {r['median_ms']:.2f} | {r['speedup']:.2f}x |" for r in latency]
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main()
