@@ -36,9 +36,16 @@ from dnnprune.fresh import new_model
 from dnnprune.loaders import train_loader
 from dnnprune.metrics import count_macs, count_parameters
 from dnnprune.pruning import prune
-from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, ModelSection, PruneSection, TrainSection
+from dnnprune.recipe import (
+    AnalyzeSection,
+    DataSection,
+    FineTuneSection,
+    ModelSection,
+    PruneSection,
+    ScoreSection,
+    TrainSection,
+)
 from dnnprune.scoring import score
-from dnnprune.recipe import ScoreSection
 from dnnprune.tasks import TaskSpec
 from dnnprune.training import fit_loop, train
 
