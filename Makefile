@@ -6,7 +6,8 @@ RUNS ?= runs
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install dataset demo lint test test-all bench bench-foundation bench-analyze bench-prune bench-quantize clean
+.PHONY: install dataset demo lint test test-all bench bench-foundation bench-analyze bench-prune bench-quantize \
+        bench-double-prune bench-depth bench-a2e bench-resnet18 clean
 
 install: $(VENV)/.installed
 
@@ -45,16 +46,22 @@ test-all: install dataset lint
 CACHE := $(RUNS)/cache
 BENCH := $(RUNS)/bench
 
-bench: bench-foundation bench-analyze bench-prune bench-quantize
+bench: bench-foundation bench-analyze bench-prune bench-quantize bench-double-prune bench-depth bench-a2e bench-resnet18
 
 bench-foundation: install dataset
 	@mkdir -p $(BENCH)
 	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(BENCH)/lenet5.safetensors --force
-	$(BIN)/python bench/resnet18_import.py --steps 300 --out $(BENCH)/resnet18-import
 
 $(CACHE)/vgg16_bn-fmnist.safetensors: | install dataset
 	@mkdir -p $(CACHE)
 	$(BIN)/dnnprune train vgg16_bn -r recipes/vgg16-fmnist.yaml -o $@ --force
+
+$(CACHE)/resnet56-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train resnet56 -r recipes/resnet56-fmnist.yaml -o $@ --force
+
+$(CACHE)/resnet18-import/resnet18.safetensors: | install dataset
+	$(BIN)/python bench/resnet18_import.py --steps 2000 --out $(CACHE)/resnet18-import
 
 $(CACHE)/alexnet-fmnist.safetensors: | install dataset
 	@mkdir -p $(CACHE)
@@ -66,11 +73,35 @@ $(CACHE)/alexnet2-fmnist.safetensors: $(CACHE)/alexnet-fmnist.safetensors
 $(CACHE)/vgg16_bn-fmnist.analysis.json: $(CACHE)/vgg16_bn-fmnist.safetensors
 	$(BIN)/dnnprune analyze $< -o $@ --samples 2000 --force
 
+$(CACHE)/resnet18.analysis.json: $(CACHE)/resnet18-import/resnet18.safetensors
+	$(BIN)/dnnprune analyze $< -o $@ --samples 2000 --force
+
+$(CACHE)/resnet56-fmnist.layers.json: $(CACHE)/resnet56-fmnist.safetensors
+	$(BIN)/dnnprune analyze $< --granularity layer -o $@ --samples 3000 --force
+
+$(CACHE)/shuttle.csv: | install
+	apt-get install -y -qq r-cran-mlbench >/dev/null
+	Rscript -e 'library(mlbench); data(Shuttle); s <- Shuttle[Shuttle$$Class != "High",]; s$$Class <- ifelse(s$$Class == "Rad.Flow", 0, 1); write.csv(s, "$@", row.names=FALSE)'
+
 bench-analyze: $(CACHE)/vgg16_bn-fmnist.analysis.json
 	$(BIN)/python bench/analyze_vgg.py --linearity --out $(BENCH)/analyze
 
 bench-prune: $(CACHE)/vgg16_bn-fmnist.analysis.json
-	$(BIN)/python bench/prune_vgg16.py --recipe recipes/prune-vgg16-oneshot.yaml --final-steps 300 --threads 2 --out $(BENCH)/prune
+	$(BIN)/python bench/prune_compare.py $(CACHE)/vgg16_bn-fmnist.safetensors -r recipes/prune-vgg16-fmnist.yaml --seeds 0,1,2 --out $(BENCH)/prune-vgg16
+
+bench-resnet18: $(CACHE)/resnet18.analysis.json
+	$(BIN)/python bench/prune_compare.py $(CACHE)/resnet18-import/resnet18.safetensors -r recipes/prune-resnet18-fmnist.yaml --seeds 0,1,2 --out $(BENCH)/prune-resnet18
+
+bench-depth: $(CACHE)/resnet56-fmnist.layers.json
+	$(BIN)/python bench/prune_compare.py $(CACHE)/resnet56-fmnist.safetensors -r recipes/prune-resnet56-depth.yaml --arms dnnprune,control --out $(BENCH)/depth-resnet56
+
+bench-double-prune: $(CACHE)/vgg16_bn-fmnist.safetensors
+	$(BIN)/python bench/double_prune.py $< -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --out $(BENCH)/double-prune
+
+bench-a2e: $(CACHE)/shuttle.csv
+	$(BIN)/python bench/a2e.py anomaly-fmnist --classes 0,1,2,3,4,5,6,7,8,9 --out $(BENCH)/a2e
+	$(BIN)/python bench/a2e.py classify-fmnist --out $(BENCH)/a2e
+	$(BIN)/python bench/a2e.py anomaly-csv --csv $(CACHE)/shuttle.csv --normal 0 --out $(BENCH)/a2e
 
 bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors $(CACHE)/vgg16_bn-fmnist.analysis.json
 	@mkdir -p $(BENCH)

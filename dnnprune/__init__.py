@@ -14,8 +14,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
-__version__ = "0.2.0"
-
+from dnnprune._version import __version__
 from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save
 from dnnprune.errors import DnnpruneError
 

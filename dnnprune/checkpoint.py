@@ -38,7 +38,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from dnnprune import __version__
+from dnnprune._version import __version__
 from dnnprune.codecs import Encoding, declared_tensors, decode_state, encode_state
 from dnnprune.codecs.spec import one_line
 from dnnprune.errors import CheckpointError, DnnpruneError, OutputError

@@ -10,8 +10,7 @@ import torch.nn as nn
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, load
 from dnnprune.data import DATASETS, InputSpec, default_spec, load_splits
 from dnnprune.errors import DatasetError, ModelError
-from dnnprune.models import create_model, model_task
-from dnnprune.models.registry import accepts_argument
+from dnnprune.models import accepts_argument, create_model, model_task
 from dnnprune.recipe import DataSection, ModelSection
 from dnnprune.tasks import TaskSpec
 from dnnprune.training import seed_everything

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from dnnprune import __version__
+from dnnprune._version import __version__
 from dnnprune.checkpoint import atomic_write_bytes
 
 

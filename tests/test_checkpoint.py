@@ -24,8 +24,7 @@ from dnnprune.checkpoint import (
     tensor_index,
 )
 from dnnprune.errors import CheckpointError, OutputError
-from dnnprune.models import create_model, model_task, zoo_names
-from dnnprune.models.registry import accepts_argument
+from dnnprune.models import accepts_argument, create_model, model_task, zoo_names
 from tests.conftest import make_checkpoint
 from tests.reload import record_io, reload_in_new_process
 

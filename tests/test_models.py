@@ -10,8 +10,16 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import ModelError
-from dnnprune.models import create_model, list_models, model_task, register_model, torchvision_names, zoo_names
-from dnnprune.models.registry import _REGISTRY, accepts_argument
+from dnnprune.models import (
+    accepts_argument,
+    create_model,
+    list_models,
+    model_task,
+    register_model,
+    torchvision_names,
+    zoo_names,
+)
+from dnnprune.models.registry import _REGISTRY
 
 SMALL_INPUT = {"lenet5": 28, "mlp": 28}
 TORCHVISION = ["resnet18", "mobilenet_v3_small", "efficientnet_b0", "densenet121"]

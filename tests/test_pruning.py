@@ -14,8 +14,7 @@ import torch.nn as nn
 from dnnprune import codecs as c
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, save
 from dnnprune.errors import PruningError
-from dnnprune.models import create_model, model_task, zoo_names
-from dnnprune.models.registry import accepts_argument
+from dnnprune.models import accepts_argument, create_model, model_task, zoo_names
 from dnnprune.observe import Observer
 from dnnprune.pruning import prune
 from dnnprune.pruning.schedule import StepEnvironment, accuracy_aware, layer_order, load_analysis, order_weights
@@ -87,8 +86,8 @@ def test_zoo_and_torchvision_prune_half_save_reload_identical_in_new_process(tmp
     _prune_save_reload(zoo_names() + [f"torchvision.{n}" for n in FAST_TORCHVISION], tmp_path)
 
 
-@pytest.mark.slow
 def test_heavy_torchvision_prune_half_save_reload_identical_in_new_process(tmp_path: Path) -> None:
+    """alexnet, vgg16_bn (138M parameters) and densenet121 at small inputs: about a minute, so CI runs it."""
     _prune_save_reload([f"torchvision.{n}" for n in SLOW_TORCHVISION], tmp_path)
 
 

@@ -275,6 +275,13 @@ class _Job:
         return lambda knob: latency_widths(self.model, self.graph, plan_at(knob), table, self.shape, self.limits,
                                            search=config.width_search, may_grow=grow)
 
+
+    def _fastest_widths(self) -> Callable[[nn.Module, ChannelGraph, Plan], Plan]:
+        config = self.config
+        table = LayerTable(config.latency_batch, config.latency_repeats)
+        return lambda model, graph, plan: latency_widths(model, graph, plan, table, self.shape, self.limits,
+                                                         search=config.width_search)
+
     def _measured_latency(self, scores: dict[str, torch.Tensor], plan: Plan) -> dict[str, Any]:
         """The pruned copy's latency, timed interleaved with the original (so the ratio survives machine load)."""
         clone = copy.deepcopy(self.model)
@@ -341,6 +348,7 @@ class _Job:
             evaluate=lambda m: evaluate(m, val, self.device, task=self.task),
             finetune=lambda m, label: (self.finetune(m, config.step_finetune, f"fine-tune {label}") or {}).get("steps", 0),
             analyze=lambda m: self._analyze(m, config.reanalyze_ratios), exclude=config.exclude,
+            adjust=self._fastest_widths() if config.latency_widths else None,
             increments=config.increments, confidence=config.confidence, backoffs=config.backoffs,
             reanalyze_below=config.reanalyze_below, on_step=lambda row: self.observer.row("prune.increment", row),
             seed=config.seed)

@@ -101,6 +101,8 @@ class IncrementEnvironment:
     analyze: Callable[[nn.Module], dict[str, Any]] | None
     """Re-runs the sensitivity analysis on the current model (None: never)."""
     exclude: Sequence[str] = ()
+    adjust: Callable[[nn.Module, ChannelGraph, Plan], Plan] | None = None
+    """Moves a plan's widths (e.g. to the fastest nearby widths) without keeping more channels."""
     increments: int = 4
     confidence: float = 0.95
     backoffs: int = 2
@@ -150,6 +152,8 @@ def _one_increment(result: IncrementResult, curves: Curves, step_goal: float, ba
         candidate = copy.deepcopy(result.model)
         graph = ChannelGraph(candidate, env.input_shape, exclude=env.exclude)
         plan, threshold = plan_to(candidate, graph, curves, step_goal, env)
+        if env.adjust is not None:
+            plan = env.adjust(candidate, graph, plan)
         if not any(plan.values()):
             _emit(result, env, {"increment": index, "attempt": attempt + 1, "goal": step_goal, "accepted": False,
                                 "reason": "the analysis allows no further cut within its grid"})

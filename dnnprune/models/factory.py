@@ -1,0 +1,58 @@
+"""Architectures by name: the zoo (imported here, so its decorators have run) and torchvision."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch.nn as nn
+
+from dnnprune.errors import ModelError
+from dnnprune.models import zoo  # noqa: F401  (importing the zoo runs its @register_model decorators)
+from dnnprune.models.registry import _REGISTRY, _TASKS, TORCHVISION_PREFIX, TaskKind
+
+
+def zoo_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def torchvision_names() -> list[str]:
+    from torchvision import models
+
+    return [f"{TORCHVISION_PREFIX}{n}" for n in models.list_models(module=models)]
+
+
+def list_models() -> list[str]:
+    return zoo_names() + torchvision_names()
+
+
+def create_model(name: str, **args: Any) -> nn.Module:
+    """Build an untrained model; `args` are the constructor arguments stored in checkpoints."""
+    if name.startswith(TORCHVISION_PREFIX):
+        from dnnprune.models.tv import create_torchvision
+
+        return create_torchvision(name[len(TORCHVISION_PREFIX):], **args)
+    if name not in _REGISTRY:
+        raise ModelError(
+            f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())} "
+            f"or torchvision.NAME (e.g. torchvision.resnet18)"
+        )
+    try:
+        return _REGISTRY[name](**args)
+    except TypeError as exc:
+        raise ModelError(f"bad arguments for {name!r}: {exc}") from None
+
+
+def model_task(name: str) -> TaskKind:
+    """The task an architecture serves (every torchvision model is a classifier)."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return "classification"
+    if name not in _TASKS:
+        raise ModelError(f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())} or torchvision.NAME")
+    return _TASKS[name]
+
+
+def accepts_argument(name: str, argument: str) -> bool:
+    """Whether a zoo constructor takes `argument` (torchvision constructors are not inspected)."""
+    factory = _REGISTRY.get(name)
+    return factory is not None and argument in inspect.signature(factory).parameters
