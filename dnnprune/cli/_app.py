@@ -5,19 +5,23 @@ from __future__ import annotations
 import functools
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator
+from typing import Annotated, Any, Callable, Iterator, TypeVar
 
 import torch
+import torch.nn as nn
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from dnnprune.checkpoint import check_output_path
+from dnnprune.checkpoint import check_output_path, save
+from dnnprune.cli._observer import RichObserver, RowFormatter
 from dnnprune.distributed import distributed_env, init_distributed, leave_distributed, process_device
 from dnnprune.errors import DnnpruneError, OutputError
 from dnnprune.lineage import resolve_device
 from dnnprune.recipe import Recipe, load_recipe
 from dnnprune.reports import Report, default_report_path, envelope, write_report
+
+R = TypeVar("R", bound=Report)
 
 app = typer.Typer(
     name="dnnprune",
@@ -75,6 +79,21 @@ def torchrun_session(device_name: str) -> Iterator[tuple[int, int, torch.device]
     finally:
         if started:
             leave_distributed(completed)
+
+
+def run_and_save(function: Callable[..., tuple[nn.Module, R]], model: nn.Module, section: Any, config: Recipe,
+                 output: Path, *, force: bool, inputs: tuple[Path, ...],
+                 formatter: RowFormatter | None = None) -> R | None:
+    """Run a library command (DistributedDataParallel under torchrun) and save its model on rank 0.
+
+    Returns the report on rank 0, None on the other ranks (which write nothing)."""
+    with (torchrun_session(config.device) as (rank, _, device),
+          RichObserver(console, formatter=formatter, enabled=rank == 0) as observer):
+        model, result = function(model, section, data=config.data, device=device, observer=observer)
+    if rank != 0:
+        return None
+    save(model, output, force=force, protect=inputs)
+    return result
 
 
 def fail(message: str) -> None:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load, save
+from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -23,10 +23,9 @@ from dnnprune.cli._app import (
     console,
     prepare_output,
     recipe_with,
-    torchrun_session,
+    run_and_save,
     write_command_report,
 )
-from dnnprune.cli._observer import RichObserver
 from dnnprune.pruning.double import DoublePruneReport, double_prune
 
 
@@ -60,12 +59,10 @@ def double_prune_command(
                  **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
-    model = load(checkpoint)
-    with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
-        model, result = double_prune(model, config.double_prune, data=config.data, device=device, observer=observer)
-    if rank != 0:
+    result = run_and_save(double_prune, load(checkpoint), config.double_prune, config, output, force=force,
+                          inputs=(checkpoint,))
+    if result is None:
         return
-    save(model, output, force=force, protect=(checkpoint,))
     result.totals["file_bytes"] = output.stat().st_size
     result.totals["compression_vs_fp32"] = result.totals["fp32_bytes_before"] / max(1, output.stat().st_size)
     path = write_command_report("double-prune", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})

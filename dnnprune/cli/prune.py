@@ -8,7 +8,7 @@ from typing import Annotated, Any, Mapping
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load, save
+from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -23,10 +23,9 @@ from dnnprune.cli._app import (
     console,
     prepare_output,
     recipe_with,
-    torchrun_session,
+    run_and_save,
     write_command_report,
 )
-from dnnprune.cli._observer import RichObserver
 from dnnprune.pruning import PruneReport, prune
 from dnnprune.pruning.structured import parse_target
 
@@ -69,13 +68,10 @@ def prune_command(
                  "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
-    model = load(checkpoint)
-    with (torchrun_session(config.device) as (rank, _, device),
-          RichObserver(console, formatter=_row_line, enabled=rank == 0) as observer):
-        model, result = prune(model, config.prune, data=config.data, device=device, observer=observer)
-    if rank != 0:
+    result = run_and_save(prune, load(checkpoint), config.prune, config, output, force=force, inputs=(checkpoint,),
+                          formatter=_row_line)
+    if result is None:
         return
-    save(model, output, force=force, protect=(checkpoint,))
     inputs = {"checkpoint": str(checkpoint), "recipe": recipe, "analysis": config.prune.analysis}
     path = write_command_report("prune", result, report_path, inputs)
     _print_summary(result, output, path)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load, save
+from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -24,10 +24,9 @@ from dnnprune.cli._app import (
     console,
     prepare_output,
     recipe_with,
-    torchrun_session,
+    run_and_save,
     write_command_report,
 )
-from dnnprune.cli._observer import RichObserver
 from dnnprune.errors import DnnpruneError
 from dnnprune.quantization import QuantizeReport, quantize
 
@@ -60,12 +59,9 @@ def quantize_command(
                  "quantize.int8_execution": int8_execution, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
-    model = load(checkpoint)
-    with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
-        model, result = quantize(model, config.quantize, data=config.data, device=device, observer=observer)
-    if rank != 0:
+    result = run_and_save(quantize, load(checkpoint), config.quantize, config, output, force=force, inputs=(checkpoint,))
+    if result is None:
         return
-    save(model, output, force=force, protect=(checkpoint,))
     result.with_file_sizes(checkpoint, output)
     path = write_command_report("quantize", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
     console.print(_table(result))
