@@ -27,10 +27,23 @@ dataset:
 		echo "could not install dataset-fashion-mnist; tests that need it will skip"; \
 	else echo "Fashion-MNIST not found at $(FMNIST_DIR); tests that need it will skip"; fi
 
+# The whole pipeline on LeNet-5 (recipes/demo-lenet5.yaml): train, analyze, prune, quantize, double-prune,
+# score, info and export, a few minutes on two CPU cores. Outputs in $(RUNS)/demo.
+DEMO := $(RUNS)/demo
+DEMO_RECIPE := recipes/demo-lenet5.yaml
 demo: install dataset
-	@mkdir -p $(RUNS)/demo
-	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(RUNS)/demo/lenet5.safetensors --force
-	$(BIN)/dnnprune score $(RUNS)/demo/lenet5.safetensors -r recipes/demo-lenet5.yaml
+	@mkdir -p $(DEMO)
+	$(BIN)/dnnprune train lenet5 -r $(DEMO_RECIPE) -o $(DEMO)/lenet5.safetensors --force
+	$(BIN)/dnnprune analyze $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5.analysis.json --force
+	$(BIN)/dnnprune prune $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) --analysis $(DEMO)/lenet5.analysis.json \
+		-o $(DEMO)/lenet5-pruned.safetensors --force
+	$(BIN)/dnnprune quantize $(DEMO)/lenet5-pruned.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-pruned-q.safetensors --force
+	$(BIN)/dnnprune double-prune $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-sparse.safetensors --force
+	$(BIN)/dnnprune quantize $(DEMO)/lenet5-sparse.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-sparse-q.safetensors --force
+	$(BIN)/dnnprune score $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) --no-latency
+	$(BIN)/dnnprune score $(DEMO)/lenet5-pruned-q.safetensors -r $(DEMO_RECIPE)
+	$(BIN)/dnnprune info $(DEMO)/lenet5-sparse-q.safetensors --count-nonzero
+	$(BIN)/dnnprune export $(DEMO)/lenet5-pruned-q.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-pruned-q.onnx --force
 
 lint: install
 	$(BIN)/lint-imports

@@ -72,10 +72,12 @@ class QuantizeResult:
     encodings: dict[str, Encoding]
     finetune: dict[str, Any] | None = None
     weights_changed: dict[str, bool] = field(default_factory=dict)
+    kept_as_is: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         finetune = None if self.finetune is None else {**self.finetune, "weights_changed": self.weights_changed}
-        return {"layers": [asdict(layer) for layer in self.layers], "finetune": finetune}
+        return {"layers": [asdict(layer) for layer in self.layers], "finetune": finetune,
+                "kept_as_is": dict(self.kept_as_is)}
 
 
 def plan_layers(model: nn.Module, config: QuantizeSection) -> dict[str, int]:
@@ -108,21 +110,31 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
                     device: torch.device | str = "cpu", observer: Observer = NULL_OBSERVER) -> QuantizeResult:
     """Quantize the layers the config selects, in place; records the encodings in the model's metadata.
 
-    A layer already stored sparse (pruned) keeps its sparse form, with the codes stacked on it.
+    A layer already stored sparse (pruned) keeps its sparse form, with the codes stacked on it. A layer
+    whose codes and codebook would take more bytes than it takes now (a tiny layer at many bits) is left
+    as it is, and the result says so, unless `config.keep_larger` asks for the codes anyway.
     """
     plan = plan_layers(model, config)
     existing = _encodings(model)
     encodings = {f"{name}.weight": _stacked(existing.get(f"{name}.weight"), config.method, bits)
                  for name, bits in plan.items()}
     originals: dict[str, torch.Tensor] = {}
+    kept: dict[str, str] = {}
     for name, bits in plan.items():
         module = model.get_submodule(name)
         weight = module.weight.detach().to("cpu", torch.float32).clone()
         if not bool(torch.isfinite(weight).all()):
             raise DnnpruneError(f"layer {name!r} has NaN or infinite weights; it cannot be quantized")
-        originals[name] = weight
         grid = linear_grid(weight, bits) if config.method == "linear" else kmeans_grid(weight, bits, config.iterations)
-        _set_weight(module, on_grid(grid, encodings[f"{name}.weight"]))
+        coded = on_grid(grid, encodings[f"{name}.weight"])
+        now = _stored_nbytes(weight, existing.get(f"{name}.weight"))
+        after = encoded_nbytes(coded, encodings[f"{name}.weight"])
+        if after >= now and not config.keep_larger:
+            kept[name] = f"{bits}-bit codes would take {after:,} bytes, more than the {now:,} it takes now"
+            del encodings[f"{name}.weight"]
+            continue
+        originals[name] = weight
+        _set_weight(module, coded)
     meta = getattr(model, "dnnprune_meta", None)
     if isinstance(meta, CheckpointMeta):
         meta.encodings.update(encodings)
@@ -134,8 +146,13 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
         history, changed = finetune_codes(model, encodings, train_loader, config.finetune, device=device,
                                           observer=observer, seed=config.seed)
     layers = [_layer_result(name, model.get_submodule(name), originals[name], encodings[f"{name}.weight"])
-              for name in plan]
-    return QuantizeResult(layers, encodings, history, changed)
+              for name in plan if name in originals]
+    return QuantizeResult(layers, encodings, history, changed, kept)
+
+
+def _stored_nbytes(weight: torch.Tensor, existing: Encoding | None) -> int:
+    """Bytes the weight takes in the checkpoint today: its current encoding, or fp32."""
+    return encoded_nbytes(weight, existing) if existing is not None else weight.numel() * weight.element_size()
 
 
 def wants_finetune(config: FineTuneSection) -> bool:
@@ -195,6 +212,7 @@ class QuantizeReport(Report):
     method: str
     primary_metric: str
     layers: list[dict[str, Any]]
+    kept_as_is: dict[str, str] = {}
     finetune: dict[str, Any] | None
     totals: dict[str, Any]
     metrics: dict[str, Any]
@@ -237,7 +255,8 @@ def quantize(model: nn.Module, section: QuantizeSection, *, data: DataSection, d
     int8 = int8_execution(model, meta.input_shape, LatencySection(), loader) if section.int8_execution else None
     body = result.as_dict()
     return model, QuantizeReport(
-        method=section.method, primary_metric=task.primary, layers=body["layers"], finetune=body["finetune"],
+        method=section.method, primary_metric=task.primary, layers=body["layers"], kept_as_is=body["kept_as_is"],
+        finetune=body["finetune"],
         totals=_totals(model, meta, result),
         metrics={"split": "test", "before": before.as_dict() if before else None,
                  "after": after.as_dict() if after else None},

@@ -204,6 +204,8 @@ class QuantizeSection(Section):
                                                   "(so use a small lr, about 1e-3 with SGD), a linear layer its scales")
     samples: int | None = Field(None, gt=0, description="accuracy before/after on a stratified test subset of this size")
     evaluate: bool = Field(True, description="measure accuracy before and after (needs the dataset)")
+    keep_larger: bool = Field(False, description="encode a layer even where its codes and codebook take more bytes "
+                                                 "than its current storage (by default such a layer is left as it is)")
     int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU "
                                                     "(batch sizes and repeats from score.latency_config)")
     seed: int = 0

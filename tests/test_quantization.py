@@ -222,7 +222,22 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
 def test_quantized_checkpoints_reload_identically_in_a_new_process(saved: dict[str, dict]) -> None:
     assert {key: case["identical"] for key, case in saved.items()} == {key: True for key in saved}
     for key in _CASES:
-        assert {r.name for r in saved[key]["result"].layers} == set(saved[key]["plan"])
+        result = saved[key]["result"]
+        assert {r.name for r in result.layers} | set(result.kept_as_is) == set(saved[key]["plan"])
+        assert all(r.bytes_after < r.bytes_before for r in result.layers)
+
+
+def test_a_layer_whose_codes_would_be_larger_is_kept_unless_asked() -> None:
+    """LeNet's first conv has 150 weights: 8-bit codes plus their codebook outweigh 600 bytes of fp32."""
+    model = _model("lenet5")
+    before = model.get_submodule("features.0").weight.detach().clone()
+    result = q.quantize_layers(model, QuantizeSection(method="kmeans", bits=8, layers=["type:Conv2d"]))
+    assert "features.0" in result.kept_as_is and "features.0.weight" not in result.encodings
+    assert torch.equal(model.get_submodule("features.0").weight, before)
+    assert [r.name for r in result.layers] == ["features.3"]
+    forced = q.quantize_layers(_model("lenet5"), QuantizeSection(method="kmeans", bits=8, layers=["type:Conv2d"],
+                                                                 keep_larger=True))
+    assert forced.kept_as_is == {} and [r.name for r in forced.layers] == ["features.0", "features.3"]
 
 
 @pytest.mark.parametrize("key", list(_CASES))

@@ -95,7 +95,8 @@ def _table(body: QuantizeReport) -> Table:
 
 def _summary(body: QuantizeReport, output: Path, report_path: Path) -> str:
     totals = body.totals
-    lines = []
+    lines = [f"kept as it was: {name} ({why}; quantize.keep_larger: true encodes it anyway)"
+             for name, why in body.kept_as_is.items()]
     before = totals["disk_bytes_before"]
     lines.append(f"file {before:,} -> {totals['disk_bytes_after']:,} bytes ({totals['compression']:.2f}x), "
                  f"{totals['effective_bits_per_weight']:.2f} bits per weight, predicted {totals['predicted_file_bytes']:,}")

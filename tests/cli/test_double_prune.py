@@ -101,8 +101,11 @@ def test_quantize_after_double_prune_shrinks_the_file_and_keeps_every_zero(runne
     before = _decoded_from_file(sparse)
     after = _decoded_from_file(out)
     assert set(after) == set(before)
+    kept = {f"{layer}.weight" for layer in json.loads(out.with_suffix(".json").read_text())["kept_as_is"]}
     for name, spec in read_meta(out).encodings.items():
-        assert spec.sparse is not None and spec.values is not None and spec.values.codec == "kmeans", name
+        assert spec.sparse is not None, name
+        # a layer too small for a 32-entry codebook to pay off stays sparse fp32, and the report says so
+        assert (spec.values is None) if name in kept else (spec.values is not None and spec.values.codec == "kmeans"), name
         assert bool((after[name][before[name] == 0] == 0).all()), name  # every zero kept
         assert int(torch.count_nonzero(after[name])) <= int(torch.count_nonzero(before[name])), name
         assert len(torch.unique(after[name])) <= 2 ** 5, name
