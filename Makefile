@@ -73,6 +73,18 @@ $(CACHE)/resnet56-fmnist.safetensors: | install dataset
 	@mkdir -p $(CACHE)
 	$(BIN)/dnnprune train resnet56 -r recipes/resnet56-fmnist.yaml -o $@ --force
 
+$(CACHE)/resnet20-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train resnet20 -r recipes/resnet20-fmnist.yaml -o $@ --force
+
+$(CACHE)/mobilenetv2-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train mobilenetv2_cifar -r recipes/mobilenetv2-fmnist.yaml -o $@ --force
+
+$(CACHE)/mobilenetv3s-fmnist.safetensors: | install dataset
+	@mkdir -p $(CACHE)
+	$(BIN)/dnnprune train torchvision.mobilenet_v3_small -r recipes/mobilenetv3s-fmnist.yaml -o $@ --force
+
 $(CACHE)/resnet18-import/resnet18.safetensors: | install dataset
 	$(BIN)/python bench/resnet18_import.py --steps 2000 --out $(CACHE)/resnet18-import
 
@@ -108,8 +120,12 @@ bench-resnet18: $(CACHE)/resnet18.analysis.json
 bench-depth: $(CACHE)/resnet56-fmnist.layers.json
 	$(BIN)/python bench/prune_compare.py $(CACHE)/resnet56-fmnist.safetensors -r recipes/prune-resnet56-depth.yaml --arms dnnprune,control --out $(BENCH)/depth-resnet56
 
-bench-double-prune: $(CACHE)/vgg16_bn-fmnist.safetensors
+SWEEP_BASELINES := $(CACHE)/vgg16_bn-fmnist.safetensors $(CACHE)/resnet20-fmnist.safetensors \
+	$(CACHE)/resnet56-fmnist.safetensors $(CACHE)/mobilenetv2-fmnist.safetensors $(CACHE)/mobilenetv3s-fmnist.safetensors
+
+bench-double-prune: $(SWEEP_BASELINES)
 	$(BIN)/python bench/double_prune.py $< -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --out $(BENCH)/double-prune
+	$(BIN)/python bench/double_prune.py --sweep bench/double-prune-sweep.yaml --out $(BENCH)/double-prune-sweep
 
 bench-a2e: $(CACHE)/shuttle.csv
 	$(BIN)/python bench/a2e.py anomaly-fmnist --classes 0,1,2,3,4,5,6,7,8,9 --out $(BENCH)/a2e

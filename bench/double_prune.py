@@ -232,6 +232,8 @@ def run_sweep(args: argparse.Namespace) -> None:
     points: list[dict[str, Any]] = []
     for model_plan in plan["models"]:
         checkpoint, recipe = Path(model_plan["checkpoint"]), load_recipe(Path(model_plan["recipe"]))
+        if plan.get("phases"):
+            recipe.double_prune = recipe.double_prune.model_copy(update=plan["phases"])
         base = dnnprune.load(checkpoint)
         points.append({"model": model_plan["name"], "slimming": 0.0, "sparsity": 0.0,
                        **measure(base, recipe, args.split, checkpoint.stat().st_size)})

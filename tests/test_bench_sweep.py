@@ -1,0 +1,73 @@
+"""The double-pruning sweep (bench/double_prune.py --sweep) on two tiny BatchNorm nets and generated data.
+
+The real sweep takes hours; this runs the same code on a 2 x 2 grid with a few steps, and checks the
+table, the winner line and the PNG it writes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.conftest import make_checkpoint
+from tests.fakedata import idx_bytes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_double_prune", ROOT / "bench" / "double_prune.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write_fashion(root: Path, n_train: int = 400, n_test: int = 100) -> Path:
+    """Fashion-MNIST's four IDX files in torchvision's layout, with class-dependent brightness to learn."""
+    rng = np.random.default_rng(0)
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 60, (n, 28, 28)) + labels[:, None, None] * 19
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(idx_bytes(images.astype(np.uint8)))
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return root
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_sweep_writes_a_table_a_winner_and_a_plot(tmp_path: Path) -> None:
+    data = _write_fashion(tmp_path / "data")
+    recipe = {"data": {"dataset": "fashion-mnist", "root": str(data), "val_fraction": 0.2, "batch_size": 64},
+              "double_prune": {"sparsity_steps": 2, "finetune_steps": 4, "threshold": "global",
+                               "finetune": {"batch_size": 16, "lr": 0.01}}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    models = []
+    for name, arch in (("resnet20", "resnet20"), ("mbv2", "mobilenetv2_cifar")):
+        checkpoint = make_checkpoint(tmp_path / f"{name}.safetensors", arch, input_shape=(1, 32, 32))
+        models.append({"name": name, "checkpoint": str(checkpoint), "recipe": str(tmp_path / "recipe.yaml")})
+    plan = {"phases": {"finetune_steps": 3}, "slimming": [0.0, 0.4], "sparsity": [0.0, 0.6], "models": models}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    out = tmp_path / "sweep"
+
+    bench = _bench_module()
+    bench.main(["--sweep", str(tmp_path / "plan.yaml"), "--split", "val", "--out", str(out)])
+
+    points = yaml.safe_load((out / "sweep.json").read_text())["points"]  # JSON is YAML
+    assert [(p["model"], p["slimming"], p["sparsity"]) for p in points] == [
+        (m, sl, sp) for m in ("resnet20", "mbv2") for sl, sp in ((0.0, 0.0), (0.0, 0.6), (0.4, 0.0), (0.4, 0.6))]
+    for model in ("resnet20", "mbv2"):
+        base, sparse, slim, both = [p for p in points if p["model"] == model]
+        assert sparse["params"] == base["params"] and sparse["nonzero_params"] < 0.5 * base["nonzero_params"]
+        assert slim["params"] < base["params"] and slim["macs"] < base["macs"]
+        assert both["nonzero_params"] < slim["nonzero_params"] and both["file_bytes"] < slim["file_bytes"]
+    table = (out / "sweep.md").read_text()
+    assert table.count("**best of model**") == 2
+    assert "Best NetScore after pruning (non-zero params): **" in table
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
