@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install dataset demo lint test test-all bench bench-foundation bench-analyze bench-prune bench-quantize \
-        bench-double-prune bench-depth bench-a2e bench-resnet18 clean
+        bench-double-prune bench-sparse bench-depth bench-a2e bench-resnet18 clean
 
 install: $(VENV)/.installed
 
@@ -59,7 +59,7 @@ test-all: install dataset lint
 CACHE := $(RUNS)/cache
 BENCH := $(RUNS)/bench
 
-bench: bench-foundation bench-analyze bench-prune bench-quantize bench-double-prune bench-depth bench-a2e bench-resnet18
+bench: bench-foundation bench-analyze bench-prune bench-quantize bench-double-prune bench-sparse bench-depth bench-a2e bench-resnet18
 
 bench-foundation: install dataset
 	@mkdir -p $(BENCH)
@@ -126,6 +126,9 @@ SWEEP_BASELINES := $(CACHE)/vgg16_bn-fmnist.safetensors $(CACHE)/resnet20-fmnist
 bench-double-prune: $(SWEEP_BASELINES)
 	$(BIN)/python bench/double_prune.py $< -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --out $(BENCH)/double-prune
 	$(BIN)/python bench/double_prune.py --sweep bench/double-prune-sweep.yaml --out $(BENCH)/double-prune-sweep
+
+bench-sparse: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/sparse_linear.py --out $(BENCH)/sparse-linear.json
 
 bench-a2e: $(CACHE)/shuttle.csv
 	$(BIN)/python bench/a2e.py anomaly-fmnist --classes 0,1,2,3,4,5,6,7,8,9 --out $(BENCH)/a2e
