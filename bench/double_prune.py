@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--split", choices=["val", "test"], default="test",
                         help="score on val while choosing a recipe, on test for the final rows")
     parser.add_argument("--sweep", type=Path, help="YAML: models (checkpoint, recipe) x slimming x sparsity")
+    parser.add_argument("--merge", type=Path, nargs="+", help="result folders of runs split over processes "
+                        "(e.g. one per seed or arm): one table and summary from all their rows")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/double-prune")
     return parser.parse_args(argv)
 
@@ -181,14 +183,21 @@ def markdown(rows: list[dict[str, Any]], baseline: dict[str, Any], metric: str) 
     lines = [f"| arm | seed | {metric} | params | non-zero | MACs | file bytes | NetScore (all / non-zero) |",
              "|---|---|---|---|---|---|---|---|"]
     for row in [{"arm": "baseline", "seed": "-", **baseline}, *rows]:
+        file_bytes = f"{row['file_bytes']:,}" if row.get("file_bytes") else "-"  # tp keeps dense tensors: no file
         lines.append(f"| {row['arm']} | {row['seed']} | {row[metric] * 100:.2f} % | {row['params']:,} | "
-                     f"{row['nonzero_params']:,} | {row['macs']:,} | {row.get('file_bytes') or '-':,} | "
-                     f"{row['netscore']:.2f} / {row['netscore_nonzero']:.2f} |".replace(",} |", "} |"))
+                     f"{row['nonzero_params']:,} | {row['macs']:,} | {file_bytes} | "
+                     f"{row['netscore']:.2f} / {row['netscore_nonzero']:.2f} |")
         if row.get("quantized"):
             q = row["quantized"]
             lines.append(f"| {row['arm']} + quantize | {row['seed']} | {q[metric] * 100:.2f} % | {q['params']:,} | "
                          f"{q['nonzero_params']:,} | {q['macs']:,} | {q['file_bytes']:,} | "
                          f"{q['netscore']:.2f} / {q['netscore_nonzero']:.2f} |")
+    lines += ["", f"| arm | seeds | mean {metric} | std | min | max | mean non-zero |", "|---|---|---|---|---|---|---|"]
+    quantized = [{**row["quantized"], "arm": f"{row['arm']} + quantize"} for row in rows if row.get("quantized")]
+    for arm, stats in summary([*rows, *quantized], metric).items():
+        std = f"{stats['std'] * 100:.2f}" if stats["std"] is not None else "-"
+        lines.append(f"| {arm} | {stats['n']} | {stats['mean'] * 100:.2f} % | {std} | {stats['min'] * 100:.2f} % | "
+                     f"{stats['max'] * 100:.2f} % | {stats['nonzero_params']:,.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -297,9 +306,24 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(str(path))
 
 
+def run_merge(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows of several runs of the same baseline and recipe (run in parallel processes) in one table."""
+    results = [json.loads((folder / "result.json").read_text()) for folder in args.merge]
+    baselines = {json.dumps(r["baseline"], sort_keys=True) for r in results}
+    if len(baselines) != 1 or len({r["split"] for r in results}) != 1:
+        raise SystemExit("the runs to merge must share the baseline measurement and the split")
+    rows = sorted((row for r in results for row in r["rows"]), key=lambda row: (row["seed"], row["arm"]))
+    args.split = results[0]["split"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    metric = "top1" if "top1" in results[0]["baseline"] else "roc_auc"
+    return _write(args.out, results[0]["baseline"], rows, metric, args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.sweep is not None:
+    if args.merge:
+        run_merge(args)
+    elif args.sweep is not None:
         run_sweep(args)
     else:
         if args.checkpoint is None:
