@@ -58,6 +58,8 @@ test-all: install dataset lint
 # Benchmarks (BENCHMARKS.md). Trained baselines are cached in $(CACHE) and reused.
 CACHE := $(RUNS)/cache
 BENCH := $(RUNS)/bench
+# A cached baseline: $(call train_baseline,ARCH,RECIPE) in a recipe for the target file.
+train_baseline = mkdir -p $(CACHE) && $(BIN)/dnnprune train $(1) -r $(2) -o $@ --force
 
 bench: bench-foundation bench-analyze bench-prune bench-quantize bench-double-prune bench-sparse bench-depth bench-a2e bench-resnet18
 
@@ -66,31 +68,25 @@ bench-foundation: install dataset
 	$(BIN)/dnnprune train lenet5 -r recipes/demo-lenet5.yaml -o $(BENCH)/lenet5.safetensors --force
 
 $(CACHE)/vgg16_bn-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train vgg16_bn -r recipes/vgg16-fmnist.yaml -o $@ --force
+	$(call train_baseline,vgg16_bn,recipes/vgg16-fmnist.yaml)
 
 $(CACHE)/resnet56-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train resnet56 -r recipes/resnet56-fmnist.yaml -o $@ --force
+	$(call train_baseline,resnet56,recipes/resnet56-fmnist.yaml)
 
 $(CACHE)/resnet20-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train resnet20 -r recipes/resnet20-fmnist.yaml -o $@ --force
+	$(call train_baseline,resnet20,recipes/resnet20-fmnist.yaml)
 
 $(CACHE)/mobilenetv2-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train mobilenetv2_cifar -r recipes/mobilenetv2-fmnist.yaml -o $@ --force
+	$(call train_baseline,mobilenetv2_cifar,recipes/mobilenetv2-fmnist.yaml)
 
 $(CACHE)/mobilenetv3s-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train torchvision.mobilenet_v3_small -r recipes/mobilenetv3s-fmnist.yaml -o $@ --force
+	$(call train_baseline,torchvision.mobilenet_v3_small,recipes/mobilenetv3s-fmnist.yaml)
 
 $(CACHE)/resnet18-import/resnet18.safetensors: | install dataset
 	$(BIN)/python bench/resnet18_import.py --steps 2000 --out $(CACHE)/resnet18-import
 
 $(CACHE)/alexnet-fmnist.safetensors: | install dataset
-	@mkdir -p $(CACHE)
-	$(BIN)/dnnprune train alexnet -r recipes/alexnet-fmnist.yaml -o $@ --force
+	$(call train_baseline,alexnet,recipes/alexnet-fmnist.yaml)
 
 $(CACHE)/alexnet2-fmnist.safetensors: $(CACHE)/alexnet-fmnist.safetensors
 	$(BIN)/dnnprune train $< -r recipes/alexnet-fmnist-finetune.yaml -o $@ --force
