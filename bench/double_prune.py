@@ -45,7 +45,7 @@ from dnnprune.recipe import FineTuneSection, NetScoreSection, Recipe, load_recip
 from dnnprune.scoring import netscore_block
 from dnnprune.surgery import output_layers
 from dnnprune.tasks import make_task
-from dnnprune.training import evaluate, fit_loop
+from dnnprune.training import evaluate, fit_loop, frozen_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -120,9 +120,10 @@ def arm_dnnprune(checkpoint: Path, recipe: Recipe, seed: int, split: str, out: P
 
 def arm_control(checkpoint: Path, recipe: Recipe, seed: int, split: str) -> dict[str, Any]:
     model = dnnprune.load(checkpoint)
+    teacher = frozen_teacher(model, recipe.double_prune.finetune)  # the same loss as the pruned arms
     started = time.perf_counter()
     for index, (_, steps) in enumerate(phases(recipe)):
-        run_phase(model, recipe, index, steps, seed)
+        run_phase(model, recipe, index, steps, seed, teacher=teacher)
     return {"arm": "control", "seed": seed, "seconds": time.perf_counter() - started,
             **measure(model, recipe, split, predicted_file_bytes(model, meta_of(model)))}
 
@@ -137,6 +138,7 @@ def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, n
     strength = section.sparsity_lambda if section.sparsity_lambda is not None else (
         1e-5 if any(hasattr(m, "downsample") or type(m).__name__ == "BasicBlock" for m in model.modules()) else 1e-4)
     example = torch.zeros(1, *meta.input_shape)
+    teacher = frozen_teacher(model, section.finetune)  # distils exactly as the dnnprune arm does, when it does
     last = model.get_submodule(output_layers(model, meta.input_shape)[0])
     started = time.perf_counter()
     index = 0
@@ -145,11 +147,12 @@ def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, n
                                          global_pruning=True, pruning_ratio=section.slimming_ratio, reg=strength,
                                          ignored_layers=[last])
         if section.sparsity_steps:
-            run_phase(model, recipe, index, section.sparsity_steps, seed, after_backward=pruner.regularize, bn_l1=0.0)
+            run_phase(model, recipe, index, section.sparsity_steps, seed, after_backward=pruner.regularize, bn_l1=0.0,
+                      teacher=teacher)
             index += 1
         pruner.step()
         if section.finetune_steps:
-            run_phase(model, recipe, index, section.finetune_steps, seed)
+            run_phase(model, recipe, index, section.finetune_steps, seed, teacher=teacher)
             index += 1
     if section.sparsity > 0:
         weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -157,7 +160,7 @@ def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, n
         amount = max(0, sum(m.weight.numel() for m, _ in weights) - (nonzero - dense_rest))
         torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=int(amount))
         if section.finetune_steps:
-            run_phase(model, recipe, index, section.finetune_steps, seed)
+            run_phase(model, recipe, index, section.finetune_steps, seed, teacher=teacher)
         for module, name in weights:
             torch_prune.remove(module, name)
     return {"arm": "tp", "seed": seed, "seconds": time.perf_counter() - started, "lambda": strength,

@@ -41,7 +41,7 @@ from dnnprune.pruning import prune
 from dnnprune.recipe import FineTuneSection, Recipe, load_recipe
 from dnnprune.surgery import output_layers
 from dnnprune.tasks import make_task
-from dnnprune.training import evaluate, fit_loop
+from dnnprune.training import evaluate, fit_loop, frozen_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,9 +106,10 @@ def arm_control(args: argparse.Namespace, recipe: Recipe, seed: int, report: Any
     section = recipe.prune.model_copy(update={"seed": seed})
     started = time.perf_counter()
     phases = received_phases(report, recipe.model_copy(update={"prune": section}))
+    teacher = frozen_teacher(model, section.finetune, section.step_finetune)  # the same loss as the pruned arm
     for config, phase_seed in phases:
         loader = train_loader(meta_of(model), recipe.data, config.batch_size, phase_seed)
-        fit_loop(model, loader, config, device=torch.device("cpu"), seed=phase_seed)
+        fit_loop(model, loader, config, device=torch.device("cpu"), seed=phase_seed, teacher=teacher)
     return {"arm": "control", "seed": seed, "seconds": time.perf_counter() - started,
             "finetune_steps_received": sum(p.max_steps or 0 for p, _ in phases), **test_metrics(model, recipe, args.split)}
 
@@ -138,7 +139,7 @@ def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs:
     if steps:
         config = recipe.prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": steps})
         fit_loop(model, train_loader(meta_of(model), recipe.data, config.batch_size, seed), config,
-                 device=torch.device("cpu"), seed=seed)
+                 device=torch.device("cpu"), seed=seed, teacher=frozen_teacher(baseline, config))
     return model, {"arm": "tp", "seed": seed, "ratio": high, "seconds": time.perf_counter() - started,
                    "finetune_steps_received": steps, **test_metrics(model, recipe, args.split)}
 

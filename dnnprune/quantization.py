@@ -45,7 +45,7 @@ from dnnprune.patterns import select_layers
 from dnnprune.recipe import DataSection, FineTuneSection, LatencySection, QuantizeSection
 from dnnprune.reports import Report
 from dnnprune.tasks import make_task
-from dnnprune.training import evaluate, fit_loop, wants_training
+from dnnprune.training import evaluate, fit_loop, frozen_teacher, wants_training
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -115,6 +115,7 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
     as it is, and the result says so, unless `config.keep_larger` asks for the codes anyway.
     """
     plan = plan_layers(model, config)
+    teacher = frozen_teacher(model, config.finetune)
     existing = _encodings(model)
     encodings = {f"{name}.weight": _stacked(existing.get(f"{name}.weight"), config.method, bits)
                  for name, bits in plan.items()}
@@ -144,7 +145,7 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
         if train_loader is None:
             raise DnnpruneError("quantize.finetune asks for training but no training data was given")
         history, changed = finetune_codes(model, encodings, train_loader, config.finetune, device=device,
-                                          observer=observer, seed=config.seed)
+                                          observer=observer, seed=config.seed, teacher=teacher)
     layers = [_layer_result(name, model.get_submodule(name), originals[name], encodings[f"{name}.weight"])
               for name in plan if name in originals]
     return QuantizeResult(layers, encodings, history, changed, kept)
@@ -190,7 +191,7 @@ def _layer_result(name: str, module: nn.Module, original: torch.Tensor, spec: En
 
 def finetune_codes(model: nn.Module, encodings: dict[str, Encoding], train_loader: Iterable, config: FineTuneSection, *,
                    device: torch.device | str, observer: Observer = NULL_OBSERVER,
-                   seed: int = 0) -> tuple[dict[str, Any], dict[str, bool]]:
+                   seed: int = 0, teacher: nn.Module | None = None) -> tuple[dict[str, Any], dict[str, bool]]:
     """Train with every code frozen (Deep Compression's centroid fine-tuning); weights end on their grid.
 
     Returns the training history and, per layer, whether fine-tuning changed its weights.
@@ -198,7 +199,7 @@ def finetune_codes(model: nn.Module, encodings: dict[str, Encoding], train_loade
     before = {name: model.get_parameter(name).detach().cpu().clone() for name in encodings}
     with held_encodings(model, encodings):
         history = fit_loop(model, train_loader, config, device=torch.device(device), observer=observer,  # type: ignore[arg-type]
-                           description="fine-tune codes", seed=seed)
+                           description="fine-tune codes", seed=seed, teacher=teacher)
     changed = {name.rpartition(".")[0]: not torch.equal(model.get_parameter(name).detach().cpu(), before[name])
                for name in encodings}
     model.eval()

@@ -99,6 +99,10 @@ class FineTuneSection(Section):
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["constant", "cosine"] = "cosine"
+    distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of knowledge distillation from the command's "
+                                                             "input model (Hinton et al. 2015); 0 = off, 1 = teacher only")
+    distill_temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature of the distillation "
+                                                                          "loss (classification)")
 
 
 class AnalyzeSection(Section):

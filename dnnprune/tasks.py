@@ -99,6 +99,10 @@ class Task(ABC):
             return before - after
         return (after - before) / max(abs(before), 1e-12)
 
+    @abstractmethod
+    def distill_loss(self, output: torch.Tensor, guide: torch.Tensor, temperature: float) -> torch.Tensor:
+        """How far the student's `output` is from the teacher's `guide` on one batch (mean over samples)."""
+
     def trains_on(self, targets: torch.Tensor) -> torch.Tensor | None:
         """Which training samples the task learns from (None: all); anomaly detection sees only normal ones."""
         return None
@@ -125,6 +129,13 @@ class Classification(Task):
              label_smoothing: float = 0.0) -> torch.Tensor:
         _check_logits(output)
         return F.cross_entropy(output, targets, label_smoothing=label_smoothing)
+
+    def distill_loss(self, output: torch.Tensor, guide: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Hinton's soft-target KL divergence, scaled by T^2 so its gradients match cross-entropy's size."""
+        _check_logits(output)
+        student = F.log_softmax(output / temperature, dim=1)
+        teacher = F.log_softmax(guide / temperature, dim=1)
+        return F.kl_div(student, teacher, reduction="batchmean", log_target=True) * temperature ** 2
 
     def tally(self, threshold: float | None = None) -> Tally:
         return _ClassificationTally()
@@ -180,6 +191,10 @@ class Reconstruction(Task):
     def loss(self, output: torch.Tensor, inputs: torch.Tensor, targets: torch.Tensor, *,
              label_smoothing: float = 0.0) -> torch.Tensor:
         return sample_errors(output, inputs).mean()
+
+    def distill_loss(self, output: torch.Tensor, guide: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The teacher's reconstruction is the target: a pruned autoencoder learns to reproduce it."""
+        return sample_errors(output, guide).mean()
 
     def tally(self, threshold: float | None = None) -> Tally:
         return _ReconstructionTally(self, threshold)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 import dnnprune
+import dnnprune.training as training
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, save
 from dnnprune.data import DATASETS, default_spec
 from dnnprune.errors import PruningError
@@ -591,3 +592,27 @@ def test_measure_linears_and_swapping_only_the_named_layers() -> None:
     x = torch.randn(6, 48)
     with torch.inference_mode():
         torch.testing.assert_close(swapped(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@needs_fmnist
+def test_distillation_teaches_every_phase_from_the_unpruned_input(resnet: nn.Module,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(tmp_path / "cache"))
+    teachers: list[nn.Module] = []
+    original = training._with_distillation
+
+    def spy(loss: torch.Tensor, output: torch.Tensor, inputs: torch.Tensor, teacher: nn.Module, *args: Any) -> torch.Tensor:
+        teachers.append(teacher)
+        return original(loss, output, inputs, teacher, *args)
+
+    monkeypatch.setattr("dnnprune.training._with_distillation", spy)
+    reference = copy.deepcopy(resnet).eval()
+    data = DataSection(root=FMNIST_DIR, train_limit=256, batch_size=64)
+    model, _ = _double(resnet, data, slimming_ratio=0.3, sparsity=0.5, sparsity_steps=2, finetune_steps=3,
+                       prune_every=1, ramp=0.5, finetune=FineTuneSection(batch_size=32, distill=0.5))
+    assert len(teachers) == 2 + 3 + 3 and all(t is teachers[0] for t in teachers)
+    probe = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        assert torch.equal(teachers[0](probe), reference(probe))  # the input as it came, untouched by training
+    assert count_parameters(model) < count_parameters(reference)

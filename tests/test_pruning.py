@@ -496,3 +496,36 @@ def test_quantized_checkpoints_are_refused() -> None:
     meta_of(model).encodings = {"classifier.1.weight": c.Encoding(values=c.KMeansSpec(bits=4))}
     with pytest.raises(PruningError, match="quantized"):
         prune(model, PruneSection(ratio=0.5, evaluate=False))
+
+
+@needs_fmnist
+def test_prune_and_quantize_fine_tunes_distil_from_their_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dnnprune.training as training
+    from dnnprune.quantization import quantize
+    from dnnprune.recipe import DataSection, FineTuneSection, QuantizeSection
+
+    teachers: list[nn.Module] = []
+    original = training._with_distillation
+
+    def spy(loss: torch.Tensor, output: torch.Tensor, inputs: torch.Tensor, teacher: nn.Module, *args: object) -> torch.Tensor:
+        teachers.append(teacher)
+        return original(loss, output, inputs, teacher, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("dnnprune.training._with_distillation", spy)
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    data = DataSection(train_limit=512, batch_size=128)
+    reference = copy.deepcopy(model).eval()
+    probe = torch.randn(2, *meta_of(model).input_shape)
+    pruned, _ = prune(model, PruneSection(ratio=0.5, evaluate=False, finetune=FineTuneSection(max_steps=4, distill=0.8)),
+                      data=data)
+    assert len(teachers) == 4 and all(t is teachers[0] for t in teachers)
+    with torch.no_grad():
+        assert torch.equal(teachers[0](probe), reference(probe))
+    frozen = copy.deepcopy(pruned).eval()
+    teachers.clear()
+    quantize(pruned, QuantizeSection(bits=4, evaluate=False, finetune=FineTuneSection(max_steps=3, epochs=1, distill=0.5)),
+             data=data)
+    assert len(teachers) == 3
+    with torch.no_grad():
+        assert torch.equal(teachers[0](probe), frozen(probe))  # the float model, before its codes

@@ -41,6 +41,8 @@ def test_overrides_win_and_none_means_not_given(tmp_path: Path) -> None:
         ({"quantize": {"bits": 9}}, "quantize.bits"),
         ({"data": {"val_fraction": 0}}, "data.val_fraction"),
         ({"device": "tpu"}, "device"),
+        ({"double_prune": {"finetune": {"distill": 1.5}}}, "double_prune.finetune.distill"),
+        ({"prune": {"finetune": {"distill_temperature": 0}}}, "prune.finetune.distill_temperature"),
     ],
 )
 def test_invalid_values_name_the_key(raw: dict, fragment: str) -> None:

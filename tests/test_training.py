@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from dnnprune.observe import Observer
 from dnnprune.recipe import FineTuneSection, TrainSection
-from dnnprune.training import _make_scheduler, add_bn_l1_subgradient, evaluate, fit_loop, total_steps
+from dnnprune.tasks import TaskSpec, make_task
+from dnnprune.training import _make_scheduler, add_bn_l1_subgradient, evaluate, fit_loop, frozen_teacher, total_steps
 
 _CPU = torch.device("cpu")
 
@@ -119,3 +121,52 @@ def test_evaluate_reports_top5_only_above_five_classes() -> None:
     assert result["top5"] is not None and result["top5"] >= result["top1"] and result.samples == 64
     assert result.primary == "top1" and result.value == result["top1"] and not math.isnan(result.value)
     assert result.as_dict() == {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"], "samples": 64}
+
+
+def _kl_to(teacher: nn.Module, student: nn.Module, loader: DataLoader) -> float:
+    """Mean KL(teacher || student) over the loader: how far the student's predictions are from the teacher's."""
+    student.eval()
+    total = 0.0
+    with torch.no_grad():
+        for x, _ in loader:
+            total += torch.nn.functional.kl_div(student(x).log_softmax(1), teacher(x).log_softmax(1),
+                                                reduction="sum", log_target=True).item()
+    return total / len(loader.dataset)  # type: ignore[arg-type]
+
+
+def test_distillation_pulls_the_student_towards_the_teacher_and_leaves_the_teacher_alone() -> None:
+    torch.manual_seed(1)
+    source = _toy_model()
+    fit_loop(source, _toy_loader(), TrainSection(epochs=2, lr=0.05, schedule="constant"), device=_CPU)
+    gaps = {}
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        student = _toy_model()
+        config = FineTuneSection(max_steps=40, lr=0.05, weight_decay=0.0, schedule="constant", distill=weight)
+        teacher = frozen_teacher(source, config)
+        assert (teacher is None) == (weight == 0.0)
+        before = {k: v.clone() for k, v in source.state_dict().items()}
+        fit_loop(student, _toy_loader(), config, device=_CPU, teacher=teacher)
+        gaps[weight] = _kl_to(source, student, _toy_loader())
+        assert all(torch.equal(before[k], v) for k, v in source.state_dict().items())
+    assert gaps[1.0] < 0.5 * gaps[0.0]
+
+
+def test_distillation_without_a_teacher_is_refused() -> None:
+    config = FineTuneSection(max_steps=2, distill=0.5)
+    with pytest.raises(ValueError, match="teacher"):
+        fit_loop(_toy_model(), _toy_loader(), config, device=_CPU)
+
+
+def test_distillation_losses_of_each_task() -> None:
+    classify = make_task(TaskSpec(kind="classification"))
+    logits = torch.randn(4, 5)
+    assert classify.distill_loss(logits, logits.clone(), 4.0).abs().item() < 1e-6
+    other = torch.randn(4, 5)
+    soft = torch.nn.functional.kl_div((logits / 2).log_softmax(1), (other / 2).log_softmax(1), reduction="batchmean",
+                                      log_target=True)
+    assert math.isclose(classify.distill_loss(logits, other, 2.0).item(), 4 * soft.item(), rel_tol=1e-5)
+    reconstruct = make_task(TaskSpec(kind="reconstruction"))
+    output, guide = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    assert math.isclose(reconstruct.distill_loss(output, guide, 4.0).item(),
+                        (output - guide).pow(2).mean().item(), rel_tol=1e-5)

@@ -63,7 +63,7 @@ from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneS
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
 from dnnprune.tasks import Task, make_task
-from dnnprune.training import evaluate, fit_loop, total_steps, wants_training
+from dnnprune.training import evaluate, fit_loop, frozen_teacher, total_steps, wants_training
 
 
 class PruneReport(Report):
@@ -182,6 +182,7 @@ class _Job:
         self.device = device
         self.observer = observer
         self.finetunes = 0
+        self.teacher = frozen_teacher(self.model, config.finetune, config.step_finetune)
         self.limits = Limits.of(config)
         self.feeds = _Feeds(self.meta, data)
         self.seconds: dict[str, float] = {}
@@ -389,7 +390,7 @@ class _Job:
             return None
         started = time.perf_counter()
         history = fit_loop(model, loader, section, device=self.device, task=self.task, observer=self.observer,
-                           description=description, seed=seed)
+                           description=description, seed=seed, teacher=self.teacher)
         final = description == "final fine-tune"
         key = "final_finetune" if final else "step_finetune"
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started

@@ -33,7 +33,7 @@ from dnnprune.scoring import netscore_block
 from dnnprune.sparse_exec import faster_layers, measure_linears, with_sparse_linears
 from dnnprune.surgery import ChannelGraph, execution_order
 from dnnprune.tasks import Task, make_task
-from dnnprune.training import evaluate, fit_loop
+from dnnprune.training import evaluate, fit_loop, frozen_teacher
 
 NETSCORE_NOTE = ("netscore: p = all parameters (what dense execution stores and runs); "
                  "netscore_nonzero: p = non-zero parameters (what sparse storage keeps)")
@@ -82,6 +82,7 @@ class _DoubleJob:
         self.task: Task = make_task(self.meta.task)
         self.shape = tuple(self.meta.input_shape)
         self.phases = 0
+        self.teacher = frozen_teacher(self.model, section.finetune)
         self.seconds: dict[str, float] = {}
 
     # -- validation ----------------------------------------------------------------------
@@ -196,7 +197,7 @@ class _DoubleJob:
         loader = train_loader(self.meta, self.data, config.batch_size, seed)
         started = time.perf_counter()
         history = fit_loop(self.model, loader, config, device=self.device, task=self.task, observer=self.observer,
-                           description=description, seed=seed, **kwargs)
+                           description=description, seed=seed, teacher=self.teacher, **kwargs)
         self.seconds[description] = time.perf_counter() - started
         return history.as_dict()
 
