@@ -61,8 +61,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=Path, help="YAML: models (checkpoint, recipe) x slimming x sparsity")
     parser.add_argument("--merge", type=Path, nargs="+", help="result folders of runs split over processes "
                         "(e.g. one per seed or arm): one table and summary from all their rows")
+    parser.add_argument("--nonzero-from", type=Path, help="the tp arm without the dnnprune arm in this process: "
+                        "match the non-zero count of the dnnprune row of the same seed in DIR/result.json")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/double-prune")
     return parser.parse_args(argv)
+
+
+def matched_nonzero(folder: Path, seed: int) -> int:
+    """The dnnprune arm's non-zero count for `seed` from a finished run, so the anchor can run in another process."""
+    rows = json.loads((folder / "result.json").read_text())["rows"]
+    found = [row["nonzero_params"] for row in rows if row["arm"] == "dnnprune" and row["seed"] == seed]
+    if not found:
+        raise SystemExit(f"{folder}/result.json has no dnnprune row for seed {seed}")
+    return int(found[0])
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -218,8 +229,9 @@ def run_headline(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(ours)
         if "control" in arms:
             rows.append(arm_control(args.checkpoint, recipe, seed, args.split))
-        if "tp" in arms and ours:
-            rows.append(arm_torch_pruning(args.checkpoint, recipe, seed, args.split, ours["nonzero_params"]))
+        if "tp" in arms and (ours or args.nonzero_from):
+            nonzero = ours["nonzero_params"] if ours else matched_nonzero(args.nonzero_from, seed)
+            rows.append(arm_torch_pruning(args.checkpoint, recipe, seed, args.split, nonzero))
         _write(args.out, baseline, rows, metric, args)
     return _write(args.out, baseline, rows, metric, args)
 

@@ -71,3 +71,13 @@ def test_the_sweep_writes_a_table_a_winner_and_a_plot(tmp_path: Path) -> None:
     assert table.count("**best of model**") == 2
     assert "Best NetScore after pruning (non-zero params): **" in table
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_anchor_in_another_process_matches_the_non_zero_count_of_the_same_seed(tmp_path: Path) -> None:
+    bench = _bench_module()
+    rows = [{"arm": "dnnprune", "seed": 0, "nonzero_params": 111}, {"arm": "tp", "seed": 1, "nonzero_params": 5},
+            {"arm": "dnnprune", "seed": 1, "nonzero_params": 222}]
+    (tmp_path / "result.json").write_text(__import__("json").dumps({"rows": rows}))
+    assert bench.matched_nonzero(tmp_path, 1) == 222
+    with pytest.raises(SystemExit, match="seed 2"):
+        bench.matched_nonzero(tmp_path, 2)
