@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Mapping
 
 from rich.console import Console
@@ -22,42 +21,26 @@ RowFormatter = Callable[[str, Mapping[str, Any]], str | None]
 
 
 class RichObserver(Observer):
-    """Bars appear with the first task (so a bad input prints only its error line) and stop on close.
-
-    The bars redraw from the calling thread (at most `REFRESH_SECONDS` apart), never from rich's
-    background refresh thread: a Ctrl-C that lands while the main thread holds the bars' lock would
-    otherwise leave that thread waiting on it and the exit waiting on the thread.
-    """
-
-    REFRESH_SECONDS = 0.25
+    """Bars appear with the first task (so a bad input prints only its error line) and stop on close."""
 
     def __init__(self, console: Console, *, formatter: RowFormatter | None = None, enabled: bool = True) -> None:
         self.console = console
         self.formatter = formatter
         self.enabled = enabled
         self.progress: Progress | None = None
-        self._drawn = 0.0
 
     def _bars(self) -> Progress:
         if self.progress is None:
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[info]}"), console=self.console, auto_refresh=False)
+                                     TextColumn("{task.fields[info]}"), console=self.console)
             self.progress.start()
         return self.progress
-
-    def _redraw(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.progress is not None and (force or now - self._drawn >= self.REFRESH_SECONDS):
-            self._drawn = now
-            self.progress.refresh()
 
     def begin(self, description: str, total: float) -> int:
         if not self.enabled:
             return 0
-        task = int(self._bars().add_task(description, total=total, info=""))
-        self._redraw(force=True)
-        return task
+        return int(self._bars().add_task(description, total=total, info=""))
 
     def update(self, task: int, *, advance: float = 0.0, completed: float | None = None,
                total: float | None = None, info: str = "") -> None:
@@ -69,12 +52,10 @@ class RichObserver(Observer):
         if total is not None:
             kwargs["total"] = total
         self.progress.update(TaskID(task), **kwargs)
-        self._redraw()
 
     def end(self, task: int, *, keep: bool = False) -> None:
         if self.enabled and self.progress is not None and not keep:
             self.progress.remove_task(TaskID(task))
-        self._redraw(force=True)
 
     def log(self, message: str) -> None:
         if self.enabled:
