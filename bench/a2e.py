@@ -9,11 +9,13 @@ and check its outputs.
 - `anomaly-fmnist`: Fashion-MNIST one-class-vs-rest (one class normal, the other nine anomalies),
   a standard deep anomaly-detection benchmark; per class ROC-AUC and PR-AUC;
 - `classify-fmnist`: `a2e_classifier`, one accordion per class, generative classification;
+- `classify-shared-fmnist`: `a2e_classifier` with `design: shared`, one accordion encoder and a head;
 - `anomaly-csv`: a tabular file with a label column (Statlog Shuttle from Debian's r-cran-mlbench,
   ODDS layout: class 1 normal, 2/3/5/6/7 anomalies, class 4 dropped; or Kaggle's creditcard.csv).
 
     python bench/a2e.py anomaly-fmnist --classes 0,1,2 --out runs/bench/a2e
     python bench/a2e.py classify-fmnist --out runs/bench/a2e
+    python bench/a2e.py classify-shared-fmnist --out runs/bench/a2e
     python bench/a2e.py anomaly-csv --csv runs/cache/shuttle.csv --normal 0 --out runs/bench/a2e
 """
 
@@ -33,7 +35,7 @@ import dnnprune
 from dnnprune.analysis import analyze, write_outputs
 from dnnprune.checkpoint import meta_of, save
 from dnnprune.fresh import new_model
-from dnnprune.loaders import train_loader
+from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_macs, count_parameters
 from dnnprune.pruning import prune
 from dnnprune.recipe import (
@@ -46,15 +48,15 @@ from dnnprune.recipe import (
     TrainSection,
 )
 from dnnprune.scoring import score
-from dnnprune.tasks import TaskSpec
-from dnnprune.training import fit_loop, train
+from dnnprune.tasks import TaskSpec, make_task
+from dnnprune.training import evaluate, fit_loop, frozen_teacher, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("setting", choices=["anomaly-fmnist", "classify-fmnist", "anomaly-csv"])
+    parser.add_argument("setting", choices=list(SETTINGS))
     parser.add_argument("--classes", default="0", help="anomaly-fmnist: the normal classes to run, one run each")
     parser.add_argument("--csv", type=Path, help="anomaly-csv: the file")
     parser.add_argument("--label-column", default="Class")
@@ -66,6 +68,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=0.02)
     parser.add_argument("--step-steps", type=int, default=None, help="fine-tune steps after each removal")
     parser.add_argument("--final-steps", type=int, default=None)
+    parser.add_argument("--order", choices=["sensitivity", "efficiency"], default=None,
+                        help="layer removal order (efficiency: least drop per parameter saved)")
+    parser.add_argument("--distill", type=float, default=None, help="distillation weight of every fine-tune")
+    parser.add_argument("--split", choices=["val", "test"], default="test",
+                        help="val for choosing settings; test for the final rows only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/a2e")
     return parser.parse_args(argv)
@@ -78,12 +85,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
                         "epochs": 3, "target": 10.5, "step_steps": 100, "final_steps": 300, "batch": 128, "lr": 1e-3},
     "anomaly-csv": {"arch": "a2e", "widths": [64, 8, 64, 8, 64], "activation": "tanh", "epochs": 20,
                     "target": 7.0, "step_steps": 200, "final_steps": 500, "batch": 256, "lr": 1e-3},
+    "classify-shared-fmnist": {"arch": "a2e_classifier", "design": "shared", "widths": [1024, 64, 1024, 64],
+                               "activation": "relu", "epochs": 10, "target": 10.5, "step_steps": 100,
+                               "final_steps": 300, "batch": 128, "lr": 1e-3},
 }
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
     chosen = dict(SETTINGS[args.setting])
-    for key in ("epochs", "target", "activation"):
+    for key in ("epochs", "target", "activation", "distill", "order"):
         if getattr(args, key) is not None:
             chosen[key] = getattr(args, key)
     if args.widths:
@@ -95,17 +105,19 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     return chosen
 
 
-def optimizer_section(steps: int, lr: float, batch: int) -> FineTuneSection:
-    return FineTuneSection(max_steps=steps, lr=lr, batch_size=batch, optimizer="adam", weight_decay=0.0,
-                           schedule="cosine")
+def optimizer_section(steps: int, chosen: dict[str, Any]) -> FineTuneSection:
+    return FineTuneSection(max_steps=steps, lr=chosen["lr"], batch_size=chosen["batch"], optimizer="adam",
+                           weight_decay=0.0, schedule="cosine", distill=chosen.get("distill", 0.0))
 
 
 def one_run(name: str, data: DataSection, task: TaskSpec | None, chosen: dict[str, Any], args: argparse.Namespace,
             out: Path) -> dict[str, Any]:
     """Baseline, layer analysis, accuracy-aware layer pruning, control, scores, reload check."""
     started = time.perf_counter()
-    model_section = ModelSection(arch=chosen["arch"], args={"widths": chosen["widths"], "activation": chosen["activation"]},
-                                 task=task)
+    model_args = {"widths": chosen["widths"], "activation": chosen["activation"]}
+    if "design" in chosen:
+        model_args["design"] = chosen["design"]
+    model_section = ModelSection(arch=chosen["arch"], args=model_args, task=task)
     model = new_model(chosen["arch"], model_section, data, args.seed)
     model, trained = train(model, TrainSection(epochs=chosen["epochs"], batch_size=chosen["batch"], optimizer="adam",
                                                lr=chosen["lr"], weight_decay=0.0, schedule="cosine", seed=args.seed,
@@ -115,10 +127,10 @@ def one_run(name: str, data: DataSection, task: TaskSpec | None, chosen: dict[st
                                                                        budget=args.budget), data=data)
     analysis_path = out / f"{name}-baseline.analysis.json"
     write_outputs(analysis, analysis_path)
-    section = PruneSection(granularity="layer", order="sensitivity", analysis=analysis_path, target="params",
+    section = PruneSection(granularity="layer", order=chosen.get("order", "sensitivity"), analysis=analysis_path, target="params",
                            target_factor=chosen["target"], accuracy_aware=True, max_accuracy_drop=args.budget,
-                           step_finetune=optimizer_section(chosen["step_steps"], chosen["lr"], chosen["batch"]),
-                           finetune=optimizer_section(chosen["final_steps"], chosen["lr"], chosen["batch"]),
+                           step_finetune=optimizer_section(chosen["step_steps"], chosen),
+                           finetune=optimizer_section(chosen["final_steps"], chosen),
                            seed=args.seed)
     pruned, report = prune(dnnprune.load(baseline_path), section, data=data)
     pruned_path = save(pruned, out / f"{name}-pruned.safetensors", force=True)
@@ -126,25 +138,32 @@ def one_run(name: str, data: DataSection, task: TaskSpec | None, chosen: dict[st
     steps += (report.final_finetune or {}).get("steps", 0) if (report.final_finetune or {}).get("kept", True) else 0
     control = dnnprune.load(baseline_path)
     if steps:
-        config = optimizer_section(steps, chosen["lr"], chosen["batch"])
+        config = optimizer_section(steps, chosen)
+        teacher = frozen_teacher(dnnprune.load(baseline_path), config)
         fit_loop(control, train_loader(meta_of(control), data, config.batch_size, args.seed), config,
-                 device=torch.device("cpu"), seed=args.seed)
-    rows = {label: _scored(m, data, path) for label, m, path in
+                 device=torch.device("cpu"), seed=args.seed, teacher=teacher)
+    rows = {label: _scored(m, data, path, args.split) for label, m, path in
             (("baseline", dnnprune.load(baseline_path), baseline_path), ("control", control, None),
              ("pruned", dnnprune.load(pruned_path), pruned_path))}
     return {"name": name, "widths": chosen["widths"], "activation": chosen["activation"],
             "baseline_train_steps": trained.history["steps"], "control_steps": steps, "rows": rows,
             "removed": [row["unit"] for row in report.steps if row["accepted"]], "order": analysis.order,
+            "steps": report.steps, "final_finetune": report.final_finetune,
             "params_reduction": 1 - rows["pruned"]["params"] / rows["baseline"]["params"],
             "macs_reduction": 1 - rows["pruned"]["macs"] / rows["baseline"]["macs"],
             "reloads_identically": reload_check(pruned_path), "seconds": time.perf_counter() - started}
 
 
-def _scored(model: torch.nn.Module, data: DataSection, path: Path | None) -> dict[str, Any]:
+def _scored(model: torch.nn.Module, data: DataSection, path: Path | None, split: str) -> dict[str, Any]:
+    """`score`'s metrics on test; on val (choosing settings), the task's metrics from `evaluate`."""
+    meta = meta_of(model)
+    sizes = {"params": count_parameters(model), "macs": sum(count_macs(model, tuple(meta.input_shape)).values())}
+    if split == "val":
+        task = make_task(meta.task)
+        result = evaluate(model, eval_loader(meta, data, split="val"), "cpu", task=task)
+        return {**result.values, **sizes, "split": "val"}
     _, report = score(model, ScoreSection(latency=False), data=data, checkpoint_path=path)
-    shape = tuple(meta_of(model).input_shape)
-    return {**report.metrics, "params": count_parameters(model), "macs": sum(count_macs(model, shape).values()),
-            "disk_bytes": report.disk_bytes}
+    return {**report.metrics, **sizes, "disk_bytes": report.disk_bytes, "split": "test"}
 
 
 _RELOAD = """
@@ -178,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
             task = TaskSpec(kind="reconstruction", normal_classes=(k,))
             results.append(one_run(f"fmnist-normal{k}", DataSection(dataset="fashion-mnist"), task, chosen, args, args.out))
             _write(args, results)
-    elif args.setting == "classify-fmnist":
+    elif args.setting.startswith("classify"):
         results.append(one_run("fmnist-classifier", DataSection(dataset="fashion-mnist"), None, chosen, args, args.out))
     else:
         normal = tuple(int(c) for c in args.normal.split(","))

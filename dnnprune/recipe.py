@@ -145,7 +145,9 @@ class PruneSection(Section):
     target: Literal["params", "macs", "bytes", "latency"] | None = Field(
         None, description="what target_factor counts: params, macs, bytes, or measured CPU latency at latency_batch")
     target_factor: float | None = Field(None, gt=1.0, description="e.g. 3 for 3x fewer MACs")
-    order: Literal["sequential", "reverse", "sensitivity", "random"] = "sequential"
+    order: Literal["sequential", "reverse", "sensitivity", "efficiency", "random"] = Field(
+        "sequential", description="sensitivity: least sensitive first (needs an analysis for channels); efficiency "
+                                  "(--granularity layer): least drop per parameter or MAC saved first")
     analysis: Path | None = None
     min_channels: int = Field(1, ge=1)
     min_fraction: float = Field(0.0, ge=0.0, lt=1.0)

@@ -21,13 +21,15 @@ from dnnprune.pruning.depth import (
     check_reachable,
     check_units,
     remove_in_order,
+    efficiency_pick,
     sensitivity_order,
     stripped_size,
+    unit_drops,
     unit_metrics,
     unit_order,
     units_fingerprint,
 )
-from dnnprune.pruning.layers import Unit, find_units, least_squares, remove_unit, unit_named
+from dnnprune.pruning.layers import BRIDGE_RIDGE, Unit, find_units, least_squares, remove_unit, unit_named
 from dnnprune.pruning.structured import model_size
 from dnnprune.tasks import Metrics, TaskSpec, make_task
 from tests.reload import record_io, reload_in_new_process
@@ -117,6 +119,9 @@ def test_mlp_a2e_and_a2e_classifier_hidden_linears() -> None:
     classifier = find_units(_model("a2e_classifier", num_classes=3, input_shape=(1, 4, 4), widths=[8, 4, 8]), (1, 4, 4))
     assert _names(classifier) == [f"experts.{k}.{i}" for k in range(3) for i in (1, 3, 5)]
     assert unit_named(classifier, "experts.2.3").bridge == "experts.2.5"
+    shared = find_units(_model("a2e_classifier", num_classes=3, input_shape=(1, 4, 4), widths=[8, 4, 8],
+                               design="shared"), (1, 4, 4))
+    assert [(u.name, u.bridge) for u in shared] == [("net.1", "net.3"), ("net.3", "net.5"), ("net.5", "net.7")]
 
 
 def test_a_model_without_units_says_to_use_filter_granularity() -> None:
@@ -149,6 +154,7 @@ SAVINGS_CASES = [
     ("mlp", {"hidden": [20, 10]}, (1, 28, 28)),
     ("a2e", {"input_shape": ROW}, ROW),
     ("a2e_classifier", {"num_classes": 3, "input_shape": (1, 4, 4), "widths": [8, 4, 8]}, (1, 4, 4)),
+    ("a2e_classifier", {"num_classes": 3, "input_shape": (1, 4, 4), "widths": [8, 4, 8], "design": "shared"}, (1, 4, 4)),
 ]
 
 
@@ -198,7 +204,7 @@ def test_bridge_is_exact_when_the_removed_layer_is_linear(position: int) -> None
     probe = torch.randn(64, 6) * 3 + 1  # not the calibration samples: the map itself is exact
     with torch.inference_mode():
         reference = chain(probe)
-    remove_unit(chain, units[position], calibration)
+    remove_unit(chain, units[position], calibration, ridge=0.0)
     bridge = chain.get_submodule(units[position].bridge)
     assert isinstance(chain.get_submodule(units[position].name), nn.Identity)
     assert bridge.in_features == (6 if position == 0 else 5)
@@ -213,11 +219,28 @@ def test_bridge_is_close_for_tanh_on_small_inputs() -> None:
     calibration, probe = torch.randn(512, 6) * 0.05, torch.randn(64, 6) * 0.05
     with torch.inference_mode():
         reference = chain(probe)
-    remove_unit(chain, find_units(chain, (6,))[0], calibration)
+    remove_unit(chain, find_units(chain, (6,))[0], calibration, ridge=0.0)
     with torch.inference_mode():
         error = (chain(probe) - reference).abs().max()
     spread = (reference - reference.mean(0)).abs().max()
     assert error < 5e-3 * spread, (float(error), float(spread))
+
+
+def test_the_default_ridge_keeps_an_underdetermined_bridge_small_and_costs_little_when_samples_abound() -> None:
+    """784 noisy inputs and 1,024 samples: plain least squares interpolates the noise with huge weights."""
+    torch.manual_seed(0)
+    signal = torch.randn(1024, 8)
+    inputs = signal @ torch.randn(8, 784) + 0.05 * torch.randn(1024, 784)
+    targets = torch.relu(signal) @ torch.randn(8, 16)
+    plain, _ = least_squares(inputs, targets)
+    ridged, _ = least_squares(inputs, targets, ridge=BRIDGE_RIDGE)
+    assert float(ridged.abs().max()) < float(plain.abs().max()) / 5
+    affine = torch.randn(6, 3)
+    many = torch.randn(4096, 6)
+    exact, _ = least_squares(many, many @ affine, ridge=0.0)
+    near, _ = least_squares(many, many @ affine, ridge=BRIDGE_RIDGE)
+    torch.testing.assert_close(exact.T, affine, atol=1e-4, rtol=1e-4)
+    assert float((near.T - affine).abs().max()) < 0.02 * float(affine.abs().max())
 
 
 def test_least_squares_recovers_an_affine_map_and_survives_rank_deficiency() -> None:
@@ -298,6 +321,25 @@ def test_a_bottleneck_removal_that_would_enlarge_the_model_is_skipped_for_a_size
     assert [r["unit"] for r in rows] == ["net.3"]
 
 
+def test_efficiency_takes_the_wide_input_layer_first_where_it_saves_most_per_point() -> None:
+    """On an accordion 30-256-8-256-8 the input-facing layer is the most sensitive alone but saves
+    most; once the narrow layers around it are gone it can no longer shrink the model. Least drop
+    per parameter saved, re-measured before each removal, takes it first; plain sensitivity order
+    would strand it."""
+    model = _a2e((256, 8, 256, 8))
+    drops = {"net.1": 0.05, "net.3": 0.02, "net.5": 0.001, "net.7": 0.001}
+    units = find_units(model, ROW)
+    assert efficiency_pick(units, drops, "params").name == "net.5"  # free and large
+    assert efficiency_pick([u for u in units if u.name != "net.5"], drops, "params").name == "net.1"
+    assert efficiency_pick([], drops, "params") is None
+    plan = DepthPlan(remove=3, target=None, factor=None, base=_size(model, ROW))
+    env = _removal(ROW)
+    env.efficiency = drops
+    pruned, rows = remove_in_order(model, sensitivity_order(units, drops), plan, env)
+    assert [r["unit"] for r in rows] == ["net.5", "net.1", "net.7"]
+    assert [m.in_features for m in pruned.net if isinstance(m, nn.Linear)] == [30, 8]
+
+
 def test_accuracy_aware_puts_back_a_unit_that_exceeds_the_budget() -> None:
     """A stubbed evaluation: removing `net.5` (the harmful unit) costs 0.3, any other module 0.001."""
     model = _a2e((16, 8, 16))
@@ -328,7 +370,9 @@ def test_sensitivity_order_least_harmful_first() -> None:
                            torch.randn(32, *ROW))
     assert set(metrics) == {"net.1", "net.3", "net.5"}
     baseline = Metrics({"mse": 0.1}, 10, "mse", False)
-    assert sensitivity_order(units, baseline, metrics, task) == ["net.3", "net.1", "net.5"]
+    drops = unit_drops(units, baseline, metrics, task)
+    assert drops == pytest.approx({"net.1": 4.0, "net.3": 1.0, "net.5": 8.0})  # relative rise of the MSE
+    assert sensitivity_order(units, drops) == ["net.3", "net.1", "net.5"]
     assert unit_order(units, "sequential", 0) == ["net.1", "net.3", "net.5"]
     assert sorted(unit_order(units, "random", 3)) == ["net.1", "net.3", "net.5"]
 
@@ -401,7 +445,10 @@ def test_every_kind_of_removal_reloads_bit_identical_in_a_new_process(tmp_path: 
                         ["net.1", "net.5", "net.9"], kind="reconstruction"),
         "a2e_classifier": _removed("a2e_classifier", {"num_classes": 3, "input_shape": [1, 4, 4], "widths": [8, 4, 8]},
                                    (1, 4, 4), ["experts.0.1", "experts.1.3", "experts.1.5"]),
+        "a2e_shared": _removed("a2e_classifier", {"num_classes": 3, "input_shape": [1, 4, 4], "widths": [8, 4, 8, 4],
+                                                  "design": "shared"}, (1, 4, 4), ["net.1", "net.5"]),
     }
+    assert [cases["a2e_shared"].net[i].in_features for i in (3, 7, 9)] == [16, 4, 4]
     assert [cases["a2e"].net[i].in_features for i in (3, 7, 11)] == [30, 4, 4]  # bridged from the input
     assert cases["a2e_classifier"].experts[1][7].in_features == 8
     items = []

@@ -97,6 +97,16 @@ def test_a2e_classifier_gives_the_class_whose_autoencoder_reconstructs_best() ->
     assert torch.equal(logits.argmax(1), errors.argmin(1))
 
 
+def test_a2e_classifier_shared_design_is_one_accordion_encoder_and_a_head_on_its_code() -> None:
+    model = create_model("a2e_classifier", num_classes=3, input_shape=[1, 4, 4], widths=[8, 4, 8, 2],
+                         design="shared").eval()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(16, 8), (8, 4), (4, 8), (8, 2), (2, 3)]
+    assert _logits(model, 1, 4).shape == (2, 3)
+    with pytest.raises(ModelError, match="design must be 'experts' or 'shared'"):
+        create_model("a2e_classifier", design="both")
+
+
 @pytest.mark.parametrize("name", ["a2e", "a2e_classifier"])
 def test_a2e_bad_arguments_raise_model_error(name: str) -> None:
     with pytest.raises(ModelError, match="widths"):

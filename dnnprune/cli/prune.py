@@ -41,7 +41,8 @@ def prune_command(
     remove: Annotated[int | None, typer.Option(help="Layer granularity: remove this many units.")] = None,
     target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs, latency:2 for a measured 2x speedup (params, macs, bytes or latency).")] = None,
     criterion: Annotated[str | None, typer.Option(help="l1, l2, bn_scale, taylor or random.")] = None,
-    order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity or random.")] = None,
+    order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity, random, or (--granularity layer) efficiency: "
+                                                   "least drop per parameter or MAC saved first.")] = None,
     analysis: Annotated[Path | None, typer.Option(help="Report from `dnnprune analyze` (for --order sensitivity).")] = None,
     accuracy_aware: Annotated[bool | None, typer.Option("--accuracy-aware/--one-shot", help="Prune step by step, fine-tuning and backing off layers that lose accuracy.")] = None,
     global_threshold: Annotated[bool | None, typer.Option("--global/--per-layer", help="One threshold over all layers' normalised scores.")] = None,

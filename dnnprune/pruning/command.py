@@ -31,6 +31,7 @@ from dnnprune.pruning.depth import (
     load_layer_analysis,
     remove_in_order,
     sensitivity_order,
+    unit_drops,
     unit_metrics,
     unit_order,
 )
@@ -150,6 +151,9 @@ def _check_how_much(config: PruneSection) -> None:
         raise PruningError("global_threshold needs a ratio (the fraction of all channels) or a target")
     if config.order == "sensitivity" and config.analysis is None:
         raise PruningError("--order sensitivity needs an analysis report: pass --analysis A.json (from `dnnprune analyze`)")
+    if config.order == "efficiency":
+        raise PruningError("--order efficiency ranks whole layers: use it with --granularity layer; for channels use "
+                           "--order sensitivity")
 
 
 @dataclass
@@ -530,9 +534,10 @@ class _LayerJob(_Job):
         self.base_size = model_size(self.model, self.shape)
         self.plan = DepthPlan(config.remove, config.target, config.target_factor, self.base_size)
         check_reachable(self.model, self.units, self.plan, self.shape)
-        if config.order == "sensitivity" and config.analysis is not None:
-            self.order = load_layer_analysis(config.analysis, self.meta.arch, self.units)
-        elif config.order == "sensitivity":
+        self.drops: dict[str, float] | None = None
+        if config.order in ("sensitivity", "efficiency") and config.analysis is not None:
+            self.order, self.drops = load_layer_analysis(config.analysis, self.meta.arch, self.units)
+        elif config.order in ("sensitivity", "efficiency"):
             self.order = []  # measured once data is at hand
         else:
             self.order = unit_order(self.units, config.order, config.seed)
@@ -563,14 +568,16 @@ class _LayerJob(_Job):
         measured: dict[str, Any] = {}
         if not self.order:
             metrics = unit_metrics(self.model, self.units, evaluate_val, calibration)
-            self.order = sensitivity_order(self.units, evaluate_val(self.model), metrics, self.task)
+            self.drops = unit_drops(self.units, evaluate_val(self.model), metrics, self.task)
+            self.order = sensitivity_order(self.units, self.drops)
             measured = {name: m.as_dict() for name, m in metrics.items()}
         env = Removal(input_shape=self.shape, calibration=calibration,
                       evaluate=lambda m: evaluate_val(m).value, drop=self.task.drop,
                       finetune=lambda m, name: (self.finetune(m, config.step_finetune, f"fine-tune without {name}")
                                                 or {}).get("steps", 0),
                       max_drop=config.max_accuracy_drop if config.accuracy_aware else None,
-                      on_step=lambda row: self.observer.row("prune.layer", row))
+                      on_step=lambda row: self.observer.row("prune.layer", row),
+                      efficiency=self.drops if config.order == "efficiency" else None)
         model, rows = remove_in_order(self.model, self.order, self.plan, env)
         self.seconds["layer_removal"] = time.perf_counter() - started
         self.removed_units = [row["unit"] for row in rows if row["accepted"]]

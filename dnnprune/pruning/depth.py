@@ -2,7 +2,10 @@
 
 The units (`pruning.layers`) are ranked by how much the task's primary metric drops when each is
 removed alone (from an `analyze --granularity layer` report, or measured here on the validation
-subset), then removed in that order until the target is met or `remove` units are gone. In
+subset), then removed in that order until the target is met or `remove` units are gone. The
+`efficiency` order ranks by drop per parameter (or MAC, with that target) saved instead, re-measured
+before every removal: on an accordion the wide input-facing layer is the most sensitive one alone
+but saves most, and once the narrow layers around it are gone it can no longer go. In
 accuracy-aware mode every removal is fine-tuned and kept only if the metric stays within the
 budget of the original; a rejected unit is put back and the next one is tried.
 """
@@ -56,18 +59,35 @@ def unit_metrics(model: nn.Module, units: Sequence[Unit], evaluate: Evaluate, ca
     return results
 
 
-def sensitivity_order(units: Sequence[Unit], baseline: Metrics, measured: dict[str, Metrics], task: Task) -> list[str]:
+def unit_drops(units: Sequence[Unit], baseline: Metrics, measured: dict[str, Metrics], task: Task) -> dict[str, float]:
+    """Each unit's drop of the primary metric when removed alone (inf where undefined)."""
+    drops = {u.name: task.drop(baseline.value, measured[u.name].value) for u in units}
+    return {name: drop if drop == drop else float("inf") for name, drop in drops.items()}
+
+
+def sensitivity_order(units: Sequence[Unit], drops: dict[str, float]) -> list[str]:
     """Least sensitive first; ties go to the unit that saves more MACs."""
-    def key(item: tuple[int, Unit]) -> tuple[float, int, int]:
+    ranked = sorted(enumerate(units), key=lambda item: (drops[item[1].name], -item[1].macs, item[0]))
+    return [unit.name for _, unit in ranked]
+
+
+_FREE_DROP = 1e-4
+"""Drops at or below this (0.01 points) count as free, so among free units the larger saving goes first."""
+
+
+def efficiency_pick(candidates: Sequence[Unit], drops: dict[str, float], metric: str) -> Unit | None:
+    """The unit with the least drop per unit of `metric` saved now; units that save nothing go last."""
+    def key(item: tuple[int, Unit]) -> tuple[float, float, int]:
         index, unit = item
-        drop = task.drop(baseline.value, measured[unit.name].value)
-        return (drop if drop == drop else float("inf"), -unit.macs, index)
+        saving = getattr(unit, metric)
+        drop = max(drops.get(unit.name, float("inf")), _FREE_DROP)
+        return (drop / saving if saving > 0 else float("inf"), drop, index)
 
-    return [unit.name for _, unit in sorted(enumerate(units), key=key)]
+    return min(enumerate(candidates), key=key)[1] if candidates else None
 
 
-def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> list[str]:
-    """The order from an `analyze --granularity layer` report made for this very model."""
+def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> tuple[list[str], dict[str, float]]:
+    """The order and each unit's drop from an `analyze --granularity layer` report made for this very model."""
     try:
         report = json.loads(Path(path).read_text())
     except FileNotFoundError:
@@ -82,7 +102,18 @@ def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> list[st
         raise PruningError(f"layer analysis {path} was made for another model; run `dnnprune analyze --granularity "
                            "layer` on this checkpoint")
     names = {u.name for u in units}
-    return [n for n in report["order"] if n in names] + [u.name for u in units if u.name not in report["order"]]
+    order = [n for n in report["order"] if n in names] + [u.name for u in units if u.name not in report["order"]]
+    return order, _report_drops(report, names)
+
+
+def _report_drops(report: dict[str, Any], names: set[str]) -> dict[str, float]:
+    """`sensitivity` per unit from the report's layers; a unit missing or without a number counts as infinite."""
+    drops = dict.fromkeys(names, float("inf"))
+    for layer in report.get("layers") or []:
+        value = layer.get("sensitivity") if isinstance(layer, dict) else None
+        if isinstance(layer, dict) and layer.get("name") in names and isinstance(value, (int, float)) and value == value:
+            drops[layer["name"]] = float(value)
+    return drops
 
 
 def unit_order(units: Sequence[Unit], policy: str, seed: int) -> list[str]:
@@ -159,6 +190,8 @@ class Removal:
     max_drop: float | None
     """None: one-shot (no fine-tune or check per removal)."""
     on_step: Callable[[dict[str, Any]], None] | None = None
+    efficiency: dict[str, float] | None = None
+    """Each unit's drop alone: pick by least drop per saving now, not by `order`."""
 
 
 def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal) -> tuple[nn.Module, list[dict[str, Any]]]:
@@ -174,12 +207,11 @@ def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env
     removed = 0
     tried: set[str] = set()
     while not plan.met(removed, model_size(model, env.input_shape)):
-        units = {u.name: u for u in find_units(model, env.input_shape)}
-        name = next((n for n in order if n not in tried and n in units and _shrinks(units[n], plan.target)), None)
-        if name is None:
+        unit = _next_unit(model, order, plan, env, tried)
+        if unit is None:
             break
+        name = unit.name
         tried.add(name)
-        unit = units[name]
         started = time.perf_counter()
         candidate = copy.deepcopy(model) if env.max_drop is not None else model
         remove_unit(candidate, unit, env.calibration)
@@ -199,6 +231,15 @@ def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env
         if env.on_step is not None:
             env.on_step(row)
     return model, rows
+
+
+def _next_unit(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal, tried: set[str]) -> Unit | None:
+    """The next untried unit still in the model that shrinks it: first in `order`, or the most efficient."""
+    units = {u.name: u for u in find_units(model, env.input_shape)}
+    candidates = [units[n] for n in order if n not in tried and n in units and _shrinks(units[n], plan.target)]
+    if env.efficiency is not None:
+        return efficiency_pick(candidates, env.efficiency, plan.target if plan.target in ("params", "macs") else "params")
+    return candidates[0] if candidates else None
 
 
 def _shrinks(unit: Unit, target: str | None) -> bool:

@@ -32,6 +32,11 @@ _ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.Sigmoid, nn.ELU, nn.LeakyReLU, nn
                 nn.Dropout, nn.Identity)
 _RCOND = 1e-10
 """Eigenvalues of the centred Gram matrix below this fraction of the largest count as zero variance."""
+BRIDGE_RIDGE = 1e-2
+"""Ridge of the bridge fit, as a fraction of the inputs' mean variance. With about as many calibration
+samples as input features (784 pixels, 1,024 samples) the plain fit interpolates noise: weights in
+the hundreds, and a bridged Fashion-MNIST accordion recovered to 79 % val top-1 in 300 fine-tune
+steps, against 85 % from the ridge fit. Where the samples outnumber the features, it costs little."""
 
 
 @dataclass(frozen=True)
@@ -170,10 +175,12 @@ def _sized(model: nn.Module, unit: Unit, macs: dict[str, int]) -> Unit:
 # ----------------------------------------------------------------------------- removing units
 
 
-def remove_unit(model: nn.Module, unit: Unit, calibration: torch.Tensor | None = None) -> None:
-    """Take the unit out of the model, in place; a Linear unit's bridge is fitted on `calibration`."""
+def remove_unit(model: nn.Module, unit: Unit, calibration: torch.Tensor | None = None,
+                ridge: float = BRIDGE_RIDGE) -> None:
+    """Take the unit out of the model, in place; a Linear unit's bridge is fitted on `calibration`
+    (ridge 0: plain least squares, exact where the removed layer was affine)."""
     if unit.kind == "linear":
-        _bridge(model, unit, calibration)
+        _bridge(model, unit, calibration, ridge)
         return
     _replace(model, unit)
 
@@ -208,7 +215,7 @@ def _replace(model: nn.Module, unit: Unit) -> Callable[[], None]:
     return undo
 
 
-def _bridge(model: nn.Module, unit: Unit, calibration: torch.Tensor | None) -> None:
+def _bridge(model: nn.Module, unit: Unit, calibration: torch.Tensor | None, ridge: float) -> None:
     """Replace Linear_i (+ its activation) and re-fit Linear_{i+1} as one affine map from Linear_i's input."""
     if calibration is None or calibration.shape[0] < 2:
         raise PruningError(f"removing the hidden layer {unit.name!r} needs calibration samples to fit its bridge")
@@ -217,7 +224,7 @@ def _bridge(model: nn.Module, unit: Unit, calibration: torch.Tensor | None) -> N
     if follower.bias is None:
         raise PruningError(f"cannot bridge into {unit.bridge!r}: it has no bias to absorb the removed layer's offset")
     inputs, targets = _activations(model, first, follower, calibration)
-    weight, bias = least_squares(inputs, targets)
+    weight, bias = least_squares(inputs, targets, ridge=ridge)
     bridge = nn.Linear(first.in_features, follower.out_features, bias=True).to(follower.weight.device)
     with torch.no_grad():
         bridge.weight.copy_(weight.to(bridge.weight))
@@ -252,13 +259,14 @@ def _activations(model: nn.Module, first: nn.Module, follower: nn.Module,
     return seen["x"], seen["y"]
 
 
-def least_squares(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """W, b minimising ||inputs W^T + b - targets||^2, in float64.
+def least_squares(inputs: torch.Tensor, targets: torch.Tensor, ridge: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """W, b minimising ||inputs W^T + b - targets||^2 + ridge * n * mean_var * ||W||^2, in float64.
 
     The data are centred first, so the bias is fitted exactly and the scale of the inputs does not
-    matter; the centred normal equations are solved by a pseudo-inverse that drops only directions
-    with (relatively) no variance (dead or constant units, duplicated columns), so an affine relation
-    is recovered exactly and a rank-deficient one still gets a finite, minimum-norm answer.
+    matter (the ridge is relative to the inputs' mean variance); the centred normal equations are
+    solved by a pseudo-inverse that drops only directions with (relatively) no variance (dead or
+    constant units, duplicated columns), so with ridge 0 an affine relation is recovered exactly and
+    a rank-deficient one still gets a finite, minimum-norm answer.
     """
     x, y = inputs.double(), targets.double()
     x_mean, y_mean = x.mean(0), y.mean(0)
@@ -266,7 +274,8 @@ def least_squares(inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Te
     values, vectors = torch.linalg.eigh(centred.T @ centred)
     keep = values > _RCOND * values.max().clamp_min(torch.finfo(torch.float64).tiny)
     basis = vectors[:, keep]
-    weight = (basis / values[keep]) @ (basis.T @ (centred.T @ (y - y_mean)))
+    shrink = values[keep] + ridge * values.clamp_min(0).mean()
+    weight = (basis / shrink) @ (basis.T @ (centred.T @ (y - y_mean)))
     bias = y_mean - x_mean @ weight
     return weight.T.float(), bias.float()
 

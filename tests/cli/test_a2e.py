@@ -27,6 +27,7 @@ from dnnprune.models import create_model
 from dnnprune.pruning.depth import units_fingerprint
 from dnnprune.pruning.layers import find_units
 from dnnprune.recipe import DataSection
+from tests.reload import record_io, reload_in_new_process
 from dnnprune.tasks import choose_threshold, make_task, sample_errors, threshold_metrics
 from tests.cli.test_bad_input import _assert_clean_failure
 from tests.conftest import make_checkpoint, needs_fmnist
@@ -214,6 +215,27 @@ def test_prune_remove_n_in_sensitivity_order(runner: CliRunner, trained: Trained
     assert len(find_units(model, (1, 1, 30))) == 3
     assert sum(p.numel() for p in model.parameters()) == report["after"]["params"] < report["before"]["params"]
     assert dnnprune.meta_of(model).lineage[-1]["command"] == "prune"
+
+
+def test_prune_in_efficiency_order_takes_least_drop_per_parameter_saved(runner: CliRunner, trained: Trained,
+                                                                        tmp_path: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(trained.checkpoint), "-r", str(trained.quick), "--data-root",
+                                 str(trained.data), "--granularity", "layer", "--remove", "1", "--one-shot",
+                                 "--order", "efficiency", "--analysis", str(trained.analysis), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(trained.analysis.read_text())["layers"]
+    saving = {layer["name"]: layer["params"] for layer in layers}
+    best = min((max(layer["sensitivity"], 1e-4) / layer["params"], layer["name"]) for layer in layers
+               if saving[layer["name"]] > 0)[1]
+    assert [s["unit"] for s in json.loads(out.with_suffix(".json").read_text())["steps"]] == [best]
+    # Channels have no per-layer saving to rank by: the order is refused there, with the fix.
+    again = tmp_path / "filter.safetensors"
+    result = runner.invoke(app, ["prune", str(trained.checkpoint), "-r", str(trained.quick), "--data-root",
+                                 str(trained.data), "--granularity", "filter", "--ratio", "0.5", "--order", "efficiency",
+                                 "-o", str(again)])
+    _assert_clean_failure(result, "--granularity layer")
+    assert not again.exists()
 
 
 def test_prune_to_a_params_target_stops_once_it_is_reached(runner: CliRunner, trained: Trained,
@@ -410,3 +432,27 @@ def test_removing_blocks_needs_no_data(runner: CliRunner, tmp_path: Path) -> Non
                                  "sensitivity", "--no-evaluate", "--data-root", str(empty), "-o", str(again)])
     _assert_clean_failure(result, "not found")
     assert not again.exists()
+
+
+@needs_fmnist
+def test_shared_a2e_classifier_trains_layer_prunes_and_reloads(runner: CliRunner, tmp_path: Path) -> None:
+    """The shared design (one accordion encoder, a head on the code) through train, layer analysis and
+    accuracy-ordered removal; the bridged model rebuilds from its metadata in a new process."""
+    recipe = tmp_path / "a2e-shared.yaml"
+    recipe.write_text("model:\n  args:\n    widths: [32, 8, 32, 8]\n    design: shared\n"
+                      "data:\n  dataset: fashion-mnist\n  train_limit: 300\n"
+                      "train:\n  epochs: 2\n  batch_size: 32\n  optimizer: adam\n  lr: 0.003\n  weight_decay: 0.0\n"
+                      "analyze:\n  granularity: layer\n  samples: 200\n"
+                      "prune:\n  granularity: layer\n  remove: 2\n  order: sensitivity\n")
+    out = tmp_path / "shared.safetensors"
+    _invoke(runner, "train", "a2e_classifier", "-r", recipe, "-o", out)
+    analysis = tmp_path / "shared.analysis.json"
+    _invoke(runner, "analyze", out, "-r", recipe, "-o", analysis)
+    assert sorted(json.loads(analysis.read_text())["order"]) == ["net.1", "net.3", "net.5", "net.7"]
+    pruned = tmp_path / "shared-pruned.safetensors"
+    _invoke(runner, "prune", out, "-r", recipe, "--analysis", analysis, "-o", pruned)
+    report = json.loads(pruned.with_suffix(".json").read_text())
+    assert len(report["steps"]) == 2 and report["after"]["params"] < report["before"]["params"]
+    model = dnnprune.load(pruned).eval()
+    assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 3
+    assert reload_in_new_process([record_io(model, pruned, (1, 28, 28))]) == {str(pruned): True}

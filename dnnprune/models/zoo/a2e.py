@@ -3,11 +3,14 @@ more than once, so that layer (depth) pruning has whole layers to take away.
 
 - `a2e` (task: reconstruction): one autoencoder; trained on normal samples only, its per-sample
   reconstruction error is the anomaly score (credit-card fraud, one-class Fashion-MNIST).
-- `a2e_classifier` (task: classification): generative classification, one small accordion per
-  class; a sample's logit for class k is minus its reconstruction error under the k-th
-  autoencoder (times a learned scale), so the class whose autoencoder explains the sample best
-  wins. Cross-entropy on those logits trains every autoencoder to reconstruct its own class
-  better than the others do.
+- `a2e_classifier` (task: classification), two designs (`design`):
+  - `experts` (default): generative classification, one small accordion per class; a sample's
+    logit for class k is minus its reconstruction error under the k-th autoencoder (times a
+    learned scale), so the class whose autoencoder explains the sample best wins. Cross-entropy
+    on those logits trains every autoencoder to reconstruct its own class better than the others do.
+  - `shared`: one accordion encoder shared by all classes (its widths expand and contract, ending
+    in the code) and a linear head on the code. The input-facing layer is paid for once, not
+    once per class, so removing the accordion's expansions takes most of the weights away.
 
 Each autoencoder is one flat `nn.Sequential` (Flatten, then Linear + activation per hidden width,
 then a Linear back to the input size): every hidden Linear is a unit that layer pruning can remove
@@ -31,14 +34,18 @@ _ACTIVATIONS: dict[str, type[nn.Module]] = {"tanh": nn.Tanh, "relu": nn.ReLU, "e
 _MAX_FEATURES = 1 << 22
 
 
-def accordion(in_features: int, widths: Sequence[int], activation: str) -> nn.Sequential:
-    """Flatten -> [Linear -> act] per width -> Linear back to `in_features` (no activation: any real output)."""
+Design = Literal["experts", "shared"]
+
+
+def accordion(in_features: int, widths: Sequence[int], activation: str, out_features: int | None = None) -> nn.Sequential:
+    """Flatten -> [Linear -> act] per width -> Linear to `out_features` (default: back to `in_features`;
+    no activation, so any real output)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for out in widths:
         layers += [nn.Linear(width, out), _ACTIVATIONS[activation]()]
         width = out
-    layers.append(nn.Linear(width, in_features))
+    layers.append(nn.Linear(width, in_features if out_features is None else out_features))
     return nn.Sequential(*layers)
 
 
@@ -65,6 +72,17 @@ class A2EClassifier(nn.Module):
         flat = x.flatten(1)
         errors = torch.stack([(expert(x) - flat).pow(2).mean(dim=1) for expert in self.experts], dim=1)
         return -errors * self.log_scale.exp()
+
+
+class A2ESharedClassifier(nn.Module):
+    """One accordion encoder for every class, a linear head on its code (the last width)."""
+
+    def __init__(self, num_classes: int, in_features: int, widths: Sequence[int], activation: str) -> None:
+        super().__init__()
+        self.net = accordion(in_features, widths, activation, out_features=num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 def _features(model: str, input_shape: Sequence[int] | None, in_features: int | None) -> int:
@@ -99,9 +117,14 @@ def a2e(input_shape: Sequence[int] | None = (1, 1, 30), in_channels: int = 1, in
 @register_model("a2e_classifier")
 def a2e_classifier(num_classes: int = 10, input_shape: Sequence[int] | None = (1, 28, 28), in_channels: int = 1,
                    in_features: int | None = None, widths: Sequence[int] = (128, 32, 128, 32, 128),
-                   activation: Activation = "relu") -> nn.Module:
-    """Generative classifier: one accordion autoencoder per class."""
+                   activation: Activation = "relu", design: Design = "experts") -> nn.Module:
+    """`experts`: generative, one accordion autoencoder per class; `shared`: one accordion encoder and a head."""
     del in_channels
     check_positive("a2e_classifier", num_classes=num_classes)
+    if design not in ("experts", "shared"):
+        raise ModelError(f"a2e_classifier: design must be 'experts' or 'shared', got {design!r}")
     features = _features("a2e_classifier", input_shape, in_features)
-    return A2EClassifier(num_classes, features, _check("a2e_classifier", widths, activation), activation)
+    widths = _check("a2e_classifier", widths, activation)
+    if design == "shared":
+        return A2ESharedClassifier(num_classes, features, widths, activation)
+    return A2EClassifier(num_classes, features, widths, activation)
