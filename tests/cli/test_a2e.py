@@ -27,7 +27,6 @@ from dnnprune.models import create_model
 from dnnprune.pruning.depth import units_fingerprint
 from dnnprune.pruning.layers import find_units
 from dnnprune.recipe import DataSection
-from tests.reload import record_io, reload_in_new_process
 from dnnprune.tasks import choose_threshold, make_task, sample_errors, threshold_metrics
 from tests.cli.test_bad_input import _assert_clean_failure
 from tests.conftest import make_checkpoint, needs_fmnist
