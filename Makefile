@@ -129,6 +129,7 @@ bench-sparse: install
 bench-a2e: $(CACHE)/shuttle.csv
 	$(BIN)/python bench/a2e.py anomaly-fmnist --classes 0,1,2,3,4,5,6,7,8,9 --out $(BENCH)/a2e
 	$(BIN)/python bench/a2e.py classify-fmnist --out $(BENCH)/a2e
+	$(BIN)/python bench/a2e.py classify-shared-fmnist --out $(BENCH)/a2e
 	$(BIN)/python bench/a2e.py anomaly-csv --csv $(CACHE)/shuttle.csv --normal 0 --out $(BENCH)/a2e
 
 bench-quantize: $(CACHE)/alexnet2-fmnist.safetensors $(CACHE)/vgg16_bn-fmnist.analysis.json
