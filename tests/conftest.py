@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -61,3 +63,13 @@ def cli_env() -> dict[str, str]:
 # Two threads are pathologically slow on a 2-core machine when anything else runs; tests are small.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def bench_module(script: str) -> ModuleType:
+    """A script under bench/ loaded as a module (bench/ is not a package), so tests can call its main."""
+    path = Path(__file__).resolve().parent.parent / "bench" / script
+    spec = importlib.util.spec_from_file_location(f"bench_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

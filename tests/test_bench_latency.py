@@ -3,27 +3,15 @@ and the ratio column is speedup divided by MACs reduction."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
 import dnnprune
 from dnnprune.pruning import prune
 from dnnprune.recipe import DataSection, PruneSection
-from tests.conftest import make_checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_latency", ROOT / "bench" / "latency.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.conftest import bench_module, make_checkpoint
 
 
 def test_latency_rows_compare_every_model_with_the_first(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -31,7 +19,7 @@ def test_latency_rows_compare_every_model_with_the_first(tmp_path: Path, capsys:
     pruned, _ = prune(dnnprune.load(base), PruneSection(ratio=0.5, evaluate=False), data=DataSection())
     small = dnnprune.save(pruned, tmp_path / "small.safetensors")
     out = tmp_path / "latency.json"
-    _bench_module().main([str(base), str(small), "--batches", "1,4", "--repeats", "3", "--out", str(out)])
+    bench_module("latency.py").main([str(base), str(small), "--batches", "1,4", "--repeats", "3", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [(Path(r["model"]).name, r["batch"]) for r in rows] == [
         ("base.safetensors", 1), ("small.safetensors", 1), ("base.safetensors", 4), ("small.safetensors", 4)]

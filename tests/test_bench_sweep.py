@@ -6,26 +6,14 @@ table, the winner line and the PNG it writes.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import make_checkpoint
+from tests.conftest import bench_module, make_checkpoint
 from tests.fakedata import idx_bytes
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_double_prune", ROOT / "bench" / "double_prune.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _write_fashion(root: Path, n_train: int = 400, n_test: int = 100) -> Path:
@@ -56,7 +44,7 @@ def test_the_sweep_writes_a_table_a_winner_and_a_plot(tmp_path: Path) -> None:
     (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
     out = tmp_path / "sweep"
 
-    bench = _bench_module()
+    bench = bench_module("double_prune.py")
     bench.main(["--sweep", str(tmp_path / "plan.yaml"), "--split", "val", "--out", str(out)])
 
     points = yaml.safe_load((out / "sweep.json").read_text())["points"]  # JSON is YAML
@@ -74,7 +62,7 @@ def test_the_sweep_writes_a_table_a_winner_and_a_plot(tmp_path: Path) -> None:
 
 
 def test_the_anchor_in_another_process_matches_the_non_zero_count_of_the_same_seed(tmp_path: Path) -> None:
-    bench = _bench_module()
+    bench = bench_module("double_prune.py")
     rows = [{"arm": "dnnprune", "seed": 0, "nonzero_params": 111}, {"arm": "tp", "seed": 1, "nonzero_params": 5},
             {"arm": "dnnprune", "seed": 1, "nonzero_params": 222}]
     (tmp_path / "result.json").write_text(__import__("json").dumps({"rows": rows}))
