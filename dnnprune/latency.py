@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dnnprune.checkpoint import atomic_write_bytes
+from dnnprune.inference import Runtime, runner
 
 
 def interleaved_ms(runs: Sequence[Callable[[], Any]], repeats: int, warmup: int = 3) -> list[float]:
@@ -41,18 +42,10 @@ def interleaved_ms(runs: Sequence[Callable[[], Any]], repeats: int, warmup: int 
 
 
 def compare_models(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, repeats: int = 20,
-                   seed: int = 0) -> list[float]:
-    """Interleaved median latency of several models on the same input (eval mode, inference mode, CPU)."""
+                   seed: int = 0, runtime: Runtime = "eager") -> list[float]:
+    """Interleaved median latency of several models on the same input (eval mode, CPU), on one runtime."""
     sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
-    prepared = [m.cpu().eval() for m in models]
-
-    def runner(model: nn.Module) -> Callable[[], Any]:
-        def run() -> None:
-            with torch.inference_mode():
-                model(sample)
-        return run
-
-    return interleaved_ms([runner(m) for m in prepared], repeats)
+    return interleaved_ms([runner(m, sample, runtime) for m in models], repeats)
 
 
 def machine_key() -> str:

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dnnprune.inference import Runtime, runner
+
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
@@ -112,34 +114,34 @@ class Latency:
     p10_ms: float
     p90_ms: float
     repeats: int
+    runtime: str = "eager"
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, float | int | str]:
         return {"batch_size": self.batch_size, "median_ms": self.median_ms, "p10_ms": self.p10_ms,
                 "p90_ms": self.p90_ms, "repeats": self.repeats,
-                "per_sample_ms": self.median_ms / self.batch_size}
+                "per_sample_ms": self.median_ms / self.batch_size, "runtime": self.runtime}
 
 
 def measure_latency(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, *, warmup: int = 3,
-                    repeats: int = 15, threads: int | None = None) -> Latency:
-    """Median wall time of a forward pass on the CPU, after warm-up."""
+                    repeats: int = 15, threads: int | None = None, runtime: Runtime = "eager") -> Latency:
+    """Median wall time of a forward pass on the CPU, after warm-up, on the given runtime."""
     previous_threads = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    model = model.to("cpu").eval()
-    sample = torch.randn(batch_size, *input_shape)
     timings = []
     try:
-        with torch.inference_mode():
-            for _ in range(warmup):
-                model(sample)
-            for _ in range(repeats):
-                start = time.perf_counter()
-                model(sample)
-                timings.append((time.perf_counter() - start) * 1000.0)
+        run = runner(model, torch.randn(batch_size, *input_shape), runtime)
+        for _ in range(warmup):
+            run()
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            timings.append((time.perf_counter() - start) * 1000.0)
     finally:
         torch.set_num_threads(previous_threads)
     timings.sort()
-    return Latency(batch_size, statistics.median(timings), _quantile(timings, 0.1), _quantile(timings, 0.9), repeats)
+    return Latency(batch_size, statistics.median(timings), _quantile(timings, 0.1), _quantile(timings, 0.9), repeats,
+                   runtime)
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:

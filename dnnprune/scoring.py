@@ -101,5 +101,5 @@ def latency_rows(model: nn.Module, input_shape: tuple[int, ...], config: Latency
     rows = []
     for batch in config.batch_sizes:
         rows.append(measure_latency(model, input_shape, batch, warmup=config.warmup, repeats=config.repeats,
-                                    threads=config.threads).as_dict())
+                                    threads=config.threads, runtime=config.runtime).as_dict())
     return rows

@@ -27,4 +27,14 @@ def test_latency_rows_compare_every_model_with_the_first(tmp_path: Path, capsys:
         assert row["median_ms"] > 0
         assert row["speedup_per_macs_reduction"] == pytest.approx(row["speedup"] / row["macs_reduction"])
     assert rows[0]["speedup"] == 1.0 and rows[1]["macs_reduction"] > 1.5
-    assert "| small.safetensors | 4 |" in capsys.readouterr().out
+    assert "| small.safetensors | eager | 4 |" in capsys.readouterr().out
+
+
+def test_latency_rows_per_runtime(tmp_path: Path) -> None:
+    base = make_checkpoint(tmp_path / "base.safetensors", "lenet5", input_shape=(1, 28, 28))
+    out = tmp_path / "latency.json"
+    bench_module("latency.py").main([str(base), "--batches", "2", "--repeats", "2", "--runtimes", "eager,fused",
+                                     "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 2), ("fused", 2)]
+    assert all(r["median_ms"] > 0 and r["speedup"] == 1.0 for r in rows)

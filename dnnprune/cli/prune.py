@@ -51,6 +51,7 @@ def prune_command(
     round_to: Annotated[int | None, typer.Option(help="Keep channel counts a multiple of this (8 suits CPU kernels).")] = None,
     latency_widths: Annotated[bool | None, typer.Option("--latency-widths/--no-latency-widths", help="Move each width to the fastest nearby one (measured, cached).")] = None,
     report_latency: Annotated[bool | None, typer.Option("--report-latency/--no-report-latency", help="Time the model before and after (batch 1 and 64, interleaved).")] = None,
+    latency_runtime: Annotated[str | None, typer.Option(help="What latency is timed on: eager (PyTorch as trained) or fused (BatchNorm folded, conv + activation fused, TorchScript-frozen: as deployed).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
     samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,
@@ -65,7 +66,7 @@ def prune_command(
     overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
-                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.exclude": exclude or None,
+                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
@@ -131,10 +132,10 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
         if before.get(split) and after.get(split) and drop is not None:
             table.add_row(f"{split} {metric}", f"{before[split][metric]:.4f}", f"{after[split][metric]:.4f}",
                           f"{-drop * 100:+.2f} {'pts' if result.higher_is_better else '%'}")
-    console.print(table)
     for row in (result.latency or {}).get("rows", []):
-        table.add_row(f"latency batch {row['batch_size']}", f"{row['before_ms']:.2f} ms", f"{row['after_ms']:.2f} ms",
-                      f"{row['speedup']:.2f}x")
+        table.add_row(f"latency batch {row['batch_size']} ({result.latency.get('runtime', 'eager')})",
+                      f"{row['before_ms']:.2f} ms", f"{row['after_ms']:.2f} ms", f"{row['speedup']:.2f}x")
+    console.print(table)
     if result.target and not result.target["met"]:
         console.print(f"[yellow]target {result.target['factor']:g}x {result.target['metric']} not met "
                       f"(reached {result.target['reached']:.2f}x): no layer could take more within the accuracy budget")

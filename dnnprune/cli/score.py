@@ -41,13 +41,14 @@ def score_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
     samples: Annotated[int | None, typer.Option(help="Score on a class-stratified test subset of this size.")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Measure CPU latency.")] = None,
+    latency_runtime: Annotated[str | None, typer.Option(help="eager (PyTorch as trained) or fused (BatchNorm folded, conv + activation fused, TorchScript-frozen: as deployed).")] = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,
     device: DeviceOption = None,
 ) -> None:
     """Score a checkpoint on its test split; the report lands next to it as NAME.score.json."""
-    config = recipe_with(recipe, {"score.samples": samples, "score.latency": latency,
+    config = recipe_with(recipe, {"score.samples": samples, "score.latency": latency, "score.latency_config.runtime": latency_runtime,
                                   **common_overrides(device, data_root, dataset, download)})
     path = report or default_report_path(checkpoint, ".score.json")
     if path.exists() and checkpoint.exists() and path.resolve() == checkpoint.resolve():
@@ -82,7 +83,8 @@ def score_table(result: ScoreReport) -> Table:
         table.add_row("bytes on disk", f"{result.disk_bytes:,}")
         table.add_row("bits per weight", f"{result.bits_per_weight:.2f}")
     for row in result.latency:
-        table.add_row(f"CPU latency, batch {row['batch_size']}", f"{row['median_ms']:.2f} ms (median of {row['repeats']})")
+        table.add_row(f"CPU latency, batch {row['batch_size']}",
+                      f"{row['median_ms']:.2f} ms (median of {row['repeats']}, {row.get('runtime', 'eager')})")
     ns = result.netscore
     if ns["value"] is None:
         table.add_row("NetScore", f"n/a ({ns['note']})")

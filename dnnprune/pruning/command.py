@@ -217,7 +217,7 @@ class _Job:
                 raise PruningError("--target latency is solved one-shot: drop --accuracy-aware, or use --target macs:F "
                                    "with --latency-widths")
             self.base_size["latency"] = compare_models([self.model], self.shape, config.latency_batch,
-                                                       config.latency_repeats)[0]
+                                                       config.latency_repeats, runtime=config.latency_runtime)[0]
         elif config.target is not None:
             self._check_reachable()
 
@@ -292,7 +292,7 @@ class _Job:
         clone = copy.deepcopy(self.model)
         apply_plan(ChannelGraph(clone, self.shape, exclude=self.config.exclude), scores, plan)
         base_ms, pruned_ms = compare_models([self.model, clone], self.shape, self.config.latency_batch,
-                                            self.config.latency_repeats)
+                                            self.config.latency_repeats, runtime=self.config.latency_runtime)
         return {"latency": pruned_ms * self.base_size["latency"] / base_ms}
 
     def _plan_family(self, scores: dict[str, torch.Tensor]) -> Callable[[float], Plan]:
@@ -462,10 +462,11 @@ class _Job:
         rows = []
         self.speedups: dict[int, float] = {}
         for batch in sorted({1, self.config.latency_batch}):
-            before, after = compare_models([self.original, model], self.shape, batch, max(20, self.config.latency_repeats))
+            before, after = compare_models([self.original, model], self.shape, batch, max(20, self.config.latency_repeats),
+                                           runtime=self.config.latency_runtime)
             self.speedups[batch] = before / after
             rows.append({"batch_size": batch, "before_ms": before, "after_ms": after, "speedup": before / after})
-        return {"rows": rows, "threads": torch.get_num_threads(),
+        return {"rows": rows, "threads": torch.get_num_threads(), "runtime": self.config.latency_runtime,
                 "note": "interleaved in one process, medians of the repeats"}
 
     def _layer_rows(self) -> list[dict[str, Any]]:

@@ -53,6 +53,18 @@ def test_prune_without_data_writes_a_smaller_checkpoint_and_report(runner: CliRu
     assert model.conv1.out_channels == 8
 
 
+def test_prune_reports_latency_on_the_fused_runtime(runner: CliRunner, tmp_path: Path,
+                                                    resnet_checkpoint: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--ratio", "0.5", "--no-evaluate",
+                                 "--report-latency", "--latency-runtime", "fused"])
+    assert result.exit_code == 0, result.output
+    latency = json.loads(out.with_suffix(".json").read_text())["latency"]
+    assert latency["runtime"] == "fused" and [r["batch_size"] for r in latency["rows"]] == [1, 64]
+    assert all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in latency["rows"])
+    assert "(fused)" in result.output
+
+
 def test_prune_to_a_target_in_sensitivity_order(runner: CliRunner, tmp_path: Path, resnet_checkpoint: Path) -> None:
     analysis = _write_analysis(tmp_path / "analysis.json", resnet_checkpoint)
     out = tmp_path / "pruned.safetensors"
@@ -118,6 +130,7 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     (["--granularity", "layer"], ("say how much to remove",)),
     (["--granularity", "layer", "--remove", "1", "--ratio", "0.5"], ("--granularity layer use --remove N",)),
     (["--granularity", "layer", "--target", "bytes:2"], ("params:F or macs:F",)),
+    (["--ratio", "0.5", "--report-latency", "--latency-runtime", "tvm"], ("prune.latency_runtime", "fused")),
 ])
 def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                    args: list[str], fragments: tuple[str, ...]) -> None:

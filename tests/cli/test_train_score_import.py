@@ -140,6 +140,20 @@ def test_import_plain_safetensors_with_module_prefix(runner: CliRunner, tmp_path
     assert meta.mean == (0.5,) and meta.std == (0.25,) and meta.arch_args["num_classes"] == 10
 
 
+def test_score_latency_on_the_fused_runtime(runner: CliRunner, tmp_path: Path) -> None:
+    out = tmp_path / "lenet.safetensors"
+    _train_tiny_mnist(runner, tmp_path, out)
+    recipe = tmp_path / "latency.yaml"
+    recipe.write_text("score:\n  latency_config:\n    batch_sizes: [4]\n    repeats: 3\n")
+    result = runner.invoke(app, ["score", str(out), "-r", str(recipe), "--data-root", str(tmp_path / "mnist-data"),
+                                 "--latency-runtime", "fused", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["latency"]
+    assert [(r["batch_size"], r["runtime"]) for r in rows] == [(4, "fused")] and rows[0]["median_ms"] > 0
+    bad = runner.invoke(app, ["score", str(out), "--data-root", str(tmp_path / "mnist-data"), "--latency-runtime", "tvm"])
+    assert bad.exit_code == 2 and "runtime" in bad.output and "Traceback" not in bad.output
+
+
 @needs_fmnist
 def test_score_on_real_fashion_mnist_subset(runner: CliRunner, lenet_checkpoint: Path) -> None:
     result = runner.invoke(app, ["score", str(lenet_checkpoint), "--samples", "500", "--no-latency", "--json"])
