@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Callable, Literal
+from typing import Any, Callable, get_args
 
 import torch
 import torch.nn as nn
 
 from dnnprune.errors import DnnpruneError
+from dnnprune.recipe import Runtime
 
-Runtime = Literal["eager", "fused"]
-RUNTIMES: tuple[str, ...] = ("eager", "fused")
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 
 
 def runner(model: nn.Module, sample: torch.Tensor, runtime: Runtime = "eager") -> Callable[[], Any]:

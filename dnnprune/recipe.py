@@ -14,6 +14,7 @@ from dnnprune.tasks import TaskSpec
 
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
+Runtime = Literal["eager", "fused"]  # what latency is timed on (dnnprune/inference.py)
 
 
 class Section(BaseModel):
@@ -76,7 +77,7 @@ class LatencySection(Section):
     warmup: int = Field(3, ge=0)
     repeats: int = Field(15, gt=0)
     threads: int | None = Field(None, gt=0)
-    runtime: Literal["eager", "fused"] = Field("eager", description="eager: PyTorch as trained; fused: TorchScript-"
+    runtime: Runtime = Field("eager", description="eager: PyTorch as trained; fused: TorchScript-"
                                                "frozen, BatchNorm folded and conv + activation fused (a deployment)")
 
 
@@ -161,7 +162,7 @@ class PruneSection(Section):
                                                    "width that latency_widths tries")
     latency_batch: int = Field(64, gt=0, description="batch size of latency measurements and of --target latency")
     latency_repeats: int = Field(15, gt=0, description="timed repeats per measurement (medians)")
-    latency_runtime: Literal["eager", "fused"] = Field(
+    latency_runtime: Runtime = Field(
         "eager", description="what latency is timed on: eager PyTorch, or fused (TorchScript-frozen, BatchNorm folded, "
                              "conv + activation fused), as a deployment runs it")
     report_latency: bool = Field(False, description="time the model before and after at batch 1 and latency_batch, "
