@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import tempfile
-import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,7 @@ from torch import nn
 
 from dnnprune.checkpoint import atomic_write_bytes, meta_of
 from dnnprune.errors import DnnpruneError
+from dnnprune.latency import interleaved_ms
 from dnnprune.lineage import command
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, ExportSection
@@ -128,8 +126,8 @@ def _latency(model: nn.Module, session: Any, shape: tuple[int, ...], section: Ex
     for batch in section.batch_sizes:
         x = torch.randn(batch, *shape)
         feed = {name: x.numpy()}
-        torch_ms, ort_ms = _interleaved(functools.partial(_torch_run, model, x),
-                                        functools.partial(session.run, None, feed), section.repeats)
+        torch_ms, ort_ms = interleaved_ms([functools.partial(_torch_run, model, x),
+                                           functools.partial(session.run, None, feed)], section.repeats)
         rows.append({"batch_size": batch, "torch_ms": torch_ms, "onnxruntime_ms": ort_ms,
                      "speedup": torch_ms / ort_ms if ort_ms else None})
     return rows
@@ -138,19 +136,4 @@ def _latency(model: nn.Module, session: Any, shape: tuple[int, ...], section: Ex
 def _torch_run(model: nn.Module, x: torch.Tensor) -> None:
     with torch.inference_mode():
         model(x)
-
-
-def _interleaved(first: Callable[[], Any], second: Callable[[], Any], repeats: int) -> tuple[float, float]:
-    for _ in range(3):
-        first()
-        second()
-    a, b = [], []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        first()
-        a.append((time.perf_counter() - start) * 1000.0)
-        start = time.perf_counter()
-        second()
-        b.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(a), statistics.median(b)
 

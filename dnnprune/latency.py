@@ -10,6 +10,7 @@ its own.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -46,6 +47,30 @@ def compare_models(models: Sequence[nn.Module], input_shape: Sequence[int], batc
     """Interleaved median latency of several models on the same input (eval mode, CPU), on one runtime."""
     sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
     return interleaved_ms([runner(m, sample, runtime) for m in models], repeats)
+
+
+class Reference:
+    """One model's runner built once, timed interleaved against others on the same input.
+
+    A latency target times many candidate plans against the same original; tracing and freezing the
+    original again for every candidate (about a second on VGG-16 with the fused runtime) would be waste.
+    """
+
+    def __init__(self, model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 20, seed: int = 0,
+                 runtime: Runtime = "eager") -> None:
+        self.sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+        self.repeats = repeats
+        self.runtime = runtime
+        self.run = runner(copy.deepcopy(model), self.sample, runtime)  # immune to later in-place pruning
+
+    def alone(self) -> float:
+        """Median milliseconds of the reference model by itself."""
+        return interleaved_ms([self.run], self.repeats)[0]
+
+    def against(self, model: nn.Module) -> tuple[float, float]:
+        """(reference ms, model ms), interleaved in one process."""
+        base_ms, other_ms = interleaved_ms([self.run, runner(model, self.sample, self.runtime)], self.repeats)
+        return base_ms, other_ms
 
 
 def machine_key() -> str:

@@ -53,3 +53,20 @@ def test_compare_models_on_the_fused_runtime() -> None:
     small = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     times = compare_models([conv_bn_relu(), small.eval()], (3, 12, 12), batch=2, repeats=3, runtime="fused")
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+def test_reference_builds_its_runner_once_and_survives_in_place_changes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dnnprune.latency as latency
+
+    built: list[str] = []
+    real = latency.runner
+    monkeypatch.setattr(latency, "runner", lambda m, s, r="eager": built.append(r) or real(m, s, r))
+    model = conv_bn_relu()
+    reference = latency.Reference(model, (3, 12, 12), batch=2, repeats=2, runtime="fused")
+    smaller = nn.Sequential(nn.Conv2d(3, 2, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2, 5)).eval()
+    for _ in range(3):
+        base_ms, other_ms = reference.against(smaller)
+        assert base_ms > 0 and other_ms > 0
+    assert built == ["fused"] * 4  # the reference once, each candidate once
+    model[0].weight.data.zero_()  # a later in-place change to the original does not reach the reference
+    assert reference.run().abs().sum() > 0

@@ -529,3 +529,14 @@ def test_prune_and_quantize_fine_tunes_distil_from_their_input(monkeypatch: pyte
     assert len(teachers) == 3
     with torch.no_grad():
         assert torch.equal(teachers[0](probe), frozen(probe))  # the float model, before its codes
+
+
+def test_latency_target_is_solved_by_measurement() -> None:
+    """`--target latency:F` bisects on measured speedups; the report's reached speedup is the measured one."""
+    model = _model("vgg11_bn")
+    base_macs = model_size(model, (1, 32, 32))["macs"]
+    model, report = prune(model, PruneSection(target="latency", target_factor=1.5, latency_batch=8, latency_repeats=5,
+                                              evaluate=False))
+    assert model_size(model, (1, 32, 32))["macs"] < base_macs / 1.3  # it had to remove real work to get faster
+    speedups = {row["batch_size"]: row["speedup"] for row in report.latency["rows"]}
+    assert sorted(speedups) == [1, 8] and report.target["reached"] == pytest.approx(speedups[8])

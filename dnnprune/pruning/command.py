@@ -19,7 +19,7 @@ from dnnprune.analysis.command import analyze
 from dnnprune.analysis.plan import CRITERIA as ANALYSIS_CRITERIA
 from dnnprune.checkpoint import CheckpointMeta, meta_of
 from dnnprune.errors import PruningError
-from dnnprune.latency import LayerTable, compare_models
+from dnnprune.latency import LayerTable, Reference, compare_models
 from dnnprune.lineage import command
 from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_loader
 from dnnprune.observe import Observer
@@ -216,8 +216,9 @@ class _Job:
             if config.accuracy_aware:
                 raise PruningError("--target latency is solved one-shot: drop --accuracy-aware, or use --target macs:F "
                                    "with --latency-widths")
-            self.base_size["latency"] = compare_models([self.model], self.shape, config.latency_batch,
-                                                       config.latency_repeats, runtime=config.latency_runtime)[0]
+            self.reference = Reference(self.model, self.shape, config.latency_batch, config.latency_repeats,
+                                       runtime=config.latency_runtime)
+            self.base_size["latency"] = self.reference.alone()
         elif config.target is not None:
             self._check_reachable()
 
@@ -291,8 +292,7 @@ class _Job:
         """The pruned copy's latency, timed interleaved with the original (so the ratio survives machine load)."""
         clone = copy.deepcopy(self.model)
         apply_plan(ChannelGraph(clone, self.shape, exclude=self.config.exclude), scores, plan)
-        base_ms, pruned_ms = compare_models([self.model, clone], self.shape, self.config.latency_batch,
-                                            self.config.latency_repeats, runtime=self.config.latency_runtime)
+        base_ms, pruned_ms = self.reference.against(clone)
         return {"latency": pruned_ms * self.base_size["latency"] / base_ms}
 
     def _plan_family(self, scores: dict[str, torch.Tensor]) -> Callable[[float], Plan]:
