@@ -39,7 +39,7 @@ import dnnprune
 from dnnprune.checkpoint import meta_of, predicted_file_bytes, save
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_macs, count_nonzero_parameters, count_parameters
-from dnnprune.pruning.double import double_prune
+from dnnprune.pruning.double import double_prune, slimming_round_steps
 from dnnprune.quantization import quantize
 from dnnprune.recipe import FineTuneSection, NetScoreSection, Recipe, load_recipe
 from dnnprune.scoring import netscore_block
@@ -96,7 +96,8 @@ def phases(recipe: Recipe) -> list[tuple[str, int]]:
     section = recipe.double_prune
     rows = []
     if section.slimming_ratio > 0:
-        rows += [("sparsity training", section.sparsity_steps), ("fine-tune after slimming", section.finetune_steps)]
+        rows.append(("sparsity training", section.sparsity_steps))
+        rows += [(f"fine-tune after slimming round {k + 1}", steps) for k, steps in enumerate(slimming_round_steps(section))]
     if section.sparsity > 0:
         rows.append(("gradual magnitude pruning", section.finetune_steps))
     return [(name, steps) for name, steps in rows if steps > 0]
@@ -156,15 +157,16 @@ def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, n
     if section.slimming_ratio > 0:
         pruner = tp.pruner.BNScalePruner(model, example, importance=tp.importance.BNScaleImportance(),
                                          global_pruning=True, pruning_ratio=section.slimming_ratio, reg=strength,
-                                         ignored_layers=[last])
+                                         ignored_layers=[last], iterative_steps=section.slimming_rounds)
         if section.sparsity_steps:
             run_phase(model, recipe, index, section.sparsity_steps, seed, after_backward=pruner.regularize, bn_l1=0.0,
                       teacher=teacher)
             index += 1
-        pruner.step()
-        if section.finetune_steps:
-            run_phase(model, recipe, index, section.finetune_steps, seed, teacher=teacher)
-            index += 1
+        for steps in slimming_round_steps(section):
+            pruner.step()  # the same rounds and fine-tune shares as the dnnprune arm, on TP's own schedule
+            if steps:
+                run_phase(model, recipe, index, steps, seed, teacher=teacher)
+                index += 1
     if section.sparsity > 0:
         weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         dense_rest = count_parameters(model) - sum(m.weight.numel() for m, _ in weights)

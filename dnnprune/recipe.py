@@ -251,6 +251,9 @@ class DoublePruneSection(Section):
 
     slimming_ratio: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of BatchNorm channels to remove "
                                                                     "(one global |gamma| threshold); 0 skips slimming")
+    slimming_rounds: int = Field(1, ge=1, le=20, description="remove the channels in this many rounds, each "
+                                                             "followed by its share of finetune_steps (iterative "
+                                                             "slimming; the kept fraction shrinks geometrically)")
     sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of the remaining conv/linear weights to zero; "
                                                              "0 skips parameter pruning")
     sparsity_lambda: float | None = Field(None, ge=0.0, description="L1 strength on BN scales during the sparsity "

@@ -69,3 +69,27 @@ def test_the_anchor_in_another_process_matches_the_non_zero_count_of_the_same_se
     assert bench.matched_nonzero(tmp_path, 1) == 222
     with pytest.raises(SystemExit, match="seed 2"):
         bench.matched_nonzero(tmp_path, 2)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_headline_arms_share_the_budget_with_slimming_rounds(tmp_path: Path) -> None:
+    """dnnprune, control and Torch-Pruning arms on a tiny net: the same phases (two slimming rounds),
+    the anchor matched to dnnprune's non-zero count, and the control left whole."""
+    data = _write_fashion(tmp_path / "data")
+    recipe = {"data": {"dataset": "fashion-mnist", "root": str(data), "val_fraction": 0.2, "batch_size": 64},
+              "double_prune": {"slimming_ratio": 0.5, "slimming_rounds": 2, "sparsity": 0.5, "sparsity_steps": 2,
+                               "finetune_steps": 4, "threshold": "global", "finetune": {"batch_size": 16}},
+              "quantize": {"bits": 6, "layers": ["type:Linear"]}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    checkpoint = make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+    bench = bench_module("double_prune.py")
+    assert [steps for _, steps in bench.phases(bench.load_recipe(tmp_path / "recipe.yaml"))] == [2, 2, 2, 4]
+    out = tmp_path / "headline"
+    bench.main([str(checkpoint), "-r", str(tmp_path / "recipe.yaml"), "--arms", "dnnprune,control,tp",
+                "--split", "val", "--out", str(out)])
+    rows = {row["arm"]: row for row in yaml.safe_load((out / "result.json").read_text())["rows"]}
+    baseline = yaml.safe_load((out / "result.json").read_text())["baseline"]
+    assert rows["tp"]["nonzero_params"] == rows["dnnprune"]["nonzero_params"] < 0.5 * baseline["nonzero_params"]
+    assert rows["tp"]["params"] < baseline["params"] and rows["dnnprune"]["params"] < baseline["params"]
+    assert rows["control"]["params"] == baseline["params"]
+    assert rows["dnnprune"]["quantized"]["file_bytes"] < rows["dnnprune"]["file_bytes"]

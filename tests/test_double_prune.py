@@ -616,3 +616,40 @@ def test_distillation_teaches_every_phase_from_the_unpruned_input(resnet: nn.Mod
     with torch.no_grad():
         assert torch.equal(teachers[0](probe), reference(probe))  # the input as it came, untouched by training
     assert count_parameters(model) < count_parameters(reference)
+
+
+def test_slimming_in_rounds_removes_the_same_share_geometrically(resnet: nn.Module) -> None:
+    """Three rounds of iterative slimming end at the requested fraction of channels, each round cutting
+    from the model the previous one left; the stages show every round."""
+    _, single = _double(copy.deepcopy(resnet), slimming_ratio=0.5, sparsity=0.0)
+    model, report = _double(resnet, slimming_ratio=0.5, slimming_rounds=3, sparsity=0.0)
+    slimming = report.slimming
+    assert slimming["channels"] == single.slimming["channels"]
+    assert abs(slimming["removed"] - single.slimming["removed"]) <= 3  # rounding in each round
+    removed = [r["removed"] for r in slimming["rounds"]]
+    assert len(removed) == 3 and removed[0] > removed[1] > removed[2] > 0  # geometric: fewer each round
+    assert sum(removed) == slimming["removed"] == sum(slimming["removed_per_layer"].values())
+    assert [s["stage"] for s in report.stages] == [
+        "before", "slimmed_round_1", "after_slimming_round_1", "slimmed_round_2", "after_slimming_round_2",
+        "slimmed_round_3", "after_slimming", "final"]
+    assert report.stages[-1]["params"] == count_parameters(model)
+    probe = torch.randn(2, *SHAPE)
+    with torch.inference_mode():
+        assert model.eval()(probe).shape == (2, 10)
+
+
+def test_slimming_round_steps_split_the_finetune() -> None:
+    from dnnprune.pruning.double import slimming_round_steps
+
+    assert slimming_round_steps(DoublePruneSection(finetune_steps=600, slimming_rounds=2)) == [300, 300]
+    assert slimming_round_steps(DoublePruneSection(finetune_steps=7, slimming_rounds=3)) == [2, 2, 3]
+    assert slimming_round_steps(DoublePruneSection(finetune_steps=5)) == [5]
+
+
+@needs_fmnist
+def test_each_slimming_round_gets_its_share_of_the_steps(resnet: nn.Module) -> None:
+    data = DataSection(root=FMNIST_DIR, train_limit=256, batch_size=64)
+    _, report = _double(resnet, data, slimming_ratio=0.4, slimming_rounds=2, sparsity=0.0, finetune_steps=5,
+                            finetune=FineTuneSection(batch_size=32))
+    assert [r["finetune_history"]["steps"] for r in report.slimming["rounds"]] == [2, 3]
+    assert report.slimming["finetune_history"]["steps"] == 3

@@ -36,6 +36,7 @@ def double_prune_command(
     recipe: RecipeOption = None,
     report: ReportOption = None,
     slimming_ratio: Annotated[float | None, typer.Option(help="Fraction of BN channels to remove, in [0, 1); 0 skips slimming.")] = None,
+    slimming_rounds: Annotated[int | None, typer.Option(help="Slim in this many rounds, each followed by its share of the fine-tune steps.")] = None,
     sparsity: Annotated[float | None, typer.Option(help="Fraction of the remaining weights to zero, in [0, 1); 0 skips it.")] = None,
     sparsity_lambda: Annotated[float | None, typer.Option(help="L1 strength on BN scales [default 1e-4; 1e-5 for residual nets].")] = None,
     sparsity_steps: Annotated[int | None, typer.Option(help="Training steps with that penalty before slimming (0: already trained with it).")] = None,
@@ -51,7 +52,8 @@ def double_prune_command(
     force: ForceOption = False,
 ) -> None:
     """Network slimming (BN-scale L1, then one global channel threshold), then gradual magnitude pruning."""
-    overrides = {"double_prune.slimming_ratio": slimming_ratio, "double_prune.sparsity": sparsity,
+    overrides = {"double_prune.slimming_ratio": slimming_ratio, "double_prune.slimming_rounds": slimming_rounds,
+                 "double_prune.sparsity": sparsity,
                  "double_prune.sparsity_lambda": sparsity_lambda, "double_prune.sparsity_steps": sparsity_steps,
                  "double_prune.finetune_steps": finetune_steps, "double_prune.threshold": threshold,
                  "double_prune.samples": samples, "double_prune.evaluate": evaluate,

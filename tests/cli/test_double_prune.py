@@ -166,6 +166,7 @@ def test_sparsity_zero_slims_alone(runner: CliRunner, tmp_path: Path, resnet_fil
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["parameter_pruning"] is None and report["slimming"]["removed"] == round(0.5 * 448)
+    assert len(report["slimming"]["rounds"]) == 1
     model = dnnprune.load(out)
     assert not dnnprune.meta_of(model).encodings
     params = sum(p.numel() for p in model.parameters())
@@ -190,6 +191,19 @@ def test_recipe_values_and_option_overrides(runner: CliRunner, tmp_path: Path, r
     assert rows["conv1"]["density"] == 1.0 and rows["fc"]["density"] == 1.0  # factor 0: left dense
 
 
+def test_slimming_rounds_option_slims_iteratively_and_reloads(runner: CliRunner, tmp_path: Path,
+                                                              resnet_file: Path) -> None:
+    out = tmp_path / "rounds.safetensors"
+    result = runner.invoke(app, ["double-prune", str(resnet_file), "-o", str(out), "--slimming-ratio", "0.5",
+                                 "--slimming-rounds", "2", "--sparsity", "0.5", "--no-evaluate"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["config"]["slimming_rounds"] == 2 and len(report["slimming"]["rounds"]) == 2
+    assert abs(report["slimming"]["removed"] - 224) <= 2
+    model = dnnprune.load(out)
+    assert sum(p.numel() for p in model.parameters()) == report["stages"][-1]["params"]
+
+
 @pytest.fixture
 def quantized_checkpoint(tmp_path: Path, lenet_checkpoint: Path) -> Path:
     out = tmp_path / "lenet-q.safetensors"
@@ -205,6 +219,7 @@ def quantized_checkpoint(tmp_path: Path, lenet_checkpoint: Path) -> Path:
         ("resnet", ["--sparsity", "-0.1"], ("double_prune.sparsity",)),
         ("resnet", ["--sparsity", "1"], ("double_prune.sparsity",)),
         ("resnet", ["--threshold", "median"], ("double_prune.threshold",)),
+        ("resnet", ["--slimming-rounds", "0"], ("double_prune.slimming_rounds",)),
         ("lenet", ["--slimming-ratio", "0.5"], ("no BatchNorm", "--slimming-ratio 0")),
         ("resnet", ["--sparsity", "0.999"], ("would empty layers", "lower --sparsity")),
         ("resnet", ["--slimming-ratio", "0.8", "--sparsity", "0.99"], ("would empty layers", "--slimming-ratio")),
