@@ -1,9 +1,10 @@
 """Which layers' MACs buy time? The cached VGG-16 baseline (no training: latency only), pruned one-shot in
 different layer groups, and the accuracy-aware model of the VGG-16 benchmark (runs/bench/vgg-idle), timed
-interleaved against the original on the fused and eager runtimes.  Usage: python bench/where_to_prune.py [REPEATS]"""
+interleaved against the original on the fused and eager runtimes.  Prints one JSON line per model, runtime and batch size."""
+import argparse
 import copy
 import json
-import sys
+from pathlib import Path
 
 import torch
 
@@ -24,23 +25,33 @@ CONFIGS = {
     "early+mid": {n: 0.6 for g in ("32px", "16px", "8px") for n in GROUPS[g]},
     "late (4-2 px)": {n: 0.85 for g in ("4px", "2px") for n in GROUPS[g]},
 }
-base = dnnprune.load("runs/cache/vgg16_bn-fmnist.safetensors").eval()
-aware = dnnprune.load("runs/bench/vgg-idle/compare/dnnprune-seed0.safetensors").eval()
-CONFIGS["accuracy-aware plan, widths to 16"] = {
-    name: 1 - aware.get_submodule(name).out_channels / base.get_submodule(name).out_channels
-    for g in GROUPS.values() for name in g}
-base_macs = model_size(base, SHAPE)["macs"]
-repeats = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-rows = []
-for name, ratios in [("accuracy-aware model as pruned", None), *CONFIGS.items()]:
-    model = aware if ratios is None else prune(copy.deepcopy(base), PruneSection(ratios=ratios, round_to=16,
-                                                                                  evaluate=False))[0]
-    macs = base_macs / model_size(model, SHAPE)["macs"]
-    for runtime in ("fused", "eager"):
-        for batch in (64, 1):
-            before, after = compare_models([base, model], SHAPE, batch, repeats, runtime=runtime)
-            row = {"config": name, "runtime": runtime, "batch": batch, "macs_x": macs, "speedup": before / after,
-                   "ratio": before / after / macs}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-print("threads", torch.get_num_threads())
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--baseline", type=Path, default=Path("runs/cache/vgg16_bn-fmnist.safetensors"))
+    parser.add_argument("--pruned", type=Path, default=Path("runs/bench/vgg-idle/compare/dnnprune-seed0.safetensors"),
+                        help="an accuracy-aware VGG-16: timed as it is and with its plan's widths rounded to 16")
+    parser.add_argument("--repeats", type=int, default=30)
+    args = parser.parse_args(argv)
+    base = dnnprune.load(args.baseline).eval()
+    aware = dnnprune.load(args.pruned).eval()
+    configs: dict[str, dict[str, float] | None] = {"accuracy-aware model as pruned": None, **CONFIGS}
+    configs["accuracy-aware plan, widths to 16"] = {
+        name: 1 - aware.get_submodule(name).out_channels / base.get_submodule(name).out_channels
+        for group in GROUPS.values() for name in group}
+    base_macs = model_size(base, SHAPE)["macs"]
+    for name, ratios in configs.items():
+        model = aware if ratios is None else prune(copy.deepcopy(base), PruneSection(ratios=ratios, round_to=16,
+                                                                                      evaluate=False))[0]
+        macs = base_macs / model_size(model, SHAPE)["macs"]
+        for runtime in ("fused", "eager"):
+            for batch in (64, 1):
+                before, after = compare_models([base, model], SHAPE, batch, args.repeats, runtime=runtime)
+                print(json.dumps({"config": name, "runtime": runtime, "batch": batch, "macs_x": macs,
+                                  "speedup": before / after, "ratio": before / after / macs}), flush=True)
+    print("threads", torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()

@@ -42,10 +42,15 @@ def interleaved_ms(runs: Sequence[Callable[[], Any]], repeats: int, warmup: int 
     return [statistics.median(t) for t in timings]
 
 
+def random_input(input_shape: Sequence[int], batch: int, seed: int = 0) -> torch.Tensor:
+    """The same seeded batch for every model that is compared, so timings differ only by the model."""
+    return torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+
+
 def compare_models(models: Sequence[nn.Module], input_shape: Sequence[int], batch: int, repeats: int = 20,
                    seed: int = 0, runtime: Runtime = "eager") -> list[float]:
     """Interleaved median latency of several models on the same input (eval mode, CPU), on one runtime."""
-    sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+    sample = random_input(input_shape, batch, seed)
     return interleaved_ms([runner(m, sample, runtime) for m in models], repeats)
 
 
@@ -58,7 +63,7 @@ class Reference:
 
     def __init__(self, model: nn.Module, input_shape: Sequence[int], batch: int, repeats: int = 20, seed: int = 0,
                  runtime: Runtime = "eager") -> None:
-        self.sample = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
+        self.sample = random_input(input_shape, batch, seed)
         self.repeats = repeats
         self.runtime = runtime
         self.run = runner(copy.deepcopy(model), self.sample, runtime)  # immune to later in-place pruning

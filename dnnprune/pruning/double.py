@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections import Counter
 from typing import Any
 
 import torch
@@ -89,7 +90,6 @@ class _DoubleJob:
         self.task: Task = make_task(self.meta.task)
         self.shape = tuple(self.meta.input_shape)
         self.phases = 0
-        self._original_channels = 0
         self.teacher = frozen_teacher(self.model, section.finetune)
         self.seconds: dict[str, float] = {}
 
@@ -161,49 +161,46 @@ class _DoubleJob:
         section = self.section
         strength = section.sparsity_lambda if section.sparsity_lambda is not None else default_lambda(self.model)
         sparsity_history = self._train(section.sparsity_steps, "sparsity training", bn_l1=strength)
-        rounds = [self._slimming_round(index, stages) for index in range(section.slimming_rounds)]
-        first, last = rounds[0][0], rounds[-1][0]
-        removed: dict[str, int] = {}
-        for result, _ in rounds:
-            for name, count in result.removed.items():
-                removed[name] = removed.get(name, 0) + count
-        histories = [history for _, history in rounds]
+        original = self._bn_channels(ChannelGraph(self.model, self.shape))
+        rounds = [self._slimming_round(index, original, stages) for index in range(section.slimming_rounds)]
+        results = [result for result, _ in rounds]
+        removed: Counter[str] = sum((Counter(r.removed) for r in results), Counter())
         return {"lambda": strength, "lambda_default": section.sparsity_lambda is None,
                 "residual": is_residual(self.model), "sparsity_steps": section.sparsity_steps,
-                "sparsity_history": sparsity_history, "finetune_history": histories[-1],
+                "sparsity_history": sparsity_history, "finetune_history": rounds[-1][1],
                 "rounds": [{"threshold": r.threshold, "removed": r.removed_total, "finetune_history": h}
                            for r, h in rounds],
-                "threshold": max((r.threshold for r, _ in rounds if r.threshold is not None), default=None),
-                "channels": first.channels, "removed": sum(r.removed_total for r, _ in rounds),
-                "removed_per_layer": removed, "widths_before": first.widths_before, "widths_after": last.widths_after,
-                "skipped_without_bn": first.skipped}
+                "threshold": max((r.threshold for r in results if r.threshold is not None), default=None),
+                "channels": original, "removed": sum(r.removed_total for r in results),
+                "removed_per_layer": dict(removed), "widths_before": results[0].widths_before,
+                "widths_after": results[-1].widths_after, "skipped_without_bn": results[0].skipped}
 
-    def _slimming_round(self, index: int, stages: list[dict[str, Any]]) -> tuple[SlimmingResult, dict[str, Any] | None]:
-        """One round: remove this round's share of the channels, then fine-tune for this round's share of steps."""
+    def _slimming_round(self, index: int, original: int,
+                        stages: list[dict[str, Any]]) -> tuple[SlimmingResult, dict[str, Any] | None]:
+        """One round: cut to (1 - ratio)^(k/rounds) of the `original` BN channels, then this round's fine-tune."""
         section = self.section
         count = section.slimming_rounds
+        last = index == count - 1
         graph = ChannelGraph(self.model, self.shape)
-        if index == 0:
-            self._original_channels = sum(graph.widths()[name] for name in check_slimmable(self.model, graph))
+        target = original * (1.0 - section.slimming_ratio) ** ((index + 1) / count)
+        # one round takes the ratio as given (no float round trip); later rounds cut from what is left
+        ratio = section.slimming_ratio if count == 1 else min(max(1.0 - target / self._bn_channels(graph), 0.0), 0.99)
         started = time.perf_counter()
-        result: SlimmingResult = slim(self.model, graph, self._round_ratio(index, graph), self._limits())
+        result: SlimmingResult = slim(self.model, graph, ratio, self._limits())
         self.seconds["slimming_surgery"] = self.seconds.get("slimming_surgery", 0.0) + time.perf_counter() - started
-        if section.sparsity > 0 and (section.sparsity_steps > 0 or count > 1):
-            self._sparsity_plan()  # trained gammas may have slimmed differently: check before fine-tuning
-        suffix = "" if count == 1 else f" (round {index + 1} of {count})"
-        stages.append(self._measure("slimmed" if count == 1 else f"slimmed_round_{index + 1}"))
-        history = self._train(slimming_round_steps(section)[index], "fine-tune after slimming" + suffix)
-        stages.append(self._measure("after_slimming" if index == count - 1 else f"after_slimming_round_{index + 1}"))
+        if last and section.sparsity > 0 and (section.sparsity_steps > 0 or count > 1):
+            self._sparsity_plan()  # slimming may have gone otherwise than validate() foresaw: check before fine-tuning
+        suffix = "" if count == 1 else f"_round_{index + 1}"
+        stages.append(self._measure("slimmed" + suffix))
+        history = self._train(slimming_round_steps(section)[index],
+                              "fine-tune after slimming" + ("" if count == 1 else f" (round {index + 1} of {count})"))
+        stages.append(self._measure("after_slimming" + ("" if last else suffix)))
         return result, history
 
-    def _round_ratio(self, index: int, graph: ChannelGraph) -> float:
-        """Round k keeps (1 - ratio)^(k/rounds) of the original channels: the cut shrinks with the model."""
-        section = self.section
-        if section.slimming_rounds == 1:
-            return section.slimming_ratio
-        current = sum(graph.widths()[name] for name in check_slimmable(self.model, graph))
-        target = self._original_channels * (1.0 - section.slimming_ratio) ** ((index + 1) / section.slimming_rounds)
-        return min(max(1.0 - target / current, 0.0), 0.99)
+    def _bn_channels(self, graph: ChannelGraph) -> int:
+        """Channels that slimming ranks (those of the BN-bearing groups)."""
+        widths = graph.widths()
+        return sum(widths[name] for name in check_slimmable(self.model, graph))
 
     def _parameter_pruning(self, stages: list[dict[str, Any]]) -> dict[str, Any]:
         section = self.section
