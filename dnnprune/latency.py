@@ -72,9 +72,9 @@ class Reference:
         """Median milliseconds of the reference model by itself."""
         return interleaved_ms([self.run], self.repeats)[0]
 
-    def against(self, model: nn.Module) -> tuple[float, float]:
-        """(reference ms, model ms), interleaved in one process."""
-        base_ms, other_ms = interleaved_ms([self.run, runner(model, self.sample, self.runtime)], self.repeats)
+    def against(self, model: nn.Module, repeats: int | None = None) -> tuple[float, float]:
+        """(reference ms, model ms), interleaved in one process (`repeats` overrides the default count)."""
+        base_ms, other_ms = interleaved_ms([self.run, runner(model, self.sample, self.runtime)], repeats or self.repeats)
         return base_ms, other_ms
 
 

@@ -162,6 +162,9 @@ class PruneSection(Section):
                                                    "width that latency_widths tries")
     latency_batch: int = Field(64, gt=0, description="batch size of latency measurements and of --target latency")
     latency_repeats: int = Field(15, gt=0, description="timed repeats per measurement (medians)")
+    latency_tolerance: float = Field(
+        0.05, ge=0.0, lt=0.5, description="--target latency:F counts as met from F x (1 - this) up: CPU timings move by "
+                                          "a few percent between measurements, so the solver aims at F and verifies")
     latency_runtime: Runtime = Field(
         "eager", description="what latency is timed on: eager PyTorch, or fused (TorchScript-frozen, BatchNorm folded, "
                              "conv + activation fused), as a deployment runs it")

@@ -540,3 +540,6 @@ def test_latency_target_is_solved_by_measurement() -> None:
     assert model_size(model, (1, 32, 32))["macs"] < base_macs / 1.3  # it had to remove real work to get faster
     speedups = {row["batch_size"]: row["speedup"] for row in report.latency["rows"]}
     assert sorted(speedups) == [1, 8] and report.target["reached"] == pytest.approx(speedups[8])
+    assert report.target["tolerance"] == 0.05
+    assert report.target["met"] == (speedups[8] >= 1.5 * 0.95)
+    assert len(report.target["search"]) >= 9  # the cap, 7 bisection steps and at least one verification

@@ -136,7 +136,14 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
         table.add_row(f"latency batch {row['batch_size']} ({result.latency.get('runtime', 'eager')})",
                       f"{row['before_ms']:.2f} ms", f"{row['after_ms']:.2f} ms", f"{row['speedup']:.2f}x")
     console.print(table)
-    if result.target and not result.target["met"]:
-        console.print(f"[yellow]target {result.target['factor']:g}x {result.target['metric']} not met "
-                      f"(reached {result.target['reached']:.2f}x): no layer could take more within the accuracy budget")
+    target = result.target
+    if target and target["metric"] == "latency":
+        verdict = "met" if target["met"] else "[yellow]not met[/yellow]"
+        console.print(f"target {target['factor']:g}x latency {verdict}: measured {target['reached']:.2f}x afresh "
+                      f"(tolerance {target['tolerance']:.0%})"
+                      + ("" if target["met"] else "; timings moved more than the tolerance: run on a quieter "
+                                                  "machine or raise prune.latency_repeats"))
+    elif target and not target["met"]:
+        console.print(f"[yellow]target {target['factor']:g}x {target['metric']} not met "
+                      f"(reached {target['reached']:.2f}x): no layer could take more within the accuracy budget")
     console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")
