@@ -65,6 +65,21 @@ def test_prune_reports_latency_on_the_fused_runtime(runner: CliRunner, tmp_path:
     assert "(fused)" in result.output
 
 
+def test_prune_to_a_measured_speedup_says_what_it_measured(runner: CliRunner, tmp_path: Path,
+                                                           resnet_checkpoint: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    recipe = tmp_path / "fast.yaml"
+    recipe.write_text("prune:\n  latency_batch: 8\n  latency_repeats: 5\n")
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-r", str(recipe), "-o", str(out), "--target",
+                                 "latency:1.3", "--no-evaluate"])
+    assert result.exit_code == 0, result.output
+    target = json.loads(out.with_suffix(".json").read_text())["target"]
+    assert target["metric"] == "latency" and target["tolerance"] == 0.05 and target["search"]
+    assert f"measured {target['reached']:.2f}x afresh" in result.output
+    assert ("not met" in result.output) == (not target["met"])
+    assert dnnprune.load(out).conv1.out_channels < 16  # it removed channels to get there
+
+
 def test_prune_to_a_target_in_sensitivity_order(runner: CliRunner, tmp_path: Path, resnet_checkpoint: Path) -> None:
     analysis = _write_analysis(tmp_path / "analysis.json", resnet_checkpoint)
     out = tmp_path / "pruned.safetensors"
