@@ -10,6 +10,7 @@ import pytest
 
 import dnnprune
 from dnnprune.pruning import prune
+from dnnprune.pruning.structured import model_size
 from dnnprune.recipe import DataSection, PruneSection
 from tests.conftest import bench_module, make_checkpoint
 
@@ -38,3 +39,24 @@ def test_latency_rows_per_runtime(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())["rows"]
     assert [(r["runtime"], r["batch"]) for r in rows] == [("eager", 2), ("fused", 2)]
     assert all(r["median_ms"] > 0 and r["speedup"] == 1.0 for r in rows)
+
+
+def test_resnet18_parts_time_every_part_and_block_removal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/resnet18_parts.py on an untrained resnet18 and a half-width copy: 10 parts per batch size,
+    MACs per part that add up to the model's, and block removal that only ever removes MACs."""
+    base = make_checkpoint(tmp_path / "base.safetensors", "torchvision.resnet18", input_shape=(1, 32, 32))
+    pruned, _ = prune(dnnprune.load(base), PruneSection(ratio=0.5, evaluate=False), data=DataSection())
+    small = dnnprune.save(pruned, tmp_path / "small.safetensors")
+    bench_module("resnet18_parts.py").main([str(small), "--baseline", str(base), "--repeats", "1"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    parts = [row for row in lines if "part" in row]
+    assert [row["part"] for row in parts[:10]] == ["stem", *[f"layer{i}.{j}" for i in range(1, 5) for j in range(2)],
+                                                   "head"]
+    assert len(parts) == 20 and all(row["base_ms"] > 0 and row["pruned_ms"] > 0 for row in parts)
+    whole = dnnprune.load(base)
+    assert sum(row["base_macs"] for row in parts[:10]) == model_size(whole, (1, 32, 32))["macs"]
+    variants = [row for row in lines if "variant" in row]
+    assert len(variants) == 8
+    macs = [row["macs_x"] for row in variants[::2]]
+    assert macs == sorted(macs) and macs[0] > 2.0
+    assert all(row["ratio"] == pytest.approx(row["speedup"] / row["macs_x"], rel=0.01) for row in variants)
