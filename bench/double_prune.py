@@ -13,11 +13,12 @@ and data in every arm:
   SAME non-zero parameter count as the dnnprune arm of that seed, and the same fine-tune with its masks.
 
 Every arm is scored on the test split; recipes are chosen on validation (`--split val`). The sweep mode
-(`--sweep`) runs a slimming x sparsity grid per model with short phases and plots accuracy against
-non-zero parameters with NetScore marked. Only bench code imports torch_pruning outside dnnprune.
+(`--sweep`) runs a slimming x sparsity grid (or explicit `points`) per model with short phases, each
+point next to a control trained through the same phases unpruned, and plots accuracy against non-zero
+parameters with the controls and NetScore marked. Only bench code imports torch_pruning outside dnnprune.
 
     python bench/double_prune.py CKPT -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --arms dnnprune,control,tp
-    python bench/double_prune.py --sweep runs/cache/sweep.yaml --out runs/bench/double-prune-sweep
+    python bench/double_prune.py --sweep bench/double-prune-sweep.yaml --out runs/bench/double-prune-sweep
 """
 
 from __future__ import annotations
@@ -252,7 +253,8 @@ def _write(out: Path, baseline: dict[str, Any], rows: list[dict[str, Any]], metr
 
 
 def run_sweep(args: argparse.Namespace) -> None:
-    """Per model: the baseline and every (slimming, sparsity) point; a table and a PNG."""
+    """Per model: the baseline, a control per distinct training budget, and every (slimming, sparsity)
+    point with its drop against the control that got the same phases; a table and a PNG."""
     plan = yaml.safe_load(args.sweep.read_text())
     args.out.mkdir(parents=True, exist_ok=True)
     points: list[dict[str, Any]] = []
@@ -261,41 +263,58 @@ def run_sweep(args: argparse.Namespace) -> None:
         if plan.get("phases"):
             recipe.double_prune = recipe.double_prune.model_copy(update=plan["phases"])
         base = dnnprune.load(checkpoint)
-        points.append({"model": model_plan["name"], "slimming": 0.0, "sparsity": 0.0,
+        points.append({"model": model_plan["name"], "arm": "baseline", "slimming": 0.0, "sparsity": 0.0, "steps": 0,
                        **measure(base, recipe, args.split, checkpoint.stat().st_size)})
-        for slimming in plan["slimming"]:
-            for sparsity in plan["sparsity"]:
-                if slimming == 0 and sparsity == 0:
-                    continue
-                section = recipe.double_prune.model_copy(update={"slimming_ratio": slimming, "sparsity": sparsity,
-                                                                 "evaluate": False})
-                model, _ = double_prune(dnnprune.load(checkpoint), section, data=recipe.data)
-                path = save(model, args.out / f"{model_plan['name']}-{slimming}-{sparsity}.safetensors", force=True)
-                points.append({"model": model_plan["name"], "slimming": slimming, "sparsity": sparsity,
-                               **measure(model, recipe, args.split, path.stat().st_size)})
-                (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
+        controls: dict[tuple[int, ...], dict[str, Any]] = {}
+        for slimming, sparsity in grid(plan):
+            point_recipe = recipe.model_copy(deep=True)
+            point_recipe.double_prune = recipe.double_prune.model_copy(
+                update={"slimming_ratio": slimming, "sparsity": sparsity, "evaluate": False})
+            budget = tuple(steps for _, steps in phases(point_recipe))
+            if budget not in controls:  # the same phases without pruning: what the training alone gives
+                controls[budget] = {"model": model_plan["name"], "arm": "control", "slimming": 0.0, "sparsity": 0.0,
+                                    "steps": sum(budget), **arm_control(checkpoint, point_recipe, 0, args.split)}
+                points.append(controls[budget])
+            model, _ = double_prune(dnnprune.load(checkpoint), point_recipe.double_prune, data=recipe.data)
+            path = save(model, args.out / f"{model_plan['name']}-{slimming}-{sparsity}.safetensors", force=True)
+            row = measure(model, recipe, args.split, path.stat().st_size)
+            metric = next(k for k in ("top1", "roc_auc") if k in row)
+            points.append({"model": model_plan["name"], "arm": "double-prune", "slimming": slimming, "sparsity": sparsity,
+                           "steps": sum(budget), **row, "drop_vs_control": controls[budget][metric] - row[metric]})
+            (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
+    (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
     (args.out / "sweep.md").write_text(sweep_table(points))
     plot_sweep(points, args.out / "sweep.png")
     print(sweep_table(points))
+
+
+def grid(plan: dict[str, Any]) -> list[tuple[float, float]]:
+    """The plan's explicit `points`, or every slimming x sparsity pair but (0, 0) (that is the baseline)."""
+    if plan.get("points"):
+        return [(float(a), float(b)) for a, b in plan["points"]]
+    return [(a, b) for a in plan["slimming"] for b in plan["sparsity"] if a or b]
 
 
 def sweep_table(points: list[dict[str, Any]]) -> str:
     metric = next(k for k in ("top1", "roc_auc") if k in points[0])
     best_after = {}
     for p in points:
-        if p["slimming"] or p["sparsity"]:
+        if p["arm"] == "double-prune":
             if p["model"] not in best_after or p["netscore_nonzero"] > best_after[p["model"]]["netscore_nonzero"]:
                 best_after[p["model"]] = p
-    lines = ["| model | slimming | sparsity | test top-1 | params | non-zero | MACs | NetScore | NetScore (non-zero) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| model | arm | slimming | sparsity | steps | {metric} | drop vs control (pts) | params | non-zero | MACs | "
+             "NetScore | NetScore (non-zero) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         mark = " **best of model**" if best_after.get(p["model"]) is p else ""
-        lines.append(f"| {p['model']} | {p['slimming']} | {p['sparsity']} | {p[metric] * 100:.2f} % | {p['params']:,} | "
-                     f"{p['nonzero_params']:,} | {p['macs']:,} | {p['netscore']:.2f} | {p['netscore_nonzero']:.2f}{mark} |")
+        drop = f"{p['drop_vs_control'] * 100:+.2f}" if "drop_vs_control" in p else "-"
+        lines.append(f"| {p['model']} | {p['arm']} | {p['slimming']} | {p['sparsity']} | {p['steps']} | "
+                     f"{p[metric] * 100:.2f} % | {drop} | {p['params']:,} | {p['nonzero_params']:,} | {p['macs']:,} | "
+                     f"{p['netscore']:.2f} | {p['netscore_nonzero']:.2f}{mark} |")
     winner = max(best_after.values(), key=lambda p: p["netscore_nonzero"]) if best_after else None
     if winner:
         lines.append(f"\nBest NetScore after pruning (non-zero params): **{winner['model']}** "
-                     f"({winner['netscore_nonzero']:.2f} at slimming {winner['slimming']}, sparsity {winner['sparsity']}).")
+                     f"({winner['netscore_nonzero']:.2f} at slimming {winner['slimming']}, sparsity {winner['sparsity']}, "
+                     f"{winner['drop_vs_control'] * 100:+.2f} pts against its control).")
     return "\n".join(lines) + "\n"
 
 
@@ -308,15 +327,19 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     for model in dict.fromkeys(p["model"] for p in points):
-        rows = sorted((p for p in points if p["model"] == model), key=lambda p: -p["nonzero_params"])
-        ax.plot([p["nonzero_params"] for p in rows], [p[metric] * 100 for p in rows], marker="o", label=model)
-        best = max(rows, key=lambda p: p["netscore_nonzero"])
+        rows = sorted((p for p in points if p["model"] == model and p["arm"] != "control"),
+                      key=lambda p: -p["nonzero_params"])
+        line = ax.plot([p["nonzero_params"] for p in rows], [p[metric] * 100 for p in rows], marker="o", label=model)[0]
+        for control in (p for p in points if p["model"] == model and p["arm"] == "control"):
+            ax.plot([control["nonzero_params"]], [control[metric] * 100], marker="*", markersize=10,
+                    color=line.get_color(), linestyle="none")
+        best = max((p for p in rows if p["arm"] == "double-prune"), key=lambda p: p["netscore_nonzero"], default=rows[0])
         ax.annotate(f"NetScore {best['netscore_nonzero']:.1f}", (best["nonzero_params"], best[metric] * 100),
                     textcoords="offset points", xytext=(5, 5), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("non-zero parameters (log)")
     ax.set_ylabel(f"test {metric} (%)")
-    ax.set_title("double pruning: accuracy against non-zero parameters (best NetScore per model marked)")
+    ax.set_title("double pruning: accuracy against non-zero parameters\n(stars: controls, same training unpruned; best NetScore marked)", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

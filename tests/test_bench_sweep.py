@@ -1,7 +1,7 @@
 """The double-pruning sweep (bench/double_prune.py --sweep) on two tiny BatchNorm nets and generated data.
 
 The real sweep takes hours; this runs the same code on a 2 x 2 grid with a few steps, and checks the
-table, the winner line and the PNG it writes.
+controls (one per training budget), the table, the winner line and the PNG it writes.
 """
 
 from __future__ import annotations
@@ -48,15 +48,24 @@ def test_the_sweep_writes_a_table_a_winner_and_a_plot(tmp_path: Path) -> None:
     bench.main(["--sweep", str(tmp_path / "plan.yaml"), "--split", "val", "--out", str(out)])
 
     points = yaml.safe_load((out / "sweep.json").read_text())["points"]  # JSON is YAML
-    assert [(p["model"], p["slimming"], p["sparsity"]) for p in points] == [
-        (m, sl, sp) for m in ("resnet20", "mbv2") for sl, sp in ((0.0, 0.0), (0.0, 0.6), (0.4, 0.0), (0.4, 0.6))]
+    # one control per distinct budget: sparsity alone trains 3 steps, slimming 2 + 3, both 2 + 3 + 3
+    assert [(p["model"], p["arm"], p["slimming"], p["sparsity"], p["steps"]) for p in points] == [
+        (m, *row) for m in ("resnet20", "mbv2") for row in (
+            ("baseline", 0.0, 0.0, 0), ("control", 0.0, 0.0, 3), ("double-prune", 0.0, 0.6, 3),
+            ("control", 0.0, 0.0, 5), ("double-prune", 0.4, 0.0, 5), ("control", 0.0, 0.0, 8),
+            ("double-prune", 0.4, 0.6, 8))]
     for model in ("resnet20", "mbv2"):
-        base, sparse, slim, both = [p for p in points if p["model"] == model]
+        rows = [p for p in points if p["model"] == model]
+        base, sparse, slim, both = [p for p in rows if p["arm"] in ("baseline", "double-prune")]
+        controls = {p["steps"]: p for p in rows if p["arm"] == "control"}
+        for point in (sparse, slim, both):
+            assert point["drop_vs_control"] == pytest.approx(controls[point["steps"]]["top1"] - point["top1"])
+        assert all(c["params"] == base["params"] for c in controls.values())
         assert sparse["params"] == base["params"] and sparse["nonzero_params"] < 0.5 * base["nonzero_params"]
         assert slim["params"] < base["params"] and slim["macs"] < base["macs"]
         assert both["nonzero_params"] < slim["nonzero_params"] and both["file_bytes"] < slim["file_bytes"]
     table = (out / "sweep.md").read_text()
-    assert table.count("**best of model**") == 2
+    assert table.count("**best of model**") == 2 and table.count("| control |") == 6
     assert "Best NetScore after pruning (non-zero params): **" in table
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -93,3 +102,9 @@ def test_headline_arms_share_the_budget_with_slimming_rounds(tmp_path: Path) -> 
     assert rows["tp"]["params"] < baseline["params"] and rows["dnnprune"]["params"] < baseline["params"]
     assert rows["control"]["params"] == baseline["params"]
     assert rows["dnnprune"]["quantized"]["file_bytes"] < rows["dnnprune"]["file_bytes"]
+
+
+def test_a_sweep_plan_may_list_its_points() -> None:
+    bench = bench_module("double_prune.py")
+    assert bench.grid({"points": [[0.5, 0.8], [0.7, 0.45]]}) == [(0.5, 0.8), (0.7, 0.45)]
+    assert bench.grid({"slimming": [0.0, 0.3], "sparsity": [0.0, 0.5]}) == [(0.0, 0.5), (0.3, 0.0), (0.3, 0.5)]
