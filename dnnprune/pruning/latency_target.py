@@ -63,15 +63,18 @@ def solve_latency(speedup_of: SpeedupOf, plan_at: Callable[[float], Plan], facto
     return TargetSolution(plan_at(knob), knob, verified, {}), search.points
 
 
-def fitted_crossing(points: list[tuple[float, float]], factor: float, *, default: float, window: float = 0.25) -> float:
+def fitted_crossing(points: list[tuple[float, float]], factor: float, *, default: float, window: float = 0.25,
+                    span: float = 1.5) -> float:
     """The knob where a least-squares line of log-speedup on knob crosses log(factor).
 
-    Only points within `window` of the bisection's knob (`default`) are fitted: wide enough that the
-    slope is not noise (bisection's last points sit close together), narrow enough that the curve's
-    bend does not matter (in simulation, +-0.25 beat +-0.06 and +-0.125 on straight, convex and stepped
-    curves). Falls back to `default` when the points cannot define a rising line.
+    Only points within `window` of the bisection's knob (`default`) and within `span` times the target
+    speedup either way are fitted: wide enough that the slope is not noise (bisection's last points sit
+    close together), narrow enough that the curve's bend does not matter (in simulation, +-0.25 beat
+    +-0.06 and +-0.125 on straight, convex and stepped curves; on VGG-16 a point at 5.6x pulled the fit
+    for 2x). Falls back to `default` when the points cannot define a rising line.
     """
-    near = [(k, math.log(max(s, 1e-9))) for k, s in points if abs(k - default) <= window]
+    near = [(k, math.log(max(s, 1e-9))) for k, s in points
+            if abs(k - default) <= window and factor / span <= s <= factor * span]
     xs = [k for k, _ in near]
     if len(set(xs)) < 2:
         return default
