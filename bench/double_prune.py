@@ -281,11 +281,15 @@ def run_sweep(args: argparse.Namespace) -> None:
             metric = next(k for k in ("top1", "roc_auc") if k in row)
             points.append({"model": model_plan["name"], "arm": "double-prune", "slimming": slimming, "sparsity": sparsity,
                            "steps": sum(budget), **row, "drop_vs_control": controls[budget][metric] - row[metric]})
-            (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
-    (args.out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
+            _write_points(args.out, points)  # after every point, so a long sweep keeps what it measured
+    _write_points(args.out, points)
     (args.out / "sweep.md").write_text(sweep_table(points))
     plot_sweep(points, args.out / "sweep.png")
     print(sweep_table(points))
+
+
+def _write_points(out: Path, points: list[dict[str, Any]]) -> None:
+    (out / "sweep.json").write_text(json.dumps({"command": " ".join(sys.argv), "points": points}, indent=2))
 
 
 def grid(plan: dict[str, Any]) -> list[tuple[float, float]]:

@@ -68,10 +68,6 @@ class Reference:
         self.runtime = runtime
         self.run = runner(copy.deepcopy(model), self.sample, runtime)  # immune to later in-place pruning
 
-    def alone(self) -> float:
-        """Median milliseconds of the reference model by itself."""
-        return interleaved_ms([self.run], self.repeats)[0]
-
     def against(self, model: nn.Module, repeats: int | None = None) -> tuple[float, float]:
         """(reference ms, model ms), interleaved in one process (`repeats` overrides the default count)."""
         base_ms, other_ms = interleaved_ms([self.run, runner(model, self.sample, self.runtime)], repeats or self.repeats)

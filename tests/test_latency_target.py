@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Callable
 
 import pytest
 
@@ -10,7 +11,7 @@ from dnnprune.errors import PruningError
 from dnnprune.pruning.latency_target import fitted_crossing, solve_latency
 
 
-def _noisy(true: "callable", noise: float, seed: int):
+def _noisy(true: Callable[[float], float], noise: float, seed: int) -> Callable[[dict, int], float]:
     """A speedup measurement: the true curve times uniform noise that shrinks with more repeats."""
     rng = random.Random(seed)
 

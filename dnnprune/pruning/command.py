@@ -191,6 +191,7 @@ class _Job:
         self.limits = Limits.of(config)
         self.feeds = _Feeds(self.meta, data)
         self.seconds: dict[str, float] = {}
+        self.latency_search: list[tuple[float, float]] = []  # (knob, speedup) measured by a latency target
 
     # -- validation, before any heavy work ------------------------------------------------
 
@@ -457,7 +458,7 @@ class _Job:
             tolerance = self.config.latency_tolerance
             return {"metric": "latency", "factor": factor, "reached": reached, "tolerance": tolerance,
                     "met": reached >= factor * (1 - tolerance), "within_tolerance": abs(reached / factor - 1) <= tolerance,
-                    "search": [{"knob": k, "speedup": v} for k, v in getattr(self, "latency_search", [])]}
+                    "search": [{"knob": k, "speedup": v} for k, v in self.latency_search]}
         reached = self.base_size[self.config.target] / max(1, after[self.config.target])
         return {"metric": self.config.target, "factor": factor, "reached": reached, "met": reached >= factor}
 
