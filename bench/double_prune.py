@@ -351,7 +351,10 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
 
 
 def run_merge(args: argparse.Namespace) -> dict[str, Any]:
-    """Rows of several runs of the same baseline and recipe (run in parallel processes) in one table."""
+    """Rows of several runs of the same baseline and recipe (run in parallel processes) in one table;
+    or, where the folders hold sweeps (one model each, say, one per core), one sweep table and PNG."""
+    if all((folder / "sweep.json").exists() for folder in args.merge):
+        return merge_sweeps(args)
     results = [json.loads((folder / "result.json").read_text()) for folder in args.merge]
     baselines = {json.dumps(r["baseline"], sort_keys=True) for r in results}
     if len(baselines) != 1 or len({r["split"] for r in results}) != 1:
@@ -361,6 +364,19 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     metric = "top1" if "top1" in results[0]["baseline"] else "roc_auc"
     return _write(args.out, results[0]["baseline"], rows, metric, args)
+
+
+def merge_sweeps(args: argparse.Namespace) -> dict[str, Any]:
+    """The points of several sweep folders, in the order given, as if one sweep had measured them all."""
+    points = [p for folder in args.merge for p in json.loads((folder / "sweep.json").read_text())["points"]]
+    if len({"top1" in p for p in points}) > 1:
+        raise SystemExit("the sweeps to merge must share the task metric (top1 or roc_auc)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_points(args.out, points)
+    (args.out / "sweep.md").write_text(sweep_table(points))
+    plot_sweep(points, args.out / "sweep.png")
+    print(sweep_table(points))
+    return {"points": points}
 
 
 def main(argv: list[str] | None = None) -> None:

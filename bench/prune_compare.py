@@ -7,6 +7,10 @@ From one baseline checkpoint and one recipe (`prune:` section), per seed:
 - control: the same baseline fine-tuned through exactly the phases the pruned model received (each kept
   increment's fine-tune, then the final fine-tune: same steps, learning rates, schedules and batch
   seeds), with no pruning: what the extra training alone gives;
+- with `--depth-recipe`, the dnnprune arm first removes whole blocks (a `prune:` section at layer
+  granularity, with its own fine-tune), re-runs the channel sensitivity analysis on what is left, and
+  then prunes channels to the recipe's MACs target counted against the *original* baseline; the control
+  then also gets the depth stage's fine-tune phase;
 - tp: Torch-Pruning's MagnitudePruner, uniform group-L1, its ratio bisected until MACs are down at least
   as far as the dnnprune model, channel counts rounded like the recipe, then one fine-tune with as many
   steps as the dnnprune model received, at the recipe's final fine-tune settings.
@@ -33,6 +37,7 @@ import torch
 import torch.nn as nn
 
 import dnnprune
+from dnnprune.analysis import analyze, write_outputs
 from dnnprune.checkpoint import attach_meta, meta_of, save
 from dnnprune.latency import compare_models
 from dnnprune.loaders import eval_loader, train_loader
@@ -54,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--arms", default="dnnprune,control,tp")
     parser.add_argument("--split", choices=["val", "test"], default="test")
+    parser.add_argument("--depth-recipe", type=Path, default=None,
+                        help="a recipe whose prune: section removes whole units (granularity layer) before the channels")
     parser.add_argument("--latency-repeats", type=int, default=30)
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
@@ -87,25 +94,56 @@ def received_phases(report: Any, recipe: Recipe) -> list[tuple[FineTuneSection, 
     return phases
 
 
-def arm_dnnprune(args: argparse.Namespace, recipe: Recipe, seed: int) -> tuple[nn.Module, dict[str, Any], Any]:
+def arm_dnnprune(args: argparse.Namespace, recipe: Recipe, seed: int) -> tuple[nn.Module, dict[str, Any], tuple[Any, Any]]:
     section = recipe.prune.model_copy(update={"seed": seed, "evaluate": False})
     started = time.perf_counter()
-    model, report = prune(dnnprune.load(args.checkpoint), section, data=recipe.data)
+    model, depth = depth_stage(args, recipe, seed)
+    if depth is not None:
+        section = channel_section(args, recipe, section, model, seed)
+    model, report = prune(model, section, data=recipe.data)
     seconds = time.perf_counter() - started
     save(model, args.out / f"dnnprune-seed{seed}.safetensors", force=True)
-    steps = sum(p.max_steps or 0 for p, _ in received_phases(report, recipe.model_copy(update={"prune": section})))
+    steps = sum(p.max_steps or 0 for p, _ in all_phases((depth, report), recipe.model_copy(update={"prune": section}), args))
     row = {"arm": "dnnprune", "seed": seed, "seconds": seconds, "finetune_steps_received": steps,
            "target_met": (report.target or {}).get("met"), "increments": [
                {k: r.get(k) for k in ("increment", "attempt", "macs", "val", "drop", "drop_stderr", "accepted", "seconds")}
                for r in report.steps], **test_metrics(model, recipe, args.split)}
-    return model, row, report
+    if depth is not None:
+        row["depth"] = {"removed": [s.get("unit") or s.get("name") for s in depth.steps], "target": report.target}
+    return model, row, (depth, report)
 
 
-def arm_control(args: argparse.Namespace, recipe: Recipe, seed: int, report: Any) -> dict[str, Any]:
+def depth_stage(args: argparse.Namespace, recipe: Recipe, seed: int) -> tuple[nn.Module, Any]:
+    """The baseline, or (with --depth-recipe) the baseline with its least sensitive units removed and fine-tuned."""
+    model = dnnprune.load(args.checkpoint)
+    if args.depth_recipe is None:
+        return model, None
+    depth = load_recipe(args.depth_recipe).prune.model_copy(update={"seed": seed, "evaluate": False})
+    return prune(model, depth, data=recipe.data)
+
+
+def channel_section(args: argparse.Namespace, recipe: Recipe, section: Any, model: nn.Module, seed: int) -> Any:
+    """The depth-pruned model's own channel analysis, and the recipe's target counted from the original."""
+    _, report = analyze(model, recipe.analyze, data=recipe.data, device=torch.device("cpu"))
+    path = write_outputs(report, args.out / f"depth-seed{seed}.analysis.json")["json"]
+    return section.model_copy(update={"analysis": str(path), "target_basis": "original"})
+
+
+def all_phases(reports: tuple[Any, Any], recipe: Recipe, args: argparse.Namespace) -> list[tuple[FineTuneSection, int]]:
+    """The depth stage's fine-tune (if any), then the channel stage's phases: what the control replays."""
+    depth, report = reports
+    phases: list[tuple[FineTuneSection, int]] = []
+    if depth is not None:
+        section = load_recipe(args.depth_recipe).prune.model_copy(update={"seed": recipe.prune.seed})
+        phases = received_phases(depth, recipe.model_copy(update={"prune": section}))
+    return phases + received_phases(report, recipe)
+
+
+def arm_control(args: argparse.Namespace, recipe: Recipe, seed: int, reports: tuple[Any, Any]) -> dict[str, Any]:
     model = dnnprune.load(args.checkpoint)
     section = recipe.prune.model_copy(update={"seed": seed})
     started = time.perf_counter()
-    phases = received_phases(report, recipe.model_copy(update={"prune": section}))
+    phases = all_phases(reports, recipe.model_copy(update={"prune": section}), args)
     teacher = frozen_teacher(model, section.finetune, section.step_finetune)  # the same loss as the pruned arm
     for config, phase_seed in phases:
         loader = train_loader(meta_of(model), recipe.data, config.batch_size, phase_seed)
@@ -173,11 +211,11 @@ def main(argv: list[str] | None = None) -> None:
     arms = args.arms.split(",")
     latency_models: dict[str, nn.Module] = {"baseline": baseline}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ours, row, report = arm_dnnprune(args, recipe, seed)
+        ours, row, reports = arm_dnnprune(args, recipe, seed)
         rows.append(row)
         latency_models[f"dnnprune-seed{seed}"] = ours
         if "control" in arms:
-            rows.append(arm_control(args, recipe, seed, report))
+            rows.append(arm_control(args, recipe, seed, reports))
         if "tp" in arms:
             theirs, tp_row = arm_torch_pruning(args, recipe, seed, row["macs"], row["finetune_steps_received"])
             rows.append(tp_row)

@@ -148,6 +148,9 @@ class PruneSection(Section):
     target: Literal["params", "macs", "bytes", "latency"] | None = Field(
         None, description="what target_factor counts: params, macs, bytes, or measured CPU latency at latency_batch")
     target_factor: float | None = Field(None, gt=1.0, description="e.g. 3 for 3x fewer MACs")
+    target_basis: Literal["input", "original"] = Field(
+        "input", description="count a params/MACs target from this checkpoint (input) or from the model its lineage "
+                             "started with (original), so chained prunes share one target")
     order: Literal["sequential", "reverse", "sensitivity", "efficiency", "random"] = Field(
         "sequential", description="sensitivity: least sensitive first (needs an analysis for channels); efficiency "
                                   "(--granularity layer): least drop per parameter or MAC saved first")

@@ -108,3 +108,31 @@ def test_a_sweep_plan_may_list_its_points() -> None:
     bench = bench_module("double_prune.py")
     assert bench.grid({"points": [[0.5, 0.8], [0.7, 0.45]]}) == [(0.5, 0.8), (0.7, 0.45)]
     assert bench.grid({"slimming": [0.0, 0.3], "sparsity": [0.0, 0.5]}) == [(0.0, 0.5), (0.3, 0.0), (0.3, 0.5)]
+
+
+def _point(model: str, arm: str, top1: float, nonzero: int, netscore: float, **extra: float) -> dict:
+    return {"model": model, "arm": arm, "slimming": 0.5 if arm == "double-prune" else 0.0,
+            "sparsity": 0.5 if arm == "double-prune" else 0.0, "steps": 0 if arm == "baseline" else 10, "top1": top1,
+            "params": 2 * nonzero, "nonzero_params": nonzero, "macs": 1000, "netscore": netscore - 1,
+            "netscore_nonzero": netscore, **extra}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_sweeps_run_in_separate_processes_merge_into_one_table(tmp_path: Path) -> None:
+    """One sweep per model (one per core), then one table, one plot and one winner over all of them."""
+    import json
+
+    sweeps = {"a": [_point("resnet20", "baseline", 0.9, 1000, 60), _point("resnet20", "control", 0.91, 1000, 61),
+                    _point("resnet20", "double-prune", 0.88, 100, 80, drop_vs_control=0.03)],
+              "b": [_point("mnv3", "baseline", 0.87, 5000, 50), _point("mnv3", "control", 0.88, 5000, 51),
+                    _point("mnv3", "double-prune", 0.85, 200, 85, drop_vs_control=0.03)]}
+    for name, points in sweeps.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "sweep.json").write_text(json.dumps({"points": points}))
+    out = tmp_path / "merged"
+    bench_module("double_prune.py").main(["--merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)])
+    merged = json.loads((out / "sweep.json").read_text())["points"]
+    assert merged == sweeps["a"] + sweeps["b"]
+    table = (out / "sweep.md").read_text()
+    assert table.count("**best of model**") == 2 and "(non-zero params): **mnv3** (85.00" in table
+    assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -48,6 +48,7 @@ def prune_command(
     global_threshold: Annotated[bool | None, typer.Option("--global/--per-layer", help="One threshold over all layers' normalised scores.")] = None,
     max_accuracy_drop: Annotated[float | None, typer.Option(help="Accuracy-aware: largest val top-1 drop a step may cause (0.01 = 1 point).")] = None,
     step: Annotated[float | None, typer.Option(help="Accuracy-aware: ratio added to a layer per step.")] = None,
+    target_basis: Annotated[str | None, typer.Option(help="input: count --target from this checkpoint; original: from the model its lineage started with (params, macs), so chained prunes share one target.")] = None,
     round_to: Annotated[int | None, typer.Option(help="Keep channel counts a multiple of this (8 suits CPU kernels).")] = None,
     latency_widths: Annotated[bool | None, typer.Option("--latency-widths/--no-latency-widths", help="Move each width to the fastest nearby one (measured, cached).")] = None,
     report_latency: Annotated[bool | None, typer.Option("--report-latency/--no-report-latency", help="Time the model before and after (batch 1 and 64, interleaved).")] = None,
@@ -63,7 +64,7 @@ def prune_command(
 ) -> None:
     """Remove whole channels (filters) so the saved model is really smaller and faster."""
     metric, factor = parse_target(target) if target is not None else (None, None)
-    overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor,
+    overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor, "prune.target_basis": target_basis,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
                  "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
@@ -143,7 +144,12 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
                       f"(tolerance {target['tolerance']:.0%})"
                       + ("" if target["met"] else "; timings moved more than the tolerance: run on a quieter "
                                                   "machine or raise prune.latency_repeats"))
-    elif target and not target["met"]:
+    if target and target.get("basis") == "original":
+        verdict = "met" if target["met_of_original"] else "[yellow]not met[/yellow]"
+        console.print(f"target {target['factor_of_original']:g}x {target['metric']} of the original {verdict}: "
+                      f"{target['reached_of_original']:.2f}x in all ({target['input_reduction_of_original']:.2f}x before "
+                      f"this step, {target['reached']:.2f}x in it)")
+    elif target and target["metric"] != "latency" and not target["met"]:
         console.print(f"[yellow]target {target['factor']:g}x {target['metric']} not met "
                       f"(reached {target['reached']:.2f}x): no layer could take more within the accuracy budget")
     console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")

@@ -23,6 +23,7 @@ from dnnprune.latency import LayerTable, Reference, compare_models
 from dnnprune.lineage import command
 from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_loader
 from dnnprune.observe import Observer
+from dnnprune.pruning.basis import rebase
 from dnnprune.pruning.depth import (
     DepthPlan,
     Removal,
@@ -116,6 +117,7 @@ def prune(model: nn.Module, section: PruneSection, *, data: DataSection, device:
     before the first evaluation, so a bad input fails fast.
     """
     started = time.perf_counter()
+    section, basis = rebase(model, section)
     job = (_LayerJob if section.granularity == "layer" else _Job)(model, section, data, device, observer)
     job.validate()
     before = job.measure(model, "before")
@@ -129,6 +131,8 @@ def prune(model: nn.Module, section: PruneSection, *, data: DataSection, device:
     after = job.measure(model, "after")
     latency = job.latency(model)
     report = job.report(before, after, details, history, time.perf_counter() - started, latency)
+    if basis is not None and report.target is not None:
+        report.target.update(basis.block(report.target["reached"]))
     model.to("cpu").eval()
     return model, report
 
