@@ -60,3 +60,20 @@ def test_resnet18_parts_time_every_part_and_block_removal(tmp_path: Path, capsys
     macs = [row["macs_x"] for row in variants[::2]]
     assert macs == sorted(macs) and macs[0] > 2.0
     assert all(row["ratio"] == pytest.approx(row["speedup"] / row["macs_x"], rel=0.01) for row in variants)
+
+
+def test_resnet18_depth_width_designs_have_the_shapes_they_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """bench/resnet18_depth_width.py: a removed stage takes its width with it, cuts remove MACs, and the
+    ratio is the speedup over the MACs reduction, for every design at both batch sizes."""
+    base = make_checkpoint(tmp_path / "base.safetensors", "torchvision.resnet18", input_shape=(1, 32, 32))
+    bench = bench_module("resnet18_depth_width.py")
+    whole = bench.variant(dnnprune.load(base), [], [1] * 4, [1] * 4)
+    assert model_size(whole, (1, 32, 32))["macs"] == model_size(dnnprune.load(base), (1, 32, 32))["macs"]
+    no_layer4 = bench.variant(dnnprune.load(base), ["layer4.0", "layer4.1"], [0.5] * 4, [0.75] * 4)
+    assert no_layer4.fc.in_features == 192 and no_layer4.layer1[0].conv1.out_channels == 32
+    designs = [{"remove": ["layer4.1"]}, {"remove": ["layer3.1", "layer4.0", "layer4.1"], "mid": [0.5] * 4, "res": [0.75] * 4}]
+    bench.main([str(base), json.dumps(designs), "--repeats", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["batch"], r["design"]) for r in rows] == [(64, designs[0]), (64, designs[1]), (1, designs[0]), (1, designs[1])]
+    assert 1.0 < rows[0]["macs_x"] < rows[1]["macs_x"]
+    assert all(r["ratio"] == pytest.approx(r["speedup"] / r["macs_x"]) and r["ms"] > 0 for r in rows)
