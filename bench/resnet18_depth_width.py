@@ -30,7 +30,7 @@ STAGE_WIDTHS = {1: 64, 2: 128, 3: 256, 4: 512}
 
 
 def rounded(width: int, fraction: float) -> int:
-    return max(16, int(round(width * fraction / 16)) * 16)
+    return max(16, round(width * fraction / 16) * 16)
 
 
 def _conv_like(conv: nn.Conv2d, cin: int, cout: int) -> nn.Conv2d:
