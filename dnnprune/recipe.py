@@ -139,6 +139,9 @@ class PruneSection(Section):
     granularity: Literal["filter", "layer"] = Field("filter", description="filter: remove channels; layer: remove "
                                                                           "whole units (residual blocks, layers)")
     remove: int | None = Field(None, gt=0, description="layer granularity: remove this many units")
+    units: list[str] = Field(default_factory=list, max_length=1000,
+                             description="layer granularity: remove exactly these units, in this order (names as "
+                                         "`analyze --granularity layer` lists them)")
     calibration_samples: int = Field(1024, gt=1, description="layer granularity: training samples used to fit the "
                                                              "least-squares bridge of a removed hidden Linear layer")
     criterion: Criterion = "l1"

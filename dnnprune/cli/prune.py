@@ -39,6 +39,7 @@ def prune_command(
     granularity: Annotated[str | None, typer.Option(help="filter: remove channels; layer: remove whole units (blocks, layers).")] = None,
     ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in [0, 1).")] = None,
     remove: Annotated[int | None, typer.Option(help="Layer granularity: remove this many units.")] = None,
+    units: Annotated[str | None, typer.Option(help="Layer granularity: remove exactly these units, comma-separated (e.g. layer4.0,layer4.1).")] = None,
     target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs, latency:2 for a measured 2x speedup (params, macs, bytes or latency).")] = None,
     criterion: Annotated[str | None, typer.Option(help="l1, l2, bn_scale, taylor or random.")] = None,
     order: Annotated[str | None, typer.Option(help="sequential, reverse, sensitivity, random, or (--granularity layer) efficiency: "
@@ -64,7 +65,7 @@ def prune_command(
 ) -> None:
     """Remove whole channels (filters) so the saved model is really smaller and faster."""
     metric, factor = parse_target(target) if target is not None else (None, None)
-    overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor, "prune.target_basis": target_basis,
+    overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.units": _names(units), "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor, "prune.target_basis": target_basis,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
                  "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
@@ -153,3 +154,8 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
         console.print(f"[yellow]target {target['factor']:g}x {target['metric']} not met "
                       f"(reached {target['reached']:.2f}x): no layer could take more within the accuracy budget")
     console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated list of unit names, blanks dropped; None keeps the recipe's."""
+    return None if text is None else [name.strip() for name in text.split(",") if name.strip()]

@@ -25,6 +25,7 @@ from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_
 from dnnprune.observe import Observer
 from dnnprune.pruning.basis import rebase
 from dnnprune.pruning.depth import (
+    chosen_units,
     DepthPlan,
     Removal,
     check_reachable,
@@ -148,6 +149,8 @@ def _check_how_much(config: PruneSection) -> None:
     _check_how_much_target(config)
     if config.remove is not None:
         raise PruningError("--remove counts whole units: it needs --granularity layer")
+    if config.units:
+        raise PruningError("--units names whole units: it needs --granularity layer")
     if config.target is not None and config.ratio is not None:
         raise PruningError("give either a ratio or a target, not both (a target solves for the ratio)")
     if config.ratio is None and not config.ratios and config.target is None:
@@ -531,8 +534,10 @@ class _LayerJob(_Job):
 
     def validate(self) -> None:
         config = self.config
-        if config.remove is None and config.target is None:
-            raise PruningError("say how much to remove: --remove N, or --target params:F / macs:F")
+        if config.units and (config.remove is not None or config.target is not None):
+            raise PruningError("--units names exactly what to remove: drop --remove and --target")
+        if config.remove is None and config.target is None and not config.units:
+            raise PruningError("say how much to remove: --remove N, --units NAME,..., or --target params:F / macs:F")
         if config.ratio is not None or config.ratios or config.global_threshold:
             raise PruningError("--ratio, ratios and --global are for channels; with --granularity layer use --remove N "
                                "or --target")
@@ -544,10 +549,13 @@ class _LayerJob(_Job):
                                "re-wire; remove layers from the float checkpoint, then quantize or sparsify it")
         self.units = check_units(self.model, self.shape)
         self.base_size = model_size(self.model, self.shape)
-        self.plan = DepthPlan(config.remove, config.target, config.target_factor, self.base_size)
+        named = chosen_units(self.units, config.units)
+        self.plan = DepthPlan(len(named) if named else config.remove, config.target, config.target_factor, self.base_size)
         check_reachable(self.model, self.units, self.plan, self.shape)
         self.drops: dict[str, float] | None = None
-        if config.order in ("sensitivity", "efficiency") and config.analysis is not None:
+        if named:
+            self.order = named
+        elif config.order in ("sensitivity", "efficiency") and config.analysis is not None:
             self.order, self.drops = load_layer_analysis(config.analysis, self.meta.arch, self.units)
         elif config.order in ("sensitivity", "efficiency"):
             self.order = []  # measured once data is at hand

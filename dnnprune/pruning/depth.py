@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import PruningError
-from dnnprune.pruning.layers import Unit, find_units, remove_unit, strip_unit
+from dnnprune.pruning.layers import Unit, find_units, remove_unit, strip_unit, unit_named
 from dnnprune.pruning.structured import Metric, model_size
 from dnnprune.tasks import Metrics, Task
 
@@ -123,6 +123,13 @@ def unit_order(units: Sequence[Unit], policy: str, seed: int) -> list[str]:
     if policy == "random":
         random.Random(seed).shuffle(names)
     return names
+
+
+def chosen_units(units: Sequence[Unit], names: Sequence[str]) -> list[str]:
+    """`--units`: the user's own pick, in the user's order, each checked against what this model can lose."""
+    if len(set(names)) != len(names):
+        raise PruningError(f"--units names a unit twice: {', '.join(n for n in dict.fromkeys(names) if names.count(n) > 1)}")
+    return [unit_named(units, name).name for name in names]
 
 
 @dataclass

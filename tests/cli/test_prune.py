@@ -145,6 +145,10 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     (["--granularity", "layer"], ("say how much to remove",)),
     (["--granularity", "layer", "--remove", "1", "--ratio", "0.5"], ("--granularity layer use --remove N",)),
     (["--granularity", "layer", "--target", "bytes:2"], ("params:F or macs:F",)),
+    (["--units", "classifier.1"], ("--units names whole units", "--granularity layer")),
+    (["--granularity", "layer", "--units", "classifier.9"], ("'classifier.9' is not a removable unit", "classifier.1")),
+    (["--granularity", "layer", "--units", "classifier.1", "--remove", "1"], ("drop --remove and --target",)),
+    (["--granularity", "layer", "--units", "classifier.1,classifier.1"], ("names a unit twice: classifier.1",)),
     (["--ratio", "0.5", "--report-latency", "--latency-runtime", "tvm"], ("prune.latency_runtime", "fused")),
 ])
 def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
@@ -172,3 +176,17 @@ def test_analysis_from_another_model(runner: CliRunner, tmp_path: Path, lenet_ch
                                  "--order", "sensitivity", "--analysis", str(analysis)])
     _assert_clean_failure(result, "another model", "dnnprune analyze")
     assert not out.exists()
+
+
+def test_prune_removes_exactly_the_named_units_in_the_given_order(runner: CliRunner, tmp_path: Path,
+                                                                  resnet_checkpoint: Path) -> None:
+    """`--units`: the user's pick of blocks, not the analysis's; the result reloads without them."""
+    out = tmp_path / "two-blocks.safetensors"
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--granularity", "layer",
+                                 "--units", "layer3.2, layer1.0", "--no-evaluate"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [step["unit"] for step in report["steps"]] == ["layer3.2", "layer1.0"]
+    model = dnnprune.load(out)
+    assert type(model.layer3[2]).__name__ == "Identity" and type(model.layer1[0]).__name__ == "Identity"
+    assert type(model.layer1[1]).__name__ != "Identity"
