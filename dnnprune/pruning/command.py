@@ -25,11 +25,11 @@ from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_
 from dnnprune.observe import Observer
 from dnnprune.pruning.basis import rebase
 from dnnprune.pruning.depth import (
-    chosen_units,
     DepthPlan,
     Removal,
     check_reachable,
     check_units,
+    chosen_units,
     load_layer_analysis,
     remove_in_order,
     sensitivity_order,
