@@ -30,7 +30,7 @@ def test_the_original_size_is_the_first_recorded_step_times_its_reduction() -> N
     assert original_size([_entry("train", steps=3)], "macs") is None
 
 
-@pytest.mark.parametrize("reduction", [None, "2", -1.0, float("nan"), True])
+@pytest.mark.parametrize("reduction", [None, "2", -1.0, float("nan"), True, 1e308, float("inf")])
 def test_a_step_without_a_usable_reduction_is_refused(reduction: object) -> None:
     metrics = {"macs": 1000} if reduction is None else {"macs": 1000, "macs_reduction": reduction}
     with pytest.raises(PruningError, match="--target-basis input"):

@@ -19,6 +19,8 @@ from dnnprune.errors import PruningError
 from dnnprune.metrics import count_macs, count_parameters
 from dnnprune.recipe import PruneSection
 
+LARGEST = 1e18
+"""No real network has this many parameters or MACs; a crafted lineage claiming more is refused."""
 COUNTED = ("params", "macs")
 """What the lineage records with its reduction; bytes and latency are not recorded, so not rebased."""
 
@@ -51,8 +53,8 @@ def original_size(lineage: Sequence[Any], metric: str) -> int | None:
         if metric not in metrics:
             continue
         size, reduction = metrics.get(metric), metrics.get(f"{metric}_reduction")
-        if not _positive_number(size) or not _positive_number(reduction):
-            raise PruningError(f"the checkpoint's lineage records a {entry.command!r} step without its {metric} "
+        if not _positive_number(size) or not _positive_number(reduction) or not size * reduction < LARGEST:
+            raise PruningError(f"the checkpoint's lineage records a {entry.command!r} step without a usable {metric} "
                                f"reduction, so the original's {metric} are unknown; use --target-basis input")
         return round(size * reduction)
     return None
