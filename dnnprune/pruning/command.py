@@ -539,8 +539,8 @@ class _LayerJob(_Job):
         if config.remove is None and config.target is None and not config.units:
             raise PruningError("say how much to remove: --remove N, --units NAME,..., or --target params:F / macs:F")
         if config.ratio is not None or config.ratios or config.global_threshold:
-            raise PruningError("--ratio, ratios and --global are for channels; with --granularity layer use --remove N "
-                               "or --target")
+            raise PruningError("--ratio, ratios and --global are for channels; with --granularity layer use --remove N, "
+                               "--units or --target")
         _check_how_much_target(config)
         if config.target == "bytes":
             raise PruningError("--granularity layer takes --target params:F or macs:F")
