@@ -35,7 +35,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; options override its values.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")]
-ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path [default: next to the output].")]
+ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path \\[default: next to the output].")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (never the input).")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
 DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the dataset files.")]

@@ -29,7 +29,7 @@ def import_command(
     weights: Annotated[Path, typer.Argument(help="A plain state dict: .safetensors, or .pth/.pt (read with weights_only=True).")],
     arch: Annotated[str, typer.Option(help="Architecture name, e.g. torchvision.resnet18 or vgg16_bn.")],
     output: OutputOption,
-    num_classes: Annotated[int | None, typer.Option(help="Classes [default: from --dataset or the weights].")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classes \\[default: from --dataset or the weights].")] = None,
     input_shape: Annotated[str | None, typer.Option(help="C,H,W the model expects, e.g. 3,32,32.")] = None,
     mean: Annotated[str | None, typer.Option(help="Normalisation mean: one value per channel (0.485,0.456,0.406) or one for all.")] = None,
     std: Annotated[str | None, typer.Option(help="Normalisation std: one value per channel or one for all.")] = None,

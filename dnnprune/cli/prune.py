@@ -37,7 +37,7 @@ def prune_command(
     recipe: RecipeOption = None,
     report: ReportOption = None,
     granularity: Annotated[str | None, typer.Option(help="filter: remove channels; layer: remove whole units (blocks, layers).")] = None,
-    ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in [0, 1).")] = None,
+    ratio: Annotated[float | None, typer.Option(help="Fraction of channels to remove from every layer, in \\[0, 1).")] = None,
     remove: Annotated[int | None, typer.Option(help="Layer granularity: remove this many units.")] = None,
     units: Annotated[str | None, typer.Option(help="Layer granularity: remove exactly these units, comma-separated (e.g. layer4.0,layer4.1).")] = None,
     target: Annotated[str | None, typer.Option(help="METRIC:FACTOR, e.g. macs:3 for 3x fewer MACs, latency:2 for a measured 2x speedup (params, macs, bytes or latency).")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +168,16 @@ def test_python_dash_m_entry_point() -> None:
     assert done.returncode == 0, done.stderr
     for name in ("train", "import", "score"):
         assert name in done.stdout
+
+
+def test_help_keeps_every_bracketed_phrase(runner: CliRunner) -> None:
+    """Rich reads "[...]" as markup and drops it; help texts must escape it so users see ranges and defaults."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        shown = " ".join(runner.invoke(app, [name, "--help"]).output.replace("│", " ").split())
+        for param in command.params:
+            help_text = getattr(param, "help", None) or ""
+            for phrase in re.findall(r"\[[^\]]*[\])]", help_text.replace("\\[", "[")):
+                assert " ".join(phrase.split()) in shown, f"{name} --{param.name}: {phrase!r} is lost in --help"
