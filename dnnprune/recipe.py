@@ -106,6 +106,16 @@ class FineTuneSection(Section):
                                                              "input model (Hinton et al. 2015); 0 = off, 1 = teacher only")
     distill_temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature of the distillation "
                                                                           "loss (classification)")
+    teacher: Path | None = Field(None, description="with distill > 0: a dnnprune checkpoint to distil from "
+                                                   "instead of the command's input model, e.g. the unpruned original "
+                                                   "when this command continues a chain")
+
+    @model_validator(mode="after")
+    def _teacher_needs_distill(self) -> "FineTuneSection":
+        if self.teacher is not None and self.distill <= 0:
+            raise ValueError(f"teacher is set ({self.teacher}) but distill is 0; set distill > 0 (e.g. 0.5) "
+                             "or remove teacher")
+        return self
 
 
 class AnalyzeSection(Section):

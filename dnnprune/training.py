@@ -12,6 +12,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -20,8 +21,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from dnnprune.checkpoint import meta_of
+from dnnprune.checkpoint import load, meta_of
 from dnnprune.constraints import held_encodings
+from dnnprune.errors import RecipeError
 from dnnprune.lineage import command
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.observe import NULL_OBSERVER, Observer
@@ -159,16 +161,45 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
 
 
 def frozen_teacher(model: nn.Module, *configs: Any) -> nn.Module | None:
-    """A frozen copy of the model as the command received it, when any of `configs` distils (else None).
+    """A frozen teacher when any of `configs` distils (else None): the model as the command received it, or
+    the checkpoint a config names as `teacher`.
 
     Fine-tuning a pruned or quantized model towards the uncompressed one's soft outputs recovers more
-    accuracy per step than the labels alone (Hinton et al. 2015); the copy costs one forward per step.
+    accuracy per step than the labels alone (Hinton et al. 2015); the copy costs one forward per step. In a
+    chain (blocks, then channels) the command's input is already compressed, so a recipe may name the
+    original instead.
     """
-    if not any(float(getattr(config, "distill", 0.0)) > 0 for config in configs):
+    distilling = [config for config in configs if float(getattr(config, "distill", 0.0)) > 0]
+    if not distilling:
         return None
-    teacher = copy.deepcopy(model).eval()
+    named = {Path(config.teacher) for config in distilling if getattr(config, "teacher", None) is not None}
+    if len(named) > 1:
+        raise RecipeError(f"the fine-tunes name different teachers ({', '.join(sorted(map(str, named)))}); "
+                          "give them the same teacher checkpoint")
+    teacher = _checked_teacher(model, named.pop()) if named else copy.deepcopy(model)
+    teacher.eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
+    return teacher
+
+
+def _checked_teacher(student: nn.Module, path: Path) -> nn.Module:
+    """Load a teacher checkpoint that sees the same inputs and predicts the same outputs as the student."""
+    teacher = load(path)
+    mine, theirs = meta_of(student), meta_of(teacher)
+    for field_name in ("input_shape", "mean", "std", "task"):
+        if getattr(mine, field_name) != getattr(theirs, field_name):
+            raise RecipeError(f"teacher {path} has {field_name} {getattr(theirs, field_name)!r}, the model being "
+                              f"fine-tuned {getattr(mine, field_name)!r}; name a teacher trained on the same "
+                              "inputs and task (e.g. the chain's original checkpoint)")
+    device = next((tensor.device for tensor in student.parameters()), torch.device("cpu"))
+    probe, was_training = torch.zeros(1, *mine.input_shape, device=device), student.training
+    with torch.no_grad():
+        shapes = tuple(student.eval()(probe).shape), tuple(teacher.to(device).eval()(probe).shape)
+    student.train(was_training)
+    if shapes[0] != shapes[1]:
+        raise RecipeError(f"teacher {path} outputs shape {shapes[1]}, the model being fine-tuned {shapes[0]}; "
+                          "name a teacher with the same outputs (the same classes)")
     return teacher
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,3 +171,17 @@ def test_distillation_losses_of_each_task() -> None:
     output, guide = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
     assert math.isclose(reconstruct.distill_loss(output, guide, 4.0).item(),
                         (output - guide).pow(2).mean().item(), rel_tol=1e-5)
+
+
+def test_fine_tunes_naming_different_teachers_are_refused(tmp_path: Path) -> None:
+    import dnnprune
+    from dnnprune.errors import RecipeError
+    from tests.conftest import make_checkpoint
+
+    first, second = make_checkpoint(tmp_path / "a.safetensors"), make_checkpoint(tmp_path / "b.safetensors")
+
+    model = dnnprune.load(first)
+    with pytest.raises(RecipeError, match="different teachers"):
+        frozen_teacher(model, FineTuneSection(distill=0.5, teacher=first), FineTuneSection(distill=0.5, teacher=second))
+    # a config that does not distil does not count, whatever it would have named
+    assert frozen_teacher(model, FineTuneSection(distill=0.5, teacher=first), FineTuneSection()) is not None

@@ -190,3 +190,66 @@ def test_prune_removes_exactly_the_named_units_in_the_given_order(runner: CliRun
     model = dnnprune.load(out)
     assert type(model.layer3[2]).__name__ == "Identity" and type(model.layer1[0]).__name__ == "Identity"
     assert type(model.layer1[1]).__name__ != "Identity"
+
+
+def _teacher_recipe(tmp_path: Path, teacher: Path, distill: float = 0.5) -> Path:
+    recipe = tmp_path / "teacher.yaml"
+    recipe.write_text(f"data:\n  train_limit: 256\nprune:\n  ratio: 0.5\n  evaluate: false\n  finetune:\n"
+                      f"    max_steps: 2\n    batch_size: 64\n    distill: {distill}\n    teacher: {teacher}\n")
+    return recipe
+
+
+@pytest.mark.parametrize("teacher_kind, distill, fragments", [
+    ("same", 0.0, ("teacher is set", "distill > 0")),
+    ("missing", 0.5, ("missing.safetensors",)),
+    ("pickle", 0.5, ("pickle",)),
+    ("other-classes", 0.5, ("outputs shape", "same classes")),
+    ("other-input", 0.5, ("input_shape", "same inputs")),
+])
+def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                    teacher_kind: str, distill: float,
+                                                    fragments: tuple[str, ...]) -> None:
+    import torch
+
+    teachers = {"same": lenet_checkpoint, "missing": tmp_path / "missing.safetensors",
+                "pickle": tmp_path / "teacher.safetensors",
+                "other-classes": make_checkpoint(tmp_path / "five.safetensors", num_classes=5),
+                "other-input": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32))}
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "teacher.safetensors")  # a pickle under a safetensors name
+    out = tmp_path / "out.safetensors"
+    recipe = _teacher_recipe(tmp_path, teachers[teacher_kind], distill)
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out)])
+    _assert_clean_failure(result, *fragments)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@needs_fmnist
+def test_fine_tune_distils_from_the_named_teacher(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A chain's later step can distil from the original rather than from its already-compressed input."""
+    import torch
+
+    import dnnprune.training as training
+
+    original = make_checkpoint(tmp_path / "original.safetensors")  # other random weights than lenet_checkpoint
+    probe = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        named, own = dnnprune.load(original).eval()(probe), dnnprune.load(lenet_checkpoint).eval()(probe)
+    assert not torch.equal(named, own)
+    guides: list[torch.Tensor] = []
+    real = training._with_distillation
+
+    def spy(loss: torch.Tensor, output: torch.Tensor, inputs: torch.Tensor, teacher: torch.nn.Module,
+            *args: object) -> torch.Tensor:
+        with torch.no_grad():
+            guides.append(teacher(probe))
+        return real(loss, output, inputs, teacher, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr("dnnprune.training._with_distillation", spy)
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(_teacher_recipe(tmp_path, original)),
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(guides) == 2 and all(torch.equal(guide, named) for guide in guides)
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["config"]["finetune"]["teacher"] == str(original)
