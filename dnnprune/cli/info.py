@@ -42,7 +42,7 @@ def _summary(report: InfoReport) -> Table:
     task = report.task["kind"] + (f" (normal classes {report.task['normal_classes']})" if report.task.get("normal_classes") else "")
     rows = [("architecture", f"{report.arch} {json.dumps(report.arch_args)}"), ("task", task),
             ("input", f"{tuple(report.input_shape)}, mean {report.mean}, std {report.std}"),
-            ("dataset", f"{report.dataset} ({len(report.classes or [])} classes)"),
+            ("dataset", _dataset(report)),
             ("parameters", f"{report.params:,}"),
             ("non-zero parameters", f"{report.nonzero_params:,}" if report.nonzero_params is not None else report.nonzero_note),
             ("MACs (batch 1)", f"{report.macs:,} ({report.macs_note})" if report.macs is not None else report.macs_note),
@@ -52,6 +52,12 @@ def _summary(report: InfoReport) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _dataset(report: InfoReport) -> str:
+    """Say plainly when a checkpoint records no dataset, since commands that need data will ask for one."""
+    name = report.dataset or "not recorded (commands that need data take --dataset or data.dataset)"
+    return f"{name}, {len(report.classes)} classes" if report.classes else name
 
 
 def _kind(value: Any) -> str:

@@ -99,6 +99,7 @@ def test_table_shows_widths_storage_and_the_lineage_as_a_tree(runner: CliRunner,
     assert result.exit_code == 0, result.output
     text = result.output
     assert "resnet20" in text and "classification" in text and "(1, 32, 32)" in text
+    assert "fashion-mnist, 10 classes" in " ".join(text.replace("│", " ").split())
     assert f"{count_parameters(dnnprune.load(chain[-1])):,}" in text
     assert re.search(r"layer3\.0\.conv1\.weight .* 32x16x3x3 .* 64x32x3x3 .* 32 / 64 .* float32", text)
     assert re.search(r"fc\.weight .* 10x32 .* 10x64 .* 10 / 10 .* kmeans 5-bit", text)
@@ -295,3 +296,13 @@ def test_every_value_codec_is_described_and_counted_exactly(method: str, bits: i
     assert {row["tensor"]: (row["shape"], row["encoding"], row["bits"]) for row in report.layers} == {
         name: (list(tensor.shape), f"{method} {bits}-bit", bits) for name, tensor in model.state_dict().items()
         if name.endswith("weight") and tensor.dim() >= 2}
+
+
+def test_a_checkpoint_without_a_dataset_says_how_to_give_one(runner: CliRunner, tmp_path: Path) -> None:
+    weights = tmp_path / "lenet.pth"
+    torch.save(create_model("lenet5", num_classes=10, in_channels=1).state_dict(), weights)
+    imported = tmp_path / "imported.safetensors"
+    assert runner.invoke(app, ["import", str(weights), "--arch", "lenet5", "--input-shape", "1,28,28",
+                               "-o", str(imported)]).exit_code == 0
+    text = " ".join(runner.invoke(app, ["info", str(imported)]).output.replace("│", " ").split())
+    assert "dataset not recorded (commands that need data take --dataset or data.dataset)" in text
