@@ -20,7 +20,11 @@ for item in json.loads(sys.argv[1]):
     model = dnnprune.load(item["checkpoint"])
     data = load_file(item["io"])
     with torch.inference_mode():
-        results[item["checkpoint"]] = bool(torch.equal(model(data["input"]), data["output"]))
+        out, want = model(data["input"]), data["output"]
+        # bit-identical, or within a few float32 ulps of the output's scale: some CPUs' BLAS (seen on AMD EPYC)
+        # rounds a Linear differently in a new process; a wrong rebuild is off by far more than that
+        ulps = 4 * torch.finfo(want.dtype).eps * max(1.0, want.abs().max().item())
+        results[item["checkpoint"]] = bool(torch.equal(out, want) or (out - want).abs().max().item() <= ulps)
 print(json.dumps(results))
 """
 
@@ -36,7 +40,7 @@ def record_io(model: nn.Module, checkpoint: Path, input_shape: tuple[int, ...], 
 
 
 def reload_in_new_process(items: list[dict[str, str]], timeout: int = 900) -> dict[str, bool]:
-    """One fresh interpreter loads every checkpoint and says whether its outputs are bit-identical."""
+    """One fresh interpreter loads every checkpoint and says whether its outputs match to float rounding."""
     payload = json.dumps([{"checkpoint": i["checkpoint"], "io": i["io"]} for i in items])
     done = subprocess.run([sys.executable, "-c", _SCRIPT, payload], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stderr[-2000:]
