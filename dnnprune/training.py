@@ -172,7 +172,7 @@ def frozen_teacher(model: nn.Module, *configs: Any) -> nn.Module | None:
     distilling = [config for config in configs if float(getattr(config, "distill", 0.0)) > 0]
     if not distilling:
         return None
-    named = {Path(config.teacher) for config in distilling if getattr(config, "teacher", None) is not None}
+    named = {Path(config.teacher).resolve() for config in distilling if getattr(config, "teacher", None) is not None}
     if len(named) > 1:
         raise RecipeError(f"the fine-tunes name different teachers ({', '.join(sorted(map(str, named)))}); "
                           "give them the same teacher checkpoint")

@@ -46,7 +46,7 @@ def _save_with_io(model: nn.Module, arch: str, args: dict, shape: tuple, folder:
     return record_io(model, checkpoint, shape)
 
 
-def test_every_model_reloads_bit_identical_in_new_process(tmp_path: Path) -> None:
+def test_every_model_reloads_identically_in_new_process(tmp_path: Path) -> None:
     items = []
     for arch in zoo_names() + TORCHVISION:
         shape = _shape_for(arch)

@@ -374,7 +374,7 @@ def test_sparse_file_shrinks_by_about_the_nonzero_factor(resnet: nn.Module, tmp_
     assert _zeros(reloaded) == _zeros(model)
 
 
-def test_double_pruned_checkpoints_reload_bit_identical_in_a_new_process(resnet: nn.Module, tmp_path: Path) -> None:
+def test_double_pruned_checkpoints_reload_identically_in_a_new_process(resnet: nn.Module, tmp_path: Path) -> None:
     items = []
     for label, section in (("both", {"slimming_ratio": 0.5, "sparsity": 0.8}),
                            ("slim", {"slimming_ratio": 0.5, "sparsity": 0.0}),

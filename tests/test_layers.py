@@ -435,7 +435,7 @@ def _removed(arch: str, args: dict[str, Any], shape: tuple[int, int, int], names
     return model.eval()
 
 
-def test_every_kind_of_removal_reloads_bit_identical_in_a_new_process(tmp_path: Path) -> None:
+def test_every_kind_of_removal_reloads_identically_in_a_new_process(tmp_path: Path) -> None:
     cases = {
         "resnet20": _removed("resnet20", {"in_channels": 3, "num_classes": 10}, CIFAR, ["layer1.1", "layer2.0"]),
         "resnet18": _removed("torchvision.resnet18", {"num_classes": 10}, CIFAR, ["layer2.0", "layer3.1"]),
