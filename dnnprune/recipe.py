@@ -103,7 +103,8 @@ class FineTuneSection(Section):
     weight_decay: float = Field(5e-4, ge=0.0)
     schedule: Literal["constant", "cosine"] = "cosine"
     distill: float = Field(0.0, ge=0.0, le=1.0, description="weight of knowledge distillation from the command's "
-                                                             "input model (Hinton et al. 2015); 0 = off, 1 = teacher only")
+                                                             "input model, or from `teacher` (Hinton et al. 2015); 0 = off, "
+                                                             "1 = teacher only")
     distill_temperature: float = Field(4.0, gt=0.0, le=100.0, description="softmax temperature of the distillation "
                                                                           "loss (classification)")
     teacher: Path | None = Field(None, description="with distill > 0: a dnnprune checkpoint to distil from "
@@ -113,8 +114,8 @@ class FineTuneSection(Section):
     @model_validator(mode="after")
     def _teacher_needs_distill(self) -> "FineTuneSection":
         if self.teacher is not None and self.distill <= 0:
-            raise ValueError(f"teacher is set ({self.teacher}) but distill is 0; set distill > 0 (e.g. 0.5) "
-                             "or remove teacher")
+            raise ValueError(f"teacher is set ({self.teacher}) but distill is 0; set distill > 0 (e.g. 0.5; "
+                             "--distill on the command line) or remove teacher")
         return self
 
 

@@ -41,6 +41,8 @@ DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or
 DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the dataset files.")]
 DatasetOption = Annotated[str | None, typer.Option("--dataset", help="Dataset name (fashion-mnist, mnist, cifar10, ...).")]
 DownloadOption = Annotated[bool | None, typer.Option("--download/--no-download", help="Let torchvision download the dataset.")]
+DistillOption = Annotated[float | None, typer.Option(help="Weight of distillation in every fine-tune, in \\[0, 1]; 0 turns it off.")]
+TeacherOption = Annotated[Path | None, typer.Option(help="Distil every fine-tune from this checkpoint (e.g. the unpruned original) instead of the input; needs a distill weight above 0.")]
 
 
 def command(name: str, **kwargs: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -111,6 +113,15 @@ def common_overrides(device: str | None, data_root: Path | None, dataset: str | 
         raise DnnpruneError(f"--device must be auto, cpu or cuda, not {device!r}")
     return {"device": device, "data.root": str(data_root) if data_root else None, "data.dataset": dataset,
             "data.download": download}
+
+
+def distill_overrides(sections: tuple[str, ...], distill: float | None, teacher: Path | None) -> dict[str, Any]:
+    """`--distill` and `--teacher` set every fine-tune section the command runs, so one option covers them all."""
+    overrides: dict[str, Any] = {}
+    for section in sections:
+        overrides[f"{section}.distill"] = distill
+        overrides[f"{section}.teacher"] = str(teacher) if teacher is not None else None
+    return overrides
 
 
 def prepare_output(output: Path, *, force: bool, inputs: tuple[Path, ...] = (), report: Path | None = None,

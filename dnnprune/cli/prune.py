@@ -13,14 +13,17 @@ from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
     DeviceOption,
+    DistillOption,
     DownloadOption,
     ForceOption,
     OutputOption,
     RecipeOption,
     ReportOption,
+    TeacherOption,
     command,
     common_overrides,
     console,
+    distill_overrides,
     prepare_output,
     recipe_with,
     run_and_save,
@@ -57,6 +60,8 @@ def prune_command(
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
     samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,
+    distill: DistillOption = None,
+    teacher: TeacherOption = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,
@@ -69,7 +74,7 @@ def prune_command(
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
                  "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
-                 "prune.samples": samples, "prune.evaluate": evaluate, **common_overrides(device, data_root, dataset, download)}
+                 "prune.samples": samples, "prune.evaluate": evaluate, **distill_overrides(("prune.step_finetune", "prune.finetune"), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     result = run_and_save(prune, load(checkpoint), config.prune, config, output, force=force, inputs=(checkpoint,),

@@ -14,14 +14,17 @@ from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
     DeviceOption,
+    DistillOption,
     DownloadOption,
     ForceOption,
     OutputOption,
     RecipeOption,
     ReportOption,
+    TeacherOption,
     command,
     common_overrides,
     console,
+    distill_overrides,
     prepare_output,
     recipe_with,
     run_and_save,
@@ -46,6 +49,8 @@ def quantize_command(
     samples: Annotated[int | None, typer.Option(help="Measure accuracy on a class-stratified test subset of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure accuracy before and after.")] = None,
     int8_execution: Annotated[bool | None, typer.Option("--int8-execution/--no-int8-execution", help="Also time torch's int8 Linear execution on the CPU.")] = None,
+    distill: DistillOption = None,
+    teacher: TeacherOption = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,
@@ -56,7 +61,7 @@ def quantize_command(
     overrides = {"quantize.bits": bits, "quantize.method": method, "quantize.layers": list(layers) if layers else None,
                  "quantize.layer_bits": _parse_layer_bits(layer_bits), "quantize.finetune.epochs": finetune_epochs,
                  "quantize.finetune.max_steps": finetune_steps, "quantize.samples": samples, "quantize.evaluate": evaluate,
-                 "quantize.int8_execution": int8_execution, **common_overrides(device, data_root, dataset, download)}
+                 "quantize.int8_execution": int8_execution, **distill_overrides(("quantize.finetune",), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
     result = run_and_save(quantize, load(checkpoint), config.quantize, config, output, force=force, inputs=(checkpoint,))

@@ -223,10 +223,27 @@ def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path
     assert not out.exists() and not out.with_suffix(".json").exists()
 
 
+@pytest.mark.parametrize("command", ["prune", "quantize", "double-prune"])
+@pytest.mark.parametrize("options, fragments", [
+    (["--teacher", "{lenet}"], ("teacher is set", "--distill")),
+    (["--distill", "1.5"], ("distill", "less than or equal to 1")),
+])
+def test_bad_distill_options_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                             command: str, options: list[str],
+                                                             fragments: tuple[str, ...]) -> None:
+    out = tmp_path / "out.safetensors"
+    given = [option.format(lenet=lenet_checkpoint) for option in options]
+    result = runner.invoke(app, [command, str(lenet_checkpoint), "-o", str(out), *given])
+    _assert_clean_failure(result, *fragments)
+    assert not out.exists() and not out.with_suffix(".json").exists()
+
+
 @needs_fmnist
+@pytest.mark.parametrize("given_by", ["recipe", "options"])
 def test_fine_tune_distils_from_the_named_teacher(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
-                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    """A chain's later step can distil from the original rather than from its already-compressed input."""
+                                                  monkeypatch: pytest.MonkeyPatch, given_by: str) -> None:
+    """A chain's later step can distil from the original rather than from its already-compressed input,
+    named in the recipe or with `--teacher` and `--distill` (which then set every fine-tune of the command)."""
     import torch
 
     import dnnprune.training as training
@@ -247,9 +264,15 @@ def test_fine_tune_distils_from_the_named_teacher(runner: CliRunner, tmp_path: P
 
     monkeypatch.setattr("dnnprune.training._with_distillation", spy)
     out = tmp_path / "out.safetensors"
-    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(_teacher_recipe(tmp_path, original)),
-                                 "-o", str(out)])
+    if given_by == "recipe":
+        recipe, options = _teacher_recipe(tmp_path, original), []
+    else:
+        recipe, options = _teacher_recipe(tmp_path, lenet_checkpoint, 0.3), ["--teacher", str(original), "--distill", "0.7"]
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out), *options])
     assert result.exit_code == 0, result.output
     assert len(guides) == 2 and all(torch.equal(guide, named) for guide in guides)
-    report = json.loads(out.with_suffix(".json").read_text())
-    assert report["config"]["finetune"]["teacher"] == str(original)
+    config = json.loads(out.with_suffix(".json").read_text())["config"]
+    assert config["finetune"]["teacher"] == str(original)
+    if given_by == "options":
+        assert config["step_finetune"]["teacher"] == str(original)
+        assert config["finetune"]["distill"] == config["step_finetune"]["distill"] == 0.7
