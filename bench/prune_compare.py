@@ -152,20 +152,25 @@ def arm_control(args: argparse.Namespace, recipe: Recipe, seed: int, reports: tu
             "finetune_steps_received": sum(p.max_steps or 0 for p, _ in phases), **test_metrics(model, recipe, args.split)}
 
 
-def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs: int, steps: int) -> tuple[nn.Module, dict[str, Any]]:
+def torch_pruning_uniform(baseline: nn.Module, ratio: float, round_to: int) -> nn.Module:
+    """Torch-Pruning's uniform L1 pruning of a copy of `baseline`: every layer loses `ratio` of its channels."""
     import torch_pruning as tp
 
+    shape = tuple(meta_of(baseline).input_shape)
+    model = copy.deepcopy(baseline)
+    ignored = [model.get_submodule(n) for n in output_layers(model, shape)]
+    tp.pruner.MagnitudePruner(model, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
+                              pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
+                              round_to=round_to if round_to > 1 else None).step()
+    return model
+
+
+def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs: int, steps: int) -> tuple[nn.Module, dict[str, Any]]:
     baseline = dnnprune.load(args.checkpoint)
     shape = tuple(meta_of(baseline).input_shape)
 
     def pruned(ratio: float) -> nn.Module:
-        model = copy.deepcopy(baseline)
-        ignored = [model.get_submodule(n) for n in output_layers(model, shape)]
-        round_to = recipe.prune.round_to if recipe.prune.round_to > 1 else None
-        tp.pruner.MagnitudePruner(model, torch.zeros(1, *shape), importance=tp.importance.GroupMagnitudeImportance(p=1),
-                                  pruning_ratio=ratio, ignored_layers=ignored, global_pruning=False,
-                                  round_to=round_to).step()
-        return model
+        return torch_pruning_uniform(baseline, ratio, recipe.prune.round_to)
 
     low, high = 0.0, 0.95
     while high - low > 1e-3:
@@ -178,6 +183,7 @@ def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs:
         config = recipe.prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": steps})
         fit_loop(model, train_loader(meta_of(model), recipe.data, config.batch_size, seed), config,
                  device=torch.device("cpu"), seed=seed, teacher=frozen_teacher(baseline, config))
+    save(model, args.out / f"tp-seed{seed}.safetensors", force=True)  # so latency can be re-timed idle later
     return model, {"arm": "tp", "seed": seed, "ratio": high, "seconds": time.perf_counter() - started,
                    "finetune_steps_received": steps, **test_metrics(model, recipe, args.split)}
 

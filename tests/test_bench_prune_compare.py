@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import dnnprune
+from dnnprune.metrics import count_macs
 from tests.conftest import bench_module, make_checkpoint
 from tests.test_bench_sweep import _write_fashion
 
@@ -47,3 +49,5 @@ def test_depth_then_channels_against_a_control_that_replays_every_phase(tmp_path
     assert rows["tp"]["finetune_steps_received"] == 9 and rows["tp"]["macs"] <= ours["macs"]
     assert rows["control"]["macs"] == rows["baseline"]["macs"]
     assert (out / "depth-seed0.analysis.json").exists() and {r["batch_size"] for r in result["latency"]} == {1, 64}
+    saved_anchor = dnnprune.load(out / "tp-seed0.safetensors")  # kept for idle re-timing: the anchor's own widths
+    assert sum(count_macs(saved_anchor, (1, 32, 32)).values()) == rows["tp"]["macs"]
