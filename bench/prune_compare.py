@@ -11,9 +11,14 @@ From one baseline checkpoint and one recipe (`prune:` section), per seed:
   granularity, with its own fine-tune), re-runs the channel sensitivity analysis on what is left, and
   then prunes channels to the recipe's MACs target counted against the *original* baseline; the control
   then also gets the depth stage's fine-tune phase;
-- tp: Torch-Pruning's MagnitudePruner, uniform group-L1, its ratio bisected until MACs are down at least
-  as far as the dnnprune model, channel counts rounded like the recipe, then one fine-tune with as many
-  steps as the dnnprune model received, at the recipe's final fine-tune settings.
+- tp: Torch-Pruning's MagnitudePruner, uniform group-L1, channel counts rounded like the recipe, its ratio
+  bisected to the MACs nearest the dnnprune model's (rounding makes MACs jump: resnet18's 64-wide layers
+  go from 32 to 16 channels between two ratios 0.0001 apart, 3.9x to 6.7x fewer MACs, so "at least as
+  far down" could hand the anchor far fewer MACs), then one fine-tune with as many steps as the dnnprune
+  model received, at the recipe's final fine-tune settings.
+
+`--reuse-arms dnnprune,control` takes those arms' rows (and the saved dnnprune models) from an earlier
+run's OUT/result.json and runs only the other arms, e.g. to redo the anchor without redoing the rest.
 
 Test metric for all, mean and sample standard deviation over seeds; latency of baseline and every
 pruned model measured interleaved in one process (medians) at batch 1 and 64.
@@ -62,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--depth-recipe", type=Path, default=None,
                         help="a recipe whose prune: section removes whole units (granularity layer) before the channels")
     parser.add_argument("--latency-repeats", type=int, default=30)
+    parser.add_argument("--reuse-arms", default="",
+                        help="comma list of arms (dnnprune, control) to take from OUT/result.json instead of running")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
 
@@ -172,11 +179,15 @@ def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs:
     def pruned(ratio: float) -> nn.Module:
         return torch_pruning_uniform(baseline, ratio, recipe.prune.round_to)
 
-    low, high = 0.0, 0.95
-    while high - low > 1e-3:
+    def macs_at(ratio: float) -> int:
+        return sum(count_macs(pruned(ratio), shape).values())
+
+    low, high = 0.0, 0.95  # invariant: MACs(low) > macs >= MACs(high)
+    while high - low > 1e-4:
         middle = (low + high) / 2
-        low, high = (low, middle) if sum(count_macs(pruned(middle), shape).values()) <= macs else (middle, high)
-    model = pruned(high)
+        low, high = (low, middle) if macs_at(middle) <= macs else (middle, high)
+    ratio = low if abs(macs_at(low) - macs) < abs(macs_at(high) - macs) else high
+    model = pruned(ratio)
     attach_meta(model, meta_of(baseline))
     started = time.perf_counter()
     if steps:
@@ -184,7 +195,7 @@ def arm_torch_pruning(args: argparse.Namespace, recipe: Recipe, seed: int, macs:
         fit_loop(model, train_loader(meta_of(model), recipe.data, config.batch_size, seed), config,
                  device=torch.device("cpu"), seed=seed, teacher=frozen_teacher(baseline, config))
     save(model, args.out / f"tp-seed{seed}.safetensors", force=True)  # so latency can be re-timed idle later
-    return model, {"arm": "tp", "seed": seed, "ratio": high, "seconds": time.perf_counter() - started,
+    return model, {"arm": "tp", "seed": seed, "ratio": ratio, "seconds": time.perf_counter() - started,
                    "finetune_steps_received": steps, **test_metrics(model, recipe, args.split)}
 
 
@@ -216,11 +227,17 @@ def main(argv: list[str] | None = None) -> None:
     rows = [{"arm": "baseline", "seed": None, **test_metrics(baseline, recipe, args.split)}]
     arms = args.arms.split(",")
     latency_models: dict[str, nn.Module] = {"baseline": baseline}
+    earlier = reused_rows(args)
     for seed in [int(s) for s in args.seeds.split(",")]:
-        ours, row, reports = arm_dnnprune(args, recipe, seed)
+        if "dnnprune" in earlier:
+            ours, row = dnnprune.load(args.out / f"dnnprune-seed{seed}.safetensors"), earlier["dnnprune"][seed]
+        else:
+            ours, row, reports = arm_dnnprune(args, recipe, seed)
         rows.append(row)
         latency_models[f"dnnprune-seed{seed}"] = ours
-        if "control" in arms:
+        if "control" in earlier:
+            rows.append(earlier["control"][seed])
+        elif "control" in arms:
             rows.append(arm_control(args, recipe, seed, reports))
         if "tp" in arms:
             theirs, tp_row = arm_torch_pruning(args, recipe, seed, row["macs"], row["finetune_steps_received"])
@@ -228,6 +245,25 @@ def main(argv: list[str] | None = None) -> None:
             latency_models[f"tp-seed{seed}"] = theirs
         write(args, rows, [])
     write(args, rows, latency_rows(latency_models, shape, args.latency_repeats))
+
+
+def reused_rows(args: argparse.Namespace) -> dict[str, dict[int, dict[str, Any]]]:
+    """The rows of `--reuse-arms` from the earlier OUT/result.json, by arm and seed; exits with a line if any is missing."""
+    arms = [a for a in args.reuse_arms.split(",") if a]
+    if not arms:
+        return {}
+    if "control" not in arms and "dnnprune" in arms and "control" in args.arms.split(","):
+        raise SystemExit("--reuse-arms dnnprune needs control reused too (the control replays the pruned run's phases)")
+    path = args.out / "result.json"
+    if not path.is_file():
+        raise SystemExit(f"--reuse-arms: {path} not found; run the arms first")
+    rows = json.loads(path.read_text())["rows"]
+    found = {arm: {r["seed"]: r for r in rows if r["arm"] == arm} for arm in arms}
+    for arm in arms:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            if seed not in found[arm]:
+                raise SystemExit(f"--reuse-arms: {path} has no {arm} row for seed {seed}")
+    return found
 
 
 def write(args: argparse.Namespace, rows: list[dict[str, Any]], latency: list[dict[str, Any]]) -> None:

@@ -35,9 +35,10 @@ def test_depth_then_channels_against_a_control_that_replays_every_phase(tmp_path
     checkpoint = make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
     out = tmp_path / "out"
 
-    bench_module("prune_compare.py").main([str(checkpoint), "-r", str(tmp_path / "channels.yaml"), "--depth-recipe",
-                                           str(tmp_path / "depth.yaml"), "--split", "val", "--arms", "dnnprune,control,tp",
-                                           "--latency-repeats", "2", "--out", str(out)])
+    bench = bench_module("prune_compare.py")
+    args = [str(checkpoint), "-r", str(tmp_path / "channels.yaml"), "--depth-recipe", str(tmp_path / "depth.yaml"),
+            "--split", "val", "--arms", "dnnprune,control,tp", "--latency-repeats", "2", "--out", str(out)]
+    bench.main(args)
 
     result = json.loads((out / "result.json").read_text())
     rows = {row["arm"]: row for row in result["rows"]}
@@ -46,8 +47,20 @@ def test_depth_then_channels_against_a_control_that_replays_every_phase(tmp_path
     assert ours["macs_reduction"] >= 2.5 and ours["target_met"]
     # depth fine-tune 2 + two increments of 2 + final 3: all of it replayed by the control, given to the anchor
     assert ours["finetune_steps_received"] == rows["control"]["finetune_steps_received"] == 9
-    assert rows["tp"]["finetune_steps_received"] == 9 and rows["tp"]["macs"] <= ours["macs"]
+    assert rows["tp"]["finetune_steps_received"] == 9
+    baseline = dnnprune.load(checkpoint)
+    gaps = [abs(sum(count_macs(bench.torch_pruning_uniform(baseline, r / 20, 1), (1, 32, 32)).values()) - ours["macs"])
+            for r in range(20)]
+    assert abs(rows["tp"]["macs"] - ours["macs"]) <= min(gaps)  # the anchor sits at the MACs nearest ours
     assert rows["control"]["macs"] == rows["baseline"]["macs"]
     assert (out / "depth-seed0.analysis.json").exists() and {r["batch_size"] for r in result["latency"]} == {1, 64}
     saved_anchor = dnnprune.load(out / "tp-seed0.safetensors")  # kept for idle re-timing: the anchor's own widths
     assert sum(count_macs(saved_anchor, (1, 32, 32)).values()) == rows["tp"]["macs"]
+
+    # --reuse-arms: the anchor alone is redone; the other arms' rows come back unchanged from result.json
+    bench.main([*args, "--reuse-arms", "dnnprune,control"])
+    again = {row["arm"]: row for row in json.loads((out / "result.json").read_text())["rows"]}
+    assert again["dnnprune"]["value"] == ours["value"] and again["control"]["value"] == rows["control"]["value"]
+    assert again["dnnprune"]["seconds"] == ours["seconds"] and again["tp"]["seconds"] != rows["tp"]["seconds"]
+    with pytest.raises(SystemExit, match="needs control reused too"):
+        bench.main([*args, "--reuse-arms", "dnnprune"])
