@@ -18,6 +18,7 @@ sensitivity analysis decides where channels go and the loop only decides how far
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -78,6 +79,16 @@ class Curves:
             else:
                 break
         return best
+
+    def drop_at(self, name: str, ratio: float) -> float:
+        """The predicted drop at `ratio` (linear between grid points, flat past the last one)."""
+        if name not in self.ratios:
+            return 0.0
+        xs, ys = self.ratios[name], self.drops[name]
+        for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+            if ratio <= x1:
+                return y0 + (y1 - y0) * max(ratio - x0, 0.0) / max(x1 - x0, 1e-12)
+        return ys[-1]
 
     @property
     def ceiling(self) -> float:
@@ -200,7 +211,39 @@ def plan_to(model: nn.Module, graph: ChannelGraph, curves: Curves, goal: float,
             high = middle
         else:
             low = middle
-    return plan_at(high), high
+    sized = functools.partial(pruned_size, model, env.input_shape, unit, exclude=env.exclude)
+    return fill_to_goal(plan_at(high), widths, curves, lambda plan: sized(plan)[env.metric], goal,
+                        env.limits.round_to), high
+
+
+def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Callable[[Plan], int], goal: float,
+                 round_to: int) -> Plan:
+    """Give channels back, `round_to` at a time, where the analysis predicts the most drop saved per unit of
+    size, while the size stays within `goal`.
+
+    One threshold over widths that move in steps can land far under the goal: on the depth-pruned
+    resnet18, 16 channels of a 64-wide layer1 conv are 1.2 M MACs, and the threshold that crossed the goal
+    landed 11 % under it (4.25x instead of 3.78x). The channels given back are accuracy kept for free.
+    """
+    size = size_of(plan)
+    while True:
+        best: tuple[float, Plan, int] | None = None
+        for name, cut in plan.items():
+            if cut == 0:
+                continue
+            trial = {**plan, name: cut - min(cut, round_to)}
+            trial_size = size_of(trial)
+            if trial_size > goal:
+                continue
+            reference = curves.widths.get(name, widths[name])
+            saved = (curves.drop_at(name, 1 - (widths[name] - cut) / reference)
+                     - curves.drop_at(name, 1 - (widths[name] - trial[name]) / reference))
+            value = saved / max(trial_size - size, 1)
+            if best is None or value > best[0]:
+                best = (value, trial, trial_size)
+        if best is None:
+            return plan
+        _, plan, size = best
 
 
 def _within_budget(drop: float, error: float | None, env: IncrementEnvironment) -> bool:
