@@ -8,6 +8,8 @@ sensitivity analysis decides where channels go and the loop only decides how far
 2. each step's plan is one threshold on the analysis's predicted drop: every layer takes the largest
    ratio whose own drop stays under the threshold (equal marginal sensitivity), and the threshold is
    bisected, on real pruned copies, until the step's size is reached; several layers move at once;
+   widths move in steps (`round_to`), so the plan can land well under the goal, and channels are then
+   given back where the analysis predicts the most drop saved per unit of size, while the goal holds;
 3. the step is fine-tuned (fresh batches) and evaluated on the same validation samples as the
    baseline; a paired comparison gives the drop and its standard error, and the step is undone only
    when the drop exceeds the budget with confidence (so noise does not undo it), then retried halfway;
