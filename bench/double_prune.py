@@ -367,8 +367,17 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def merge_sweeps(args: argparse.Namespace) -> dict[str, Any]:
-    """The points of several sweep folders, in the order given, as if one sweep had measured them all."""
-    points = [p for folder in args.merge for p in json.loads((folder / "sweep.json").read_text())["points"]]
+    """The points of several sweep folders, in the order given, as if one sweep had measured them all.
+
+    A model's points may be split over processes too; each then measured the baseline and the control
+    of its budget, so only the first baseline per model and the first control per (model, steps) stay.
+    """
+    points, seen = [], set()
+    for point in (p for folder in args.merge for p in json.loads((folder / "sweep.json").read_text())["points"]):
+        key = (point["model"], point["arm"], point["steps"]) if point["arm"] in ("baseline", "control") else None
+        if key is None or key not in seen:
+            points.append(point)
+            seen.add(key)
     if len({"top1" in p for p in points}) > 1:
         raise SystemExit("the sweeps to merge must share the task metric (top1 or roc_auc)")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -136,3 +136,12 @@ def test_sweeps_run_in_separate_processes_merge_into_one_table(tmp_path: Path) -
     table = (out / "sweep.md").read_text()
     assert table.count("**best of model**") == 2 and "(non-zero params): **mnv3** (85.00" in table
     assert (out / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # one model split over two processes: the second's baseline and control (same budget) are not repeated
+    later = [_point("resnet20", "baseline", 0.9, 1000, 60), _point("resnet20", "control", 0.91, 1000, 61),
+             _point("resnet20", "double-prune", 0.86, 50, 82, drop_vs_control=0.05)]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "sweep.json").write_text(json.dumps({"points": later}))
+    bench_module("double_prune.py").main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
+    merged = json.loads((out / "sweep.json").read_text())["points"]
+    assert merged == sweeps["a"] + later[2:]
