@@ -40,8 +40,8 @@ demo: install dataset
 	$(BIN)/dnnprune quantize $(DEMO)/lenet5-pruned.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-pruned-q.safetensors --force
 	$(BIN)/dnnprune double-prune $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-sparse.safetensors --force
 	$(BIN)/dnnprune quantize $(DEMO)/lenet5-sparse.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-sparse-q.safetensors --force
-	$(BIN)/dnnprune score $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) --no-latency
-	$(BIN)/dnnprune score $(DEMO)/lenet5-pruned-q.safetensors -r $(DEMO_RECIPE)
+	$(BIN)/dnnprune score $(DEMO)/lenet5.safetensors -r $(DEMO_RECIPE) --no-latency --force
+	$(BIN)/dnnprune score $(DEMO)/lenet5-pruned-q.safetensors -r $(DEMO_RECIPE) --force
 	$(BIN)/dnnprune info $(DEMO)/lenet5-sparse-q.safetensors --count-nonzero
 	$(BIN)/dnnprune export $(DEMO)/lenet5-pruned-q.safetensors -r $(DEMO_RECIPE) -o $(DEMO)/lenet5-pruned-q.onnx --force
 
@@ -143,7 +143,7 @@ bench-a2e: $(CACHE)/shuttle.csv
 chain = $(BIN)/python bench/prune_compare.py $(1) -r $(2) --arms dnnprune,control --out $(BENCH)/$(3) && \
 	$(BIN)/dnnprune quantize $(BENCH)/$(3)/dnnprune-seed0.safetensors -r recipes/quantize-fc5-conv8.yaml \
 		-o $(BENCH)/$(3)/dnnprune-seed0-q.safetensors --force && \
-	$(BIN)/dnnprune score $(BENCH)/$(3)/dnnprune-seed0-q.safetensors --no-latency
+	$(BIN)/dnnprune score $(BENCH)/$(3)/dnnprune-seed0-q.safetensors --no-latency --force
 
 bench-quantize: $(CACHE)/alexnet-fmnist.safetensors $(CACHE)/vgg16_bn-fmnist.analysis.json
 	@mkdir -p $(BENCH)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import tempfile
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -287,21 +288,41 @@ def save(model: nn.Module, path: Path | str, meta: CheckpointMeta | None = None,
     return path
 
 
-def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = ()) -> None:
+def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = (), kind: str = "output",
+                      option: str = "-o") -> None:
+    """Refuse, before any work is done, a path that would overwrite an input, clobber a file without
+    --force, or fail to be written (a folder that is missing, read-only or not a folder)."""
     for guarded in protect:
         if guarded.exists() and path.exists() and path.resolve() == guarded.resolve():
-            raise OutputError(f"output {path} is the input file; choose another -o path (inputs are never overwritten)")
-    if path.exists() and not force:
-        raise OutputError(f"output {path} already exists; pass --force to overwrite it or choose another -o path")
+            raise OutputError(f"{kind} {path} is an input file; choose another {option} path (inputs are never overwritten)")
     if path.exists() and path.is_dir():
-        raise OutputError(f"output {path} is a directory; give a file path ending in .safetensors")
+        raise OutputError(f"{kind} {path} is a directory; give {option} a file path")
+    if path.exists() and not force:
+        raise OutputError(f"{kind} {path} already exists; pass --force to overwrite it or choose another {option} path")
     if not path.parent.exists():
-        raise OutputError(f"output folder {path.parent} does not exist; create it first")
+        raise OutputError(f"{kind} folder {path.parent} does not exist; create it first")
+    if not path.parent.is_dir():
+        raise OutputError(f"{kind} folder {path.parent} is not a folder; choose another {option} path")
+    _check_writable(path.parent, kind, option)
+
+
+def _check_writable(folder: Path, kind: str, option: str) -> None:
+    """Create and remove a scratch file: the only test that also sees read-only mounts and immutable folders."""
+    try:
+        fd, scratch = tempfile.mkstemp(prefix=".dnnprune-probe.", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write to the {kind} folder {folder} ({exc.strerror or exc}); "
+                          f"choose a writable folder for {option}") from None
+    os.close(fd)
+    Path(scratch).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, payload: bytes) -> None:
     """Temp file in the same folder, fsync, rename, fsync the folder: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise OutputError(f"cannot write {path} ({exc.strerror or exc}); choose a writable folder") from None
     try:
         os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs get the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -309,6 +330,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk or a folder that turned read-only: say so, leave nothing behind
+        Path(tmp).unlink(missing_ok=True)
+        raise OutputError(f"could not write {path} ({exc.strerror or exc}); nothing was written there") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -453,7 +477,11 @@ def read_safetensors_metadata(path: Path, payload: bytes) -> dict[str, str]:
     try:
         header = _parse_header(path, payload)
     except CheckpointError:
-        if _looks_like_pickle(payload):
+        kind = pytorch_file_kind(path) if _looks_like_pickle(payload) else None
+        if kind == "torchscript":
+            raise CheckpointError(f"{path} is a TorchScript archive, which dnnprune cannot read; save the model's "
+                                  "state_dict() with torch.save and `dnnprune import` that") from None
+        if kind == "pickle":
             raise CheckpointError(
                 f"{path} is a PyTorch pickle, which dnnprune never loads as a checkpoint; convert it with "
                 f"`dnnprune import {path} --arch NAME -o model.safetensors`"
@@ -675,6 +703,25 @@ def _check_tensors(skeleton: nn.Module, declared: dict[str, tuple[tuple[int, ...
                               f"this size may; if it is genuine, set {MAX_MODEL_BYTES_ENV} higher")
 
 
+def check_header_tensors(path: Path, meta: CheckpointMeta, structure: nn.Module,
+                         stored: Mapping[str, torch.Tensor]) -> None:
+    """What `load` checks before decoding (names, shapes, dtypes, encodings, memory), on the header's
+    tensors alone (meta tensors stand in for the data), so a header-only reader vouches as much as `load`."""
+    try:
+        declared = declared_tensors(stored, meta.encodings)
+        _check_tensors(structure, declared, meta.arch, model_bytes_limit(path.stat().st_size))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; an unknown one means a corrupt or foreign file."""
+    for dtype, stored_name in _DTYPE_NAMES.items():
+        if stored_name == name:
+            return dtype
+    raise CheckpointError(f"a tensor has the unknown dtype {_short(name, 20)!r}; the file is corrupt")
+
+
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
     return [*model.parameters(), *(b for b in model.buffers() if b is not None)]
 
@@ -748,6 +795,31 @@ def _resize_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
                     continue
                 empty = torch.empty(stored.shape, dtype=tensor.dtype)
                 registry[key] = nn.Parameter(empty, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else empty
+
+
+_PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def pytorch_file_kind(path: Path) -> Literal["pickle", "torchscript"] | None:
+    """What torch.save or torch.jit.save made, told from the bytes and the zip's file list alone (never
+    unpickled): "torchscript" (code/ and constants.pkl), "pickle" (torch.save), or None (neither)."""
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+        if magic[:2] in _PICKLE_MAGIC:
+            return "pickle"
+        if magic != b"PK\x03\x04":
+            return None
+    except OSError:
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return "pickle"  # torch.save's zip, truncated or damaged: still nothing dnnprune may unpickle
+    if any(name.endswith("/constants.pkl") or "/code/" in name for name in names):
+        return "torchscript"
+    return "pickle" if any(name.endswith("data.pkl") for name in names) else None
 
 
 def _looks_like_pickle(payload: bytes) -> bool:

@@ -7,7 +7,10 @@ This is the only place that reads PyTorch's pickle format, and only with
 from __future__ import annotations
 
 import hashlib
+import io
 import pickle
+import re
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, pytorch_file_kind
 from dnnprune.data import DATASETS, InputSpec, default_spec
 from dnnprune.errors import CheckpointError, DnnpruneError
 from dnnprune.models import create_model
@@ -85,30 +88,64 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: str, *, num_classes:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, with the format told from the file's bytes, not its name."""
+    if path.is_dir():
+        raise CheckpointError(f"weights {path} is a directory; give the weights file")
     if not path.is_file():
         raise CheckpointError(f"weights file {path} not found; check the path")
     payload = path.read_bytes()
-    state = _read_safetensors(payload) if path.suffix == ".safetensors" else _read_torch(path)
-    return _unwrap(state, path)
+    if not payload:
+        raise CheckpointError(f"weights file {path} is empty; save the weights again")
+    kind = pytorch_file_kind(path)
+    if kind == "torchscript":
+        raise CheckpointError(f"{path} is a TorchScript archive, whose weights cannot be matched to an architecture; "
+                              "save the model's state_dict() with torch.save and import that")
+    if kind is None and _is_safetensors(payload):
+        return _unwrap(_read_safetensors(payload), path)
+    if kind is None:
+        raise CheckpointError(f"{path} is neither a PyTorch (torch.save) nor a safetensors file; save the weights "
+                              "with torch.save(model.state_dict(), ...) or safetensors")
+    return _unwrap(_read_torch(path, payload), path)
+
+
+def _is_safetensors(payload: bytes) -> bool:
+    """An 8-byte little-endian header length, then a JSON object that fits in the file."""
+    if len(payload) < 10:
+        return False
+    length = int.from_bytes(payload[:8], "little")
+    return 0 < length <= len(payload) - 8 and payload[8:9] == b"{"
 
 
 def _read_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
     try:
         return st_load(payload)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read safetensors weights ({str(exc).splitlines()[0]}); the file may be truncated") from None
+        raise CheckpointError(f"cannot read safetensors weights ({_first_line(exc)}); the file may be truncated") from None
 
 
-def _read_torch(path: Path) -> Any:
+def _read_torch(path: Path, payload: bytes) -> Any:
+    """torch.load from memory: given a path, torch picks a loader by the file's suffix, not its content."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" (it pickles {found.group(1)})" if found else ""
         raise CheckpointError(
-            f"{path} holds objects other than tensors ({str(exc).splitlines()[0][:120]}); save a plain state_dict "
-            f"with torch.save(model.state_dict(), ...) and import that"
+            f"{path} holds Python objects other than tensors{what}, and dnnprune never unpickles those; save a plain "
+            f"state_dict with torch.save(model.state_dict(), ...) and import that"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"cannot read {path} as PyTorch weights ({str(exc).splitlines()[0][:120]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {path} as PyTorch weights ({_first_line(exc)}); the file may be "
+                              "truncated or corrupt") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The message's first line without terminal colour codes, cut at a word, never empty."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    line = text.splitlines()[0] if text else type(exc).__name__
+    return line if len(line) <= 120 else line[:120].rsplit(" ", 1)[0] + " ..."
 
 
 def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:

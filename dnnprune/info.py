@@ -20,11 +20,13 @@ from pydantic import Field
 from safetensors import safe_open
 
 from dnnprune.checkpoint import (
+    check_header_tensors,
     load,
     model_bytes_limit,
     read_meta,
     skeleton,
     tensor_index,
+    torch_dtype,
 )
 from dnnprune.codecs import as_encoding, decode_tensor
 from dnnprune.errors import CheckpointError
@@ -68,6 +70,7 @@ def describe(path: Path | str, *, count_nonzero: bool = False, build: bool = Fal
     small = _small_parts(path, index, encodings)
     shapes = _decoded_shapes(index, small)
     structure = skeleton(meta)
+    check_header_tensors(path, meta, structure, _header_tensors(index, small))
     layers = _layers(meta.arch, meta.arch_args, shapes, encodings, small, list(structure.state_dict()), meta.replaced)
     parameters = {name for name, _ in structure.named_parameters()}
     params = sum(math.prod(shape) for name, shape in shapes.items() if name in parameters)
@@ -98,6 +101,18 @@ def _check_length(path: Path, index: dict[str, tuple[str, tuple[int, ...], int]]
         raise CheckpointError(f"{path} holds {size:,} bytes where its header describes {expected:,}; it is truncated")
     if size > expected:
         raise CheckpointError(f"{path} holds {size - expected:,} bytes its header does not describe; the file is corrupt")
+
+
+def _header_tensors(index: dict[str, tuple[str, tuple[int, ...], int]],
+                    small: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The stored tensors as the header declares them: meta tensors (no data), with the encodings' tiny
+    `shape` and `count` parts real, since decoded shapes are read from them."""
+    tensors: dict[str, torch.Tensor] = {}
+    for key, (dtype, shape, _) in index.items():
+        name, _, part = key.partition(SEPARATOR)
+        real = small.get(name, {}).get(part)
+        tensors[key] = real if real is not None else torch.empty(shape, dtype=torch_dtype(dtype), device="meta")
+    return tensors
 
 
 def _plain(value: Any) -> Any:

@@ -18,7 +18,7 @@ Runtime = Literal["eager", "fused"]  # what latency is timed on (dnnprune/infere
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelSection(Section):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from dnnprune.checkpoint import meta_of
 from dnnprune.lineage import command
-from dnnprune.loaders import eval_loader
+from dnnprune.loaders import dataset_name, eval_loader
 from dnnprune.metrics import measure_latency, netscore, size_summary
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, LatencySection, ScoreSection
@@ -59,7 +59,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     size = size_summary(model, meta.input_shape)
     disk_bytes = checkpoint_path.stat().st_size if checkpoint_path is not None else None
     report = ScoreReport(
-        checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=meta.dataset, split=split,
+        checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=dataset_name(meta, data), split=split,
         task=meta.task.model_dump(mode="json"), primary_metric=task.primary, metrics=metrics.as_dict(), **size,
         disk_bytes=disk_bytes,
         bits_per_weight=(disk_bytes * 8 / size["params"]) if disk_bytes and size["params"] else None,

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from dnnprune.checkpoint import load, meta_of
 from dnnprune.constraints import held_encodings
-from dnnprune.errors import RecipeError
+from dnnprune.errors import DnnpruneError, RecipeError
 from dnnprune.lineage import command
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.observe import NULL_OBSERVER, Observer
@@ -138,6 +138,7 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
             loss = task.loss(output, inputs, targets, label_smoothing=label_smoothing)
             if teacher is not None:
                 loss = _with_distillation(loss, output, inputs, teacher, task, config)
+            value = _finite_loss(loss, step + 1, optimizer)
             loss.backward()
             if bn_l1 > 0:
                 add_bn_l1_subgradient(model, bn_l1)
@@ -147,7 +148,7 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
             scheduler.step()
             if after_step is not None:
                 after_step(model)
-            running.update(loss.item(), output.detach(), targets, task)
+            running.update(value, output.detach(), targets, task)
             step += 1
             observer.update(bar, advance=1, info=f"epoch {epoch} loss {running.loss:.4f}{running.accuracy_note}")
             if step >= steps:
@@ -158,6 +159,16 @@ def _run_steps(model: nn.Module, loader: DataLoader, config: TrainSection | Fine
     observer.end(bar, keep=description == "train")
     history.steps = step
     history.seconds = time.perf_counter() - start
+
+
+def _finite_loss(loss: torch.Tensor, step: int, optimizer: torch.optim.Optimizer) -> float:
+    """The loss as a number; a NaN or infinite one stops the run, so a diverged model is never saved."""
+    value = loss.item()
+    if not math.isfinite(value):
+        lr = optimizer.param_groups[0]["lr"]
+        raise DnnpruneError(f"training diverged: the loss is {value} at step {step} (lr {lr:.3g}); lower the "
+                            "learning rate or check the data for NaN values")
+    return value
 
 
 def frozen_teacher(model: nn.Module, *configs: Any) -> nn.Module | None:

@@ -264,7 +264,7 @@ def test_cli_bad_input_fails_in_one_line_and_writes_nothing(case: str, runner: C
         fragment = "already exists"
     elif case == "input":  # a checkpoint that happens to be named .onnx is never overwritten
         out.write_bytes(checkpoint.read_bytes())
-        checkpoint, extra, fragment = out, ["--force"], "is the input file"
+        checkpoint, extra, fragment = out, ["--force"], "is an input file"
     elif case == "missing":
         checkpoint, fragment = tmp_path / "nope.safetensors", "not found"
     elif case == "folder":

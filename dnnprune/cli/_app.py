@@ -10,6 +10,7 @@ from typing import Annotated, Any, Callable, Iterator, TypeVar
 import torch
 import torch.nn as nn
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 from rich.text import Text
 
@@ -35,7 +36,7 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; options override its values.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")]
-ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path \\[default: next to the output].")]
+ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path \\[default: next to the output; for score, next to the checkpoint].")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Overwrite an existing output (never the input).")]
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
 DataRootOption = Annotated[Path | None, typer.Option("--data-root", help="Folder holding the dataset files.")]
@@ -141,7 +142,30 @@ def check_report_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ())
     """A report is guarded like an output: never an input, never an existing file without --force."""
     if path.suffix != ".json":
         raise OutputError(f"report {path} must end in .json")
-    check_output_path(path, force=force, protect=inputs)
+    check_output_path(path, force=force, protect=inputs, kind="report", option="--report")
+
+
+_FILE_FIELDS = frozenset({"analysis", "teacher", "path"})
+
+
+def command_inputs(checkpoint: Path | None, recipe: Path | None, config: Recipe | None = None) -> tuple[Path, ...]:
+    """Every file a command reads: the checkpoint, the recipe and the files the recipe names (analysis,
+    teachers, a CSV). No output or report may land on one of them, --force or not."""
+    paths = [path for path in (checkpoint, recipe) if path is not None]
+    if config is not None:
+        paths += _named_files(config)
+    return tuple(paths)
+
+
+def _named_files(section: BaseModel) -> list[Path]:
+    found: list[Path] = []
+    for name in type(section).model_fields:
+        value = getattr(section, name)
+        if isinstance(value, BaseModel):
+            found += _named_files(value)
+        elif name in _FILE_FIELDS and isinstance(value, (str, Path)):
+            found.append(Path(value))
+    return found
 
 
 def finish_report(report: Report | dict[str, Any], output: Path | None, report_path: Path | None,

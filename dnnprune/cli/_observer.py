@@ -76,5 +76,8 @@ class RichObserver(Observer):
     def __enter__(self) -> "RichObserver":
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is not None and self.progress is not None:  # a failed run ends on its error line alone
+            for task in list(self.progress.task_ids):
+                self.progress.remove_task(task)
         self.close()

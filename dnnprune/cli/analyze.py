@@ -20,6 +20,7 @@ from dnnprune.cli._app import (
     ForceOption,
     RecipeOption,
     command,
+    command_inputs,
     common_overrides,
     console,
     parse_floats,
@@ -77,7 +78,7 @@ def analyze_command(
                      "analyze.winograd": winograd, **common_overrides(device, data_root, dataset, download)}
         config = recipe_with(recipe, overrides)
         path = output or default_report_path(checkpoint, ".analysis.json")
-        _check_outputs(path, force, checkpoint)
+        _check_outputs(path, force, command_inputs(checkpoint, recipe, config))
         model = load(checkpoint)
         run_device = process_device(resolve_device(config.device), world)
         tune_malloc()
@@ -103,11 +104,11 @@ def analyze_command(
                   f"report: {written['json']} (+ {written['csv'].name}, {written['png'].name})")
 
 
-def _check_outputs(path: Path, force: bool, checkpoint: Path) -> None:
+def _check_outputs(path: Path, force: bool, inputs: tuple[Path, ...]) -> None:
     if path.suffix != ".json":
         raise OutputError(f"output {path} must end in .json (the .csv and .png are written next to it)")
     for target in output_paths(path).values():
-        check_output_path(target, force=force, protect=(checkpoint,))
+        check_output_path(target, force=force, protect=inputs)
 
 
 def sensitivity_table(report: AnalyzeReport, task: Task) -> Table:

@@ -21,6 +21,7 @@ from dnnprune.cli._app import (
     ReportOption,
     TeacherOption,
     command,
+    command_inputs,
     common_overrides,
     console,
     distill_overrides,
@@ -65,9 +66,10 @@ def double_prune_command(
                  "double_prune.sparse_execution": sparse_execution, **distill_overrides(("double_prune.finetune",), distill, teacher),
                  **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
-    report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
+    inputs = command_inputs(checkpoint, recipe, config)
+    report_path = prepare_output(output, force=force, inputs=inputs, report=report)
     result = run_and_save(double_prune, load(checkpoint), config.double_prune, config, output, force=force,
-                          inputs=(checkpoint,))
+                          inputs=inputs)
     if result is None:
         return
     result.totals["file_bytes"] = output.stat().st_size

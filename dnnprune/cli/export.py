@@ -15,6 +15,7 @@ from dnnprune.cli._app import (
     ReportOption,
     check_report_path,
     command,
+    command_inputs,
     console,
     recipe_with,
     write_command_report,
@@ -41,9 +42,12 @@ def export_command(
                                   "export.latency": latency})
     if output.suffix != ".onnx":
         raise OutputError(f"output {output} must end in .onnx")
-    check_output_path(output, force=force, protect=(checkpoint,))
+    inputs = command_inputs(checkpoint, recipe, config)
+    check_output_path(output, force=force, protect=inputs)
     report_path = report or default_report_path(output, ".export.json")
-    check_report_path(report_path, force=force, inputs=(checkpoint,))
+    if report_path.resolve() == output.resolve():
+        raise OutputError(f"report {report_path} is the output; choose another --report path")
+    check_report_path(report_path, force=force, inputs=inputs)
     model = load(checkpoint)
     _, result = export(model, config.export, output=output)
     path = write_command_report("export", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})

@@ -38,7 +38,7 @@ def import_command(
     force: ForceOption = False,
 ) -> None:
     """Turn a plain state dict into a self-describing dnnprune checkpoint."""
-    prepare_output(output, force=force, inputs=(weights,))
+    report_path = prepare_output(output, force=force, inputs=(weights,), report=report)
     if dataset is not None:
         from dnnprune.data import DATASETS
 
@@ -49,7 +49,7 @@ def import_command(
     meta_of(model).add_lineage("import", None, {"source": str(weights), **result.lineage_metrics()})
     save(model, output, force=force, protect=(weights,))
     body = {**result.as_json(), "output": str(output)}
-    path = finish_report(envelope("import", body, inputs={"weights": str(weights)}), output, report)
+    path = finish_report(envelope("import", body, inputs={"weights": str(weights)}), output, report_path)
     note = result.dropped_summary()
     if note:
         console.print(note)

@@ -21,6 +21,7 @@ from dnnprune.cli._app import (
     ReportOption,
     TeacherOption,
     command,
+    command_inputs,
     common_overrides,
     console,
     distill_overrides,
@@ -76,8 +77,9 @@ def prune_command(
                  "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **distill_overrides(("prune.step_finetune", "prune.finetune"), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
-    report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
-    result = run_and_save(prune, load(checkpoint), config.prune, config, output, force=force, inputs=(checkpoint,),
+    inputs = command_inputs(checkpoint, recipe, config)
+    report_path = prepare_output(output, force=force, inputs=inputs, report=report)
+    result = run_and_save(prune, load(checkpoint), config.prune, config, output, force=force, inputs=inputs,
                           formatter=_row_line)
     if result is None:
         return

@@ -22,6 +22,7 @@ from dnnprune.cli._app import (
     ReportOption,
     TeacherOption,
     command,
+    command_inputs,
     common_overrides,
     console,
     distill_overrides,
@@ -63,8 +64,9 @@ def quantize_command(
                  "quantize.finetune.max_steps": finetune_steps, "quantize.samples": samples, "quantize.evaluate": evaluate,
                  "quantize.int8_execution": int8_execution, **distill_overrides(("quantize.finetune",), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
-    report_path = prepare_output(output, force=force, inputs=(checkpoint,), report=report)
-    result = run_and_save(quantize, load(checkpoint), config.quantize, config, output, force=force, inputs=(checkpoint,))
+    inputs = command_inputs(checkpoint, recipe, config)
+    report_path = prepare_output(output, force=force, inputs=inputs, report=report)
+    result = run_and_save(quantize, load(checkpoint), config.quantize, config, output, force=force, inputs=inputs)
     if result is None:
         return
     result.with_file_sizes(checkpoint, output)

@@ -15,15 +15,17 @@ from dnnprune.cli._app import (
     DatasetOption,
     DeviceOption,
     DownloadOption,
+    ForceOption,
     RecipeOption,
     ReportOption,
+    check_report_path,
     command,
+    command_inputs,
     common_overrides,
     console,
     recipe_with,
     write_command_report,
 )
-from dnnprune.errors import OutputError
 from dnnprune.reports import default_report_path, envelope
 from dnnprune.scoring import ScoreReport, score
 
@@ -46,15 +48,13 @@ def score_command(
     data_root: DataRootOption = None,
     download: DownloadOption = None,
     device: DeviceOption = None,
+    force: ForceOption = False,
 ) -> None:
     """Score a checkpoint on its test split; the report lands next to it as NAME.score.json."""
     config = recipe_with(recipe, {"score.samples": samples, "score.latency": latency, "score.latency_config.runtime": latency_runtime,
                                   **common_overrides(device, data_root, dataset, download)})
     path = report or default_report_path(checkpoint, ".score.json")
-    if path.exists() and checkpoint.exists() and path.resolve() == checkpoint.resolve():
-        raise OutputError(f"report {path} is the input checkpoint; choose another --report path")
-    if path.suffix != ".json":
-        raise OutputError(f"report {path} must end in .json")
+    check_report_path(path, force=force, inputs=command_inputs(checkpoint, recipe, config))
     model = load(checkpoint)
     _, result = score(model, config.score, data=config.data, device=config.device, checkpoint_path=checkpoint)
     inputs = {"checkpoint": str(checkpoint), "recipe": recipe}

@@ -19,6 +19,7 @@ from dnnprune.cli._app import (
     RecipeOption,
     ReportOption,
     command,
+    command_inputs,
     common_overrides,
     console,
     prepare_output,
@@ -58,7 +59,7 @@ def train_command(
                  "train.seed": seed, "data.train_limit": train_limit, **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     source_path = Path(source)
-    inputs = (source_path,) if source_path.exists() else ()
+    inputs = command_inputs(source_path if source_path.exists() else None, recipe, config)
     report_path = prepare_output(output, force=force, inputs=inputs, report=report)
     model = model_from_source(source, config.model, config.data, config.train.seed)
     with torchrun_session(config.device) as (rank, _, device), RichObserver(console, enabled=rank == 0) as observer:
