@@ -507,6 +507,8 @@ def _meta_from_metadata(path: Path, metadata: dict[str, str]) -> CheckpointMeta:
 
 def _read_head(path: Path) -> bytes:
     """The 8-byte length and the JSON header, read with bounded reads."""
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path")
     with path.open("rb") as handle:

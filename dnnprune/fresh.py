@@ -24,6 +24,7 @@ def model_from_source(source: str, model: ModelSection, data: DataSection, seed:
 
 
 def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:
+    model_task(arch)  # an unknown zoo name is the first thing to say, before what else is missing
     dataset = data.dataset
     if not dataset:
         raise DatasetError("training from scratch needs a dataset: set data.dataset in the recipe or pass --dataset")

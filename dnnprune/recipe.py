@@ -262,7 +262,8 @@ class QuantizeSection(Section):
         if not self.layers and not self.layer_bits:
             raise ValueError("no layers to quantize: give layers (e.g. [type:Linear]) or layer_bits")
         if self.finetune.max_steps is not None and self.finetune.epochs == 0:
-            raise ValueError("finetune.max_steps only caps training: also set finetune.epochs (e.g. 1)")
+            raise ValueError("finetune.max_steps only caps training: also set finetune.epochs (e.g. 1; on the "
+                             "command line --finetune-epochs 1)")
         return self
 
 
@@ -364,6 +365,8 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; pass a YAML file with -r")
     if not path.is_file():
         raise RecipeError(f"recipe {path} not found; pass an existing YAML file with -r")
     try:

@@ -408,3 +408,20 @@ def test_recipe_files_that_are_not_mappings(text: str, folder: Path) -> None:
     with pytest.raises(RecipeError) as caught:
         load_recipe(recipe)
     assert "\n" not in str(caught.value)
+
+
+# Problems inside the encoded parts' contents: a header-only `info` cannot see them; `--count-nonzero` decodes.
+_INSIDE_ENCODED_PARTS = {"codes-past-their-codebook", "sparse-count-lies"}
+
+
+@needs_cli
+@pytest.mark.parametrize("case", list(CASES))
+def test_info_refuses_what_load_refuses(case: str, base: bytes, folder: Path) -> None:
+    """`info` reads the header only, yet vouches as much as `load` for everything the header declares."""
+    path = folder / f"{case}.info.safetensors"
+    path.write_bytes(CASES[case][0](base))
+    options = ["--count-nonzero"] if case in _INSIDE_ENCODED_PARTS else []
+    result = CliRunner().invoke(app, ["info", str(path), *options])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2, result.output
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output

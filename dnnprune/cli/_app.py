@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, TypeVar
@@ -182,10 +183,13 @@ def write_command_report(command_name: str, report: Report | dict[str, Any], pat
     return path
 
 
-def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
+def parse_floats(text: str | None, option: str, example: str = "0.1,0.3,0.5") -> tuple[float, ...] | None:
     if text is None:
         return None
     try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
+        values = tuple(float(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise DnnpruneError(f"{option} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}") from None
+        raise DnnpruneError(f"{option} takes comma-separated numbers, e.g. {example}; got {text!r}") from None
+    if not all(math.isfinite(value) for value in values):
+        raise DnnpruneError(f"{option} takes finite numbers, e.g. {example}; got {text!r}")
+    return values

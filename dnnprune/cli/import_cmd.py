@@ -38,6 +38,8 @@ def import_command(
     force: ForceOption = False,
 ) -> None:
     """Turn a plain state dict into a self-describing dnnprune checkpoint."""
+    if num_classes is not None and num_classes < 1:
+        raise DnnpruneError(f"--num-classes must be at least 1, got {num_classes}")
     report_path = prepare_output(output, force=force, inputs=(weights,), report=report)
     if dataset is not None:
         from dnnprune.data import DATASETS
@@ -45,7 +47,7 @@ def import_command(
         if dataset not in DATASETS:
             raise DnnpruneError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
     model, result = import_weights(weights, arch, num_classes=num_classes, input_shape=_shape(input_shape),
-                                   mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), dataset=dataset)
+                                   mean=parse_floats(mean, "--mean", "0.485,0.456,0.406"), std=parse_floats(std, "--std", "0.229,0.224,0.225"), dataset=dataset)
     meta_of(model).add_lineage("import", None, {"source": str(weights), **result.lineage_metrics()})
     save(model, output, force=force, protect=(weights,))
     body = {**result.as_json(), "output": str(output)}
@@ -57,7 +59,7 @@ def import_command(
 
 
 def _shape(text: str | None) -> tuple[int, int, int] | None:
-    values = parse_floats(text, "--input-shape")
+    values = parse_floats(text, "--input-shape", "3,32,32")
     if values is None:
         return None
     if len(values) != 3 or any(v <= 0 or v != int(v) for v in values):

@@ -145,6 +145,9 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
         table.add_row(f"latency batch {row['batch_size']} ({result.latency.get('runtime', 'eager')})",
                       f"{row['before_ms']:.2f} ms", f"{row['after_ms']:.2f} ms", f"{row['speedup']:.2f}x")
     console.print(table)
+    if after["params"] == before["params"] and after["macs"] == before["macs"]:
+        console.print("[yellow]nothing was removed: the plan kept every channel and layer; check --ratio or --target, "
+                      "--round-to and the per-layer floors")
     target = result.target
     if target and target["metric"] == "latency":
         verdict = "met" if target["met"] else "[yellow]not met[/yellow]"

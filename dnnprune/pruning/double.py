@@ -112,8 +112,8 @@ class _DoubleJob:
             try:
                 self._sparsity_plan(self._slimmed_copy())
             except PruningError as exc:
-                raise PruningError(f"{exc} or --slimming-ratio (what is reachable is measured on the slimmed "
-                                   "layers)") from None
+                raise PruningError(f"{exc}, or lower --slimming-ratio (reachable sparsity is measured on the "
+                                   "layers as slimming leaves them)") from None
         elif section.sparsity > 0:
             self._sparsity_plan()
         if section.evaluate or section.sparsity_steps or section.finetune_steps:

@@ -277,7 +277,7 @@ def test_bad_files_fail_in_one_line(runner: CliRunner, tmp_path: Path, lenet_che
     text = tmp_path / "notes.safetensors"
     text.write_text("hello, I am a text file")
     cases = [(tmp_path / "missing.safetensors", "not found"), (pickle, "pickle"), (foreign, "without dnnprune metadata"),
-             (truncated, "truncated"), (padded, "corrupt"), (text, "not a safetensors"), (tmp_path, "not found")]
+             (truncated, "truncated"), (padded, "corrupt"), (text, "not a safetensors"), (tmp_path, "is a directory")]
     for path, fragment in cases:
         for options in ([], ["--json"], ["--build"], ["--count-nonzero"]):
             _assert_clean_failure(runner.invoke(app, ["info", str(path), *options]), fragment)

@@ -100,6 +100,16 @@ def test_score_json_flag_prints_the_report(runner: CliRunner, tmp_path: Path) ->
     assert printed["command"] == "score" and printed["latency"] == []
 
 
+def test_score_names_the_dataset_it_used(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    """The checkpoint says fashion-mnist; scored with --dataset mnist, the report must say mnist."""
+    root = tmp_path / "mnist-data"
+    write_mnist(root / "MNIST" / "raw", n_train=50, n_test=20)
+    result = runner.invoke(app, ["score", str(lenet_checkpoint), "--dataset", "mnist", "--data-root", str(root),
+                                 "--json", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["dataset"] == "mnist"
+
+
 def _torchvision_resnet18_state(path: Path) -> torch.nn.Module:
     """A resnet18 built the way a user elsewhere would: plain torchvision, 1-channel stem, saved with torch.save."""
     model = torchvision.models.resnet18(num_classes=10)
