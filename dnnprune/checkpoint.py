@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 import zipfile
 from collections.abc import Mapping
@@ -443,7 +444,7 @@ def parse_checkpoint(path: Path, payload: bytes) -> tuple[CheckpointMeta, dict[s
     try:
         stored = st_load(payload)
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({_first_line(exc)}); it may be truncated") from None
+        raise CheckpointError(f"{path} is not a readable safetensors file ({first_line(exc)}); it may be truncated") from None
     return meta, stored
 
 
@@ -477,7 +478,7 @@ def read_safetensors_metadata(path: Path, payload: bytes) -> dict[str, str]:
     try:
         header = _parse_header(path, payload)
     except CheckpointError:
-        kind = pytorch_file_kind(path) if _looks_like_pickle(payload) else None
+        kind = pytorch_file_kind(path)
         if kind == "torchscript":
             raise CheckpointError(f"{path} is a TorchScript archive, which dnnprune cannot read; save the model's "
                                   "state_dict() with torch.save and `dnnprune import` that") from None
@@ -519,6 +520,15 @@ def _read_head(path: Path) -> bytes:
         if 0 < length <= MAX_HEADER_BYTES:
             head += handle.read(length)
     return head
+
+
+def looks_like_safetensors(payload: bytes) -> bool:
+    """Whether the bytes open with a safetensors header (length, then a JSON mapping that fits)."""
+    try:
+        _parse_header(Path("weights"), payload)
+    except CheckpointError:
+        return False
+    return True
 
 
 def _parse_header(path: Path, payload: bytes) -> dict[str, Any]:
@@ -588,7 +598,7 @@ def _skeleton_model(arch: str, arch_args: dict[str, Any]) -> nn.Module:
     except DnnpruneError as exc:
         raise CheckpointError(str(exc)) from None
     except Exception as exc:
-        raise CheckpointError(f"{arch}'s constructor rejects the stored arch_args ({_short(_first_line(exc), 200)}); "
+        raise CheckpointError(f"{arch}'s constructor rejects the stored arch_args ({first_line(exc, 200)}); "
                               "the file is corrupt or from another version") from None
 
 
@@ -618,7 +628,7 @@ def _materialize(meta: CheckpointMeta, state: dict[str, torch.Tensor]) -> nn.Mod
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint tensors do not fit {meta.arch} ({_short(_first_line(exc), 200)}); "
+        raise CheckpointError(f"checkpoint tensors do not fit {meta.arch} ({first_line(exc, 200)}); "
                               "the file is corrupt or from another model") from None
     return model
 
@@ -718,10 +728,9 @@ def check_header_tensors(path: Path, meta: CheckpointMeta, structure: nn.Module,
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name; an unknown one means a corrupt or foreign file."""
-    for dtype, stored_name in _DTYPE_NAMES.items():
-        if stored_name == name:
-            return dtype
-    raise CheckpointError(f"a tensor has the unknown dtype {_short(name, 20)!r}; the file is corrupt")
+    if name not in _DTYPES_BY_NAME:
+        raise CheckpointError(f"a tensor has the unknown dtype {_short(name, 20)!r}; the file is corrupt")
+    return _DTYPES_BY_NAME[name]
 
 
 def _tensors(model: nn.Module) -> list[torch.Tensor]:
@@ -824,13 +833,11 @@ def pytorch_file_kind(path: Path) -> Literal["pickle", "torchscript"] | None:
     return "pickle" if any(name.endswith("data.pkl") for name in names) else None
 
 
-def _looks_like_pickle(payload: bytes) -> bool:
-    return payload[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or payload[:4] == b"PK\x03\x04"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's first line for a one-line error: terminal colour codes dropped, at most `limit`
+    characters, never empty."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    return _short(text.splitlines()[0] if text else type(exc).__name__, limit)
 
 
 def file_sha256(path: Path) -> str:
@@ -847,6 +854,7 @@ def file_sha256(path: Path) -> str:
 _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
                 torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
                 torch.bool: "BOOL"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 def predicted_file_bytes(model: nn.Module, meta: CheckpointMeta) -> int:

@@ -21,7 +21,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from torch import nn
 
-from dnnprune.checkpoint import CheckpointMeta, attach_meta, meta_of, pytorch_file_kind
+from dnnprune.checkpoint import (
+    CheckpointMeta,
+    attach_meta,
+    first_line,
+    looks_like_safetensors,
+    meta_of,
+    pytorch_file_kind,
+)
 from dnnprune.data import DATASETS, InputSpec, default_spec
 from dnnprune.errors import CheckpointError, DnnpruneError
 from dnnprune.models import create_model
@@ -100,7 +107,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript archive, whose weights cannot be matched to an architecture; "
                               "save the model's state_dict() with torch.save and import that")
-    if kind is None and _is_safetensors(payload):
+    if kind is None and looks_like_safetensors(payload):
         return _unwrap(_read_safetensors(payload), path)
     if kind is None:
         raise CheckpointError(f"{path} is neither a PyTorch (torch.save) nor a safetensors file; save the weights "
@@ -108,19 +115,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return _unwrap(_read_torch(path, payload), path)
 
 
-def _is_safetensors(payload: bytes) -> bool:
-    """An 8-byte little-endian header length, then a JSON object that fits in the file."""
-    if len(payload) < 10:
-        return False
-    length = int.from_bytes(payload[:8], "little")
-    return 0 < length <= len(payload) - 8 and payload[8:9] == b"{"
-
-
 def _read_safetensors(payload: bytes) -> dict[str, torch.Tensor]:
     try:
         return st_load(payload)
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"cannot read safetensors weights ({_first_line(exc)}); the file may be truncated") from None
+        raise CheckpointError(f"cannot read safetensors weights ({first_line(exc, 160)}); the file may be truncated") from None
 
 
 def _read_torch(path: Path, payload: bytes) -> Any:
@@ -137,15 +136,8 @@ def _read_torch(path: Path, payload: bytes) -> Any:
             f"state_dict with torch.save(model.state_dict(), ...) and import that"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, SafetensorError) as exc:
-        raise CheckpointError(f"cannot read {path} as PyTorch weights ({_first_line(exc)}); the file may be "
+        raise CheckpointError(f"cannot read {path} as PyTorch weights ({first_line(exc, 160)}); the file may be "
                               "truncated or corrupt") from None
-
-
-def _first_line(exc: BaseException) -> str:
-    """The message's first line without terminal colour codes, cut at a word, never empty."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
-    line = text.splitlines()[0] if text else type(exc).__name__
-    return line if len(line) <= 120 else line[:120].rsplit(" ", 1)[0] + " ..."
 
 
 def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:

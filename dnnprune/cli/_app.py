@@ -127,14 +127,14 @@ def distill_overrides(sections: tuple[str, ...], distill: float | None, teacher:
 
 
 def prepare_output(output: Path, *, force: bool, inputs: tuple[Path, ...] = (), report: Path | None = None,
-                   suffix: str = ".json") -> Path:
+                   suffix: str = ".json", output_suffix: str = ".safetensors") -> Path:
     """Refuse a bad output or report path before any work is done; returns the report path."""
-    if output.suffix != ".safetensors":
-        raise DnnpruneError(f"output {output} must end in .safetensors")
+    if output.suffix != output_suffix:
+        raise OutputError(f"output {output} must end in {output_suffix}")
     check_output_path(output, force=force, protect=inputs)
     report_path = report or default_report_path(output, suffix)
     if report_path.resolve() == output.resolve():
-        raise OutputError(f"report {report_path} is the output checkpoint; choose another --report path")
+        raise OutputError(f"report {report_path} is the output; choose another --report path")
     check_report_path(report_path, force=force, inputs=inputs)
     return report_path
 

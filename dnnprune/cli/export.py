@@ -8,21 +8,19 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import check_output_path, load
+from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     ForceOption,
     RecipeOption,
     ReportOption,
-    check_report_path,
     command,
     command_inputs,
     console,
+    prepare_output,
     recipe_with,
     write_command_report,
 )
-from dnnprune.errors import OutputError
 from dnnprune.export import ExportReport, export
-from dnnprune.reports import default_report_path
 
 
 @command("export")
@@ -40,14 +38,8 @@ def export_command(
     """Export the rebuilt model to ONNX; quantized and sparse layers are written dense, and the report says so."""
     config = recipe_with(recipe, {"export.opset": opset, "export.exporter": exporter, "export.tolerance": tolerance,
                                   "export.latency": latency})
-    if output.suffix != ".onnx":
-        raise OutputError(f"output {output} must end in .onnx")
-    inputs = command_inputs(checkpoint, recipe, config)
-    check_output_path(output, force=force, protect=inputs)
-    report_path = report or default_report_path(output, ".export.json")
-    if report_path.resolve() == output.resolve():
-        raise OutputError(f"report {report_path} is the output; choose another --report path")
-    check_report_path(report_path, force=force, inputs=inputs)
+    report_path = prepare_output(output, force=force, inputs=command_inputs(checkpoint, recipe, config), report=report,
+                                 suffix=".export.json", output_suffix=".onnx")
     model = load(checkpoint)
     _, result = export(model, config.export, output=output)
     path = write_command_report("export", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
