@@ -7,7 +7,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: install dataset demo lint test test-all bench bench-foundation bench-analyze bench-prune bench-quantize \
-        bench-double-prune bench-sparse bench-depth bench-a2e bench-resnet18 bench-resnet18-depth clean
+        bench-double-prune bench-double-prune-gpu bench-double-prune-sweep-gpu bench-sparse bench-depth bench-a2e bench-resnet18 bench-resnet18-depth clean
 
 install: $(VENV)/.installed
 
@@ -128,6 +128,14 @@ SWEEP_BASELINES := $(CACHE)/vgg16_bn-fmnist.safetensors $(CACHE)/resnet20-fmnist
 bench-double-prune: $(SWEEP_BASELINES)
 	$(BIN)/python bench/double_prune.py $< -r recipes/double-prune-vgg16.yaml --seeds 0,1,2 --out $(BENCH)/double-prune
 	$(BIN)/python bench/double_prune.py --sweep bench/double-prune-sweep.yaml --out $(BENCH)/double-prune-sweep
+
+# On a CUDA GPU: the converged VGG-16 baseline and the 3-seed headline, all arms at once (4 minutes on
+# one H200), and the five-model sweep on 12-epoch baselines (longer than one 10-minute GPU call).
+bench-double-prune-gpu: install dataset
+	PYTHON=$(BIN)/python bench/double_prune_gpu.sh $(BENCH)/double-prune-long
+
+bench-double-prune-sweep-gpu: install dataset
+	PYTHON=$(BIN)/python bench/double_prune_sweep_gpu.sh $(BENCH)/double-prune-sweep-long
 
 bench-sparse: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/sparse_linear.py --out $(BENCH)/sparse-linear.json

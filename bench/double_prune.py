@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -38,6 +40,7 @@ import yaml
 
 import dnnprune
 from dnnprune.checkpoint import meta_of, predicted_file_bytes, save
+from dnnprune.lineage import resolve_device
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_macs, count_nonzero_parameters, count_parameters
 from dnnprune.pruning.double import double_prune, slimming_round_steps
@@ -64,17 +67,38 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(e.g. one per seed or arm): one table and summary from all their rows")
     parser.add_argument("--nonzero-from", type=Path, help="the tp arm without the dnnprune arm in this process: "
                         "match the non-zero count of the dnnprune row of the same seed in DIR/result.json")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="with --nonzero-from: wait up to this long for that row (it is read just before the "
+                        "tp arm's parameter pruning, so both arms can run at once)")
+    parser.add_argument("--parallel", action="store_true",
+                        help="one process per (seed, arm), all at once, then one merged table: for a machine with "
+                        "many cores or a GPU that one process leaves idle")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto; where every arm trains and is scored")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/bench/double-prune")
     return parser.parse_args(argv)
 
 
-def matched_nonzero(folder: Path, seed: int) -> int:
-    """The dnnprune arm's non-zero count for `seed` from a finished run, so the anchor can run in another process."""
-    rows = json.loads((folder / "result.json").read_text())["rows"]
-    found = [row["nonzero_params"] for row in rows if row["arm"] == "dnnprune" and row["seed"] == seed]
-    if not found:
-        raise SystemExit(f"{folder}/result.json has no dnnprune row for seed {seed}")
-    return int(found[0])
+DEVICE = torch.device("cpu")  # set once from --device in main(); every arm trains and scores there
+
+
+def matched_nonzero(folder: Path, seed: int, wait: float = 0.0) -> int:
+    """The dnnprune arm's non-zero count for `seed` from another process's run, polled for up to `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        found = [row["nonzero_params"] for row in _rows_in(folder) if row["arm"] == "dnnprune" and row["seed"] == seed]
+        if found:
+            return int(found[0])
+        if time.monotonic() >= deadline:
+            raise SystemExit(f"{folder}/result.json has no dnnprune row for seed {seed}")
+        time.sleep(2.0)
+
+
+def _rows_in(folder: Path) -> list[dict[str, Any]]:
+    """Rows of a result.json that may not exist yet or may be half-written by a running process."""
+    try:
+        return json.loads((folder / "result.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -83,7 +107,8 @@ def matched_nonzero(folder: Path, seed: int) -> int:
 def measure(model: nn.Module, recipe: Recipe, split: str, file_bytes: int | None = None) -> dict[str, Any]:
     meta = meta_of(model)
     task = make_task(meta.task)
-    metrics = evaluate(model, eval_loader(meta, recipe.data, split=split), "cpu", task=task)  # type: ignore[arg-type]
+    model.to(DEVICE)
+    metrics = evaluate(model, eval_loader(meta, recipe.data, split=split), DEVICE, task=task)  # type: ignore[arg-type]
     shape = tuple(meta.input_shape)
     size = {"params": count_parameters(model), "nonzero_params": count_nonzero_parameters(model),
             "macs": sum(count_macs(model, shape).values())}
@@ -109,7 +134,7 @@ def run_phase(model: nn.Module, recipe: Recipe, index: int, steps: int, seed: in
     config: FineTuneSection = recipe.double_prune.finetune.model_copy(update={"epochs": 0.0, "max_steps": steps})
     phase_seed = seed + index
     loader = train_loader(meta_of(model), recipe.data, config.batch_size, phase_seed)
-    fit_loop(model, loader, config, device=torch.device("cpu"), description=f"phase {index}", seed=phase_seed, **kwargs)
+    fit_loop(model, loader, config, device=DEVICE, description=f"phase {index}", seed=phase_seed, **kwargs)
 
 
 # ----------------------------------------------------------------------------- the arms
@@ -119,13 +144,14 @@ def arm_dnnprune(checkpoint: Path, recipe: Recipe, seed: int, split: str, out: P
     model = dnnprune.load(checkpoint)
     section = recipe.double_prune.model_copy(update={"seed": seed, "evaluate": False})
     started = time.perf_counter()
-    model, report = double_prune(model, section, data=recipe.data)
+    model, report = double_prune(model, section, data=recipe.data, device=DEVICE)
     seconds = time.perf_counter() - started
     path = save(model, out / f"dnnprune-seed{seed}.safetensors", force=True)
     row = {"arm": "dnnprune", "seed": seed, "seconds": seconds, **measure(model, recipe, split, path.stat().st_size),
            "slimming_threshold": (report.slimming or {}).get("threshold"),
            "reached_sparsity": (report.parameter_pruning or {}).get("reached_sparsity")}
-    quantized, _ = quantize(dnnprune.load(path), recipe.quantize.model_copy(update={"evaluate": False}), data=recipe.data)
+    quantized, _ = quantize(dnnprune.load(path), recipe.quantize.model_copy(update={"evaluate": False}), data=recipe.data,
+                            device=DEVICE)
     qpath = save(quantized, out / f"dnnprune-q-seed{seed}.safetensors", force=True)
     row["quantized"] = measure(quantized, recipe, split, qpath.stat().st_size)
     return row
@@ -141,16 +167,18 @@ def arm_control(checkpoint: Path, recipe: Recipe, seed: int, split: str) -> dict
             **measure(model, recipe, split, predicted_file_bytes(model, meta_of(model)))}
 
 
-def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, nonzero: int) -> dict[str, Any]:
-    """BNScalePruner at the same lambda, steps and channel ratio, then global L1 to `nonzero` non-zeros."""
+def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str,
+                      nonzero: Callable[[], int]) -> dict[str, Any]:
+    """BNScalePruner at the same lambda, steps and channel ratio, then global L1 to `nonzero()` non-zeros
+    (asked for only when the parameter pruning starts, so it may come from a process running alongside)."""
     import torch_pruning as tp
 
-    model = dnnprune.load(checkpoint)
+    model = dnnprune.load(checkpoint).to(DEVICE)
     meta = meta_of(model)
     section = recipe.double_prune
     strength = section.sparsity_lambda if section.sparsity_lambda is not None else (
         1e-5 if any(hasattr(m, "downsample") or type(m).__name__ == "BasicBlock" for m in model.modules()) else 1e-4)
-    example = torch.zeros(1, *meta.input_shape)
+    example = torch.zeros(1, *meta.input_shape, device=DEVICE)
     teacher = frozen_teacher(model, section.finetune)  # distils exactly as the dnnprune arm does, when it does
     last = model.get_submodule(output_layers(model, meta.input_shape)[0])
     started = time.perf_counter()
@@ -171,7 +199,7 @@ def arm_torch_pruning(checkpoint: Path, recipe: Recipe, seed: int, split: str, n
     if section.sparsity > 0:
         weights = [(m, "weight") for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         dense_rest = count_parameters(model) - sum(m.weight.numel() for m, _ in weights)
-        amount = max(0, sum(m.weight.numel() for m, _ in weights) - (nonzero - dense_rest))
+        amount = max(0, sum(m.weight.numel() for m, _ in weights) - (nonzero() - dense_rest))
         torch_prune.global_unstructured(weights, pruning_method=torch_prune.L1Unstructured, amount=int(amount))
         if section.finetune_steps:
             run_phase(model, recipe, index, section.finetune_steps, seed, teacher=teacher)
@@ -233,7 +261,9 @@ def run_headline(args: argparse.Namespace) -> dict[str, Any]:
         if "control" in arms:
             rows.append(arm_control(args.checkpoint, recipe, seed, args.split))
         if "tp" in arms and (ours or args.nonzero_from):
-            nonzero = ours["nonzero_params"] if ours else matched_nonzero(args.nonzero_from, seed)
+            def nonzero(ours: dict[str, Any] | None = ours, seed: int = seed) -> int:
+                return ours["nonzero_params"] if ours else matched_nonzero(args.nonzero_from, seed, args.wait)
+
             rows.append(arm_torch_pruning(args.checkpoint, recipe, seed, args.split, nonzero))
         _write(args.out, baseline, rows, metric, args)
     return _write(args.out, baseline, rows, metric, args)
@@ -242,8 +272,10 @@ def run_headline(args: argparse.Namespace) -> dict[str, Any]:
 def _write(out: Path, baseline: dict[str, Any], rows: list[dict[str, Any]], metric: str,
            args: argparse.Namespace) -> dict[str, Any]:
     result = {"command": " ".join(sys.argv), "baseline": baseline, "rows": rows, "summary": summary(rows, metric),
-              "threads": torch.get_num_threads(), "split": args.split}
-    (out / "result.json").write_text(json.dumps(result, indent=2))
+              "threads": torch.get_num_threads(), "split": args.split, "device": _device_name()}
+    temporary = out / "result.json.tmp"  # a process running alongside may be polling this file
+    temporary.write_text(json.dumps(result, indent=2))
+    temporary.replace(out / "result.json")
     (out / "table.md").write_text(markdown(rows, baseline, metric))
     print(markdown(rows, baseline, metric), flush=True)
     return result
@@ -275,7 +307,8 @@ def run_sweep(args: argparse.Namespace) -> None:
                 controls[budget] = {"model": model_plan["name"], "arm": "control", "slimming": 0.0, "sparsity": 0.0,
                                     "steps": sum(budget), **arm_control(checkpoint, point_recipe, 0, args.split)}
                 points.append(controls[budget])
-            model, _ = double_prune(dnnprune.load(checkpoint), point_recipe.double_prune, data=recipe.data)
+            model, _ = double_prune(dnnprune.load(checkpoint), point_recipe.double_prune, data=recipe.data,
+                                    device=DEVICE)
             path = save(model, args.out / f"{model_plan['name']}-{slimming}-{sparsity}.safetensors", force=True)
             row = measure(model, recipe, args.split, path.stat().st_size)
             metric = next(k for k in ("top1", "roc_auc") if k in row)
@@ -356,14 +389,21 @@ def run_merge(args: argparse.Namespace) -> dict[str, Any]:
     if all((folder / "sweep.json").exists() for folder in args.merge):
         return merge_sweeps(args)
     results = [json.loads((folder / "result.json").read_text()) for folder in args.merge]
-    baselines = {json.dumps(r["baseline"], sort_keys=True) for r in results}
-    if len(baselines) != 1 or len({r["split"] for r in results}) != 1:
+    if not all(_same_baseline(results[0]["baseline"], r["baseline"]) for r in results) or \
+            len({r["split"] for r in results}) != 1:
         raise SystemExit("the runs to merge must share the baseline measurement and the split")
     rows = sorted((row for r in results for row in r["rows"]), key=lambda row: (row["seed"], row["arm"]))
     args.split = results[0]["split"]
     args.out.mkdir(parents=True, exist_ok=True)
     metric = "top1" if "top1" in results[0]["baseline"] else "roc_auc"
     return _write(args.out, results[0]["baseline"], rows, metric, args)
+
+
+def _same_baseline(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """The same checkpoint measured by two processes: sizes equal, scores equal up to GPU kernel choice."""
+    if a.keys() != b.keys():
+        return False
+    return all(abs(a[k] - b[k]) <= 1e-3 if isinstance(a[k], float) else a[k] == b[k] for k in a)
 
 
 def merge_sweeps(args: argparse.Namespace) -> dict[str, Any]:
@@ -388,9 +428,49 @@ def merge_sweeps(args: argparse.Namespace) -> dict[str, Any]:
     return {"points": points}
 
 
+def _device_name() -> str:
+    return torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
+
+
+def run_parallel(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (seed, arm) in its own process at once (tp waits for its seed's dnnprune count), then one table.
+
+    Each process is this script with one seed and one arm, so the rows are exactly those of a serial run.
+    """
+    arms, seeds = args.arms.split(","), args.seeds.split(",")
+    base = [sys.executable, str(Path(__file__).resolve()), str(args.checkpoint), "-r", str(args.recipe),
+            "--split", args.split, "--device", args.device]
+    jobs: dict[Path, list[str]] = {}
+    for seed in seeds:
+        for arm in arms:
+            folder = args.out / f"{arm}-seed{seed}"
+            extra = ["--nonzero-from", str(args.out / f"dnnprune-seed{seed}"), "--wait", "86400"] if arm == "tp" else []
+            jobs[folder] = [*base, "--seeds", seed, "--arms", arm, *extra, "--out", str(folder)]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    running = {folder: subprocess.Popen(command, env=env, stdout=(folder.parent / f"{folder.name}.log").open("w"),
+                                        stderr=subprocess.STDOUT) for folder, command in jobs.items()}
+    while any(process.poll() is None for process in running.values()):
+        failed = [folder.name for folder, process in running.items() if process.poll() not in (None, 0)]
+        if failed:  # a tp arm would wait for a count that never comes: stop them all
+            for process in running.values():
+                process.kill()
+            raise SystemExit(f"arms failed: {', '.join(failed)}; see their .log files in {args.out}")
+        time.sleep(1.0)
+    failed = [folder.name for folder, process in running.items() if process.returncode != 0]
+    if failed:
+        raise SystemExit(f"arms failed: {', '.join(failed)}; see their .log files in {args.out}")
+    args.merge = list(jobs)
+    return run_merge(args)
+
+
 def main(argv: list[str] | None = None) -> None:
+    global DEVICE
     args = parse_args(argv)
-    if args.merge:
+    DEVICE = resolve_device(args.device)
+    if args.parallel and not args.merge:
+        run_parallel(args)
+    elif args.merge:
         run_merge(args)
     elif args.sweep is not None:
         run_sweep(args)

@@ -145,3 +145,42 @@ def test_sweeps_run_in_separate_processes_merge_into_one_table(tmp_path: Path) -
     bench_module("double_prune.py").main(["--merge", str(tmp_path / "a"), str(tmp_path / "c"), "--out", str(out)])
     merged = json.loads((out / "sweep.json").read_text())["points"]
     assert merged == sweeps["a"] + later[2:]
+
+
+def test_the_anchor_waits_for_the_count_that_a_process_alongside_writes(tmp_path: Path) -> None:
+    bench = bench_module("double_prune.py")
+    (tmp_path / "result.json").write_text("{half a fi")  # a writer mid-way: not yet a row, not an error
+    with pytest.raises(SystemExit, match="seed 0"):
+        bench.matched_nonzero(tmp_path, 0, wait=0.1)
+    (tmp_path / "result.json").write_text('{"rows": [{"arm": "dnnprune", "seed": 0, "nonzero_params": 7}]}')
+    assert bench.matched_nonzero(tmp_path, 0, wait=0.1) == 7
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_parallel_arms_give_the_rows_of_a_serial_run(tmp_path: Path) -> None:
+    """--parallel runs each arm in its own process; tp still matches the dnnprune count of its seed."""
+    data = _write_fashion(tmp_path / "data")
+    recipe = {"data": {"dataset": "fashion-mnist", "root": str(data), "val_fraction": 0.2, "batch_size": 64},
+              "double_prune": {"slimming_ratio": 0.4, "sparsity": 0.6, "sparsity_steps": 2, "finetune_steps": 4,
+                               "finetune": {"batch_size": 16, "lr": 0.01}},
+              "quantize": {"method": "kmeans", "bits": 6, "layers": ["type:Linear"]}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    checkpoint = make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+    bench = bench_module("double_prune.py")
+    common = [str(checkpoint), "-r", str(tmp_path / "recipe.yaml"), "--split", "val", "--seeds", "0"]
+
+    bench.main([*common, "--parallel", "--out", str(tmp_path / "parallel")])
+    bench.main([*common, "--out", str(tmp_path / "serial")])
+
+    def rows(folder: str) -> dict[str, dict]:
+        result = yaml.safe_load((tmp_path / folder / "result.json").read_text())
+        return {row["arm"]: row for row in result["rows"]}
+
+    parallel, serial = rows("parallel"), rows("serial")
+    assert sorted(parallel) == ["control", "dnnprune", "tp"]
+    assert parallel["tp"]["nonzero_params"] == parallel["dnnprune"]["nonzero_params"]
+    for arm in parallel:  # one process per arm changes nothing in what each arm computes
+        for key in ("top1", "params", "nonzero_params", "macs"):
+            assert parallel[arm][key] == pytest.approx(serial[arm][key]), (arm, key)
+    assert "| tp | 0 |" in (tmp_path / "parallel" / "table.md").read_text()
