@@ -319,7 +319,12 @@ def stratified_subset(ds: Dataset, n: int, seed: int) -> Dataset:
     """A fixed, class-balanced sample (for quick analysis/scoring) that is the same for the same seed."""
     if n < 1 or n > len(ds):
         raise DatasetError(f"asked for {n} samples but the dataset has {len(ds)}; use a number from 1 to {len(ds)}")
-    return subset(ds, _stratified_parts(dataset_targets(ds), [n], seed)[0].tolist())
+    targets = dataset_targets(ds)
+    classes = int(targets.unique().numel())
+    if n < classes:  # a metric on a sample missing whole classes reads as a real (and alarming) number
+        raise DatasetError(f"asked for {n} samples, fewer than the dataset's {classes} classes, so some classes "
+                           f"would get none; use at least {classes} (a few thousand give a stable accuracy)")
+    return subset(ds, _stratified_parts(targets, [n], seed)[0].tolist())
 
 
 def subset(ds: Dataset, indices: list[int]) -> Dataset:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch.nn as nn
 
-from dnnprune.checkpoint import CheckpointMeta, attach_meta, load
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, meta_of
 from dnnprune.data import DATASETS, InputSpec, default_spec, load_splits
 from dnnprune.errors import DatasetError, ModelError
 from dnnprune.models import accepts_argument, create_model, model_task
@@ -19,8 +19,19 @@ from dnnprune.training import seed_everything
 def model_from_source(source: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:
     """A checkpoint path is loaded (to fine-tune it); an architecture name is built from scratch."""
     if source.endswith(".safetensors") or Path(source).is_file():
-        return load(source)
+        return load_for_recipe(source, model)
     return new_model(source, model, data, seed)
+
+
+def load_for_recipe(path: str | Path, section: ModelSection) -> nn.Module:
+    """A checkpoint, refused where the recipe was written for another architecture: its settings were
+    chosen for that one, and its `model:` section would otherwise be dropped without a word."""
+    loaded = load(path)
+    arch = meta_of(loaded).arch
+    if section.arch and section.arch != arch:
+        raise ModelError(f"{path} is a {arch!r} checkpoint but the recipe's model.arch is {section.arch!r}; use a "
+                         f"recipe for {arch!r} or delete model.arch from it")
+    return loaded
 
 
 def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:

@@ -120,6 +120,7 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
     encodings = {f"{name}.weight": _stacked(existing.get(f"{name}.weight"), config.method, bits)
                  for name, bits in plan.items()}
     originals: dict[str, torch.Tensor] = {}
+    stored_before: dict[str, int] = {}  # what each layer takes in the input checkpoint (sparse inputs: less than fp32)
     kept: dict[str, str] = {}
     for name, bits in plan.items():
         module = model.get_submodule(name)
@@ -134,7 +135,7 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
             kept[name] = f"{bits}-bit codes would take {after:,} bytes, more than the {now:,} it takes now"
             del encodings[f"{name}.weight"]
             continue
-        originals[name] = weight
+        originals[name], stored_before[name] = weight, now
         _set_weight(module, coded)
     meta = getattr(model, "dnnprune_meta", None)
     if isinstance(meta, CheckpointMeta):
@@ -146,8 +147,8 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
             raise DnnpruneError("quantize.finetune asks for training but no training data was given")
         history, changed = finetune_codes(model, encodings, train_loader, config.finetune, device=device,
                                           observer=observer, seed=config.seed, teacher=teacher)
-    layers = [_layer_result(name, model.get_submodule(name), originals[name], encodings[f"{name}.weight"])
-              for name in plan if name in originals]
+    layers = [_layer_result(name, model.get_submodule(name), originals[name], encodings[f"{name}.weight"],
+                            stored_before[name]) for name in plan if name in originals]
     return QuantizeResult(layers, encodings, history, changed, kept)
 
 
@@ -175,7 +176,8 @@ def _set_weight(module: nn.Module, value: torch.Tensor) -> None:
         module.weight.copy_(value)
 
 
-def _layer_result(name: str, module: nn.Module, original: torch.Tensor, spec: Encoding) -> LayerResult:
+def _layer_result(name: str, module: nn.Module, original: torch.Tensor, spec: Encoding,
+                  bytes_before: int) -> LayerResult:
     weight = module.weight.detach().cpu().float()
     error = (weight.double() - original.double()).pow(2).sum().item()
     signal = original.double().pow(2).sum().item()
@@ -183,7 +185,7 @@ def _layer_result(name: str, module: nn.Module, original: torch.Tensor, spec: En
     values = spec.values
     return LayerResult(name=name, type=type(module).__name__, method=values.codec if values else "float",
                        bits=values.bits if values else 32, params=weight.numel(), mse=error / max(1, weight.numel()),
-                       sqnr_db=sqnr, bytes_before=original.numel() * 4, bytes_after=encoded_nbytes(weight, spec))
+                       sqnr_db=sqnr, bytes_before=bytes_before, bytes_after=encoded_nbytes(weight, spec))
 
 
 # ----------------------------------------------------------------------------- fine-tuning with codes frozen

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import types
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dnnprune.errors import RecipeError
 from dnnprune.tasks import TaskSpec
@@ -19,6 +20,15 @@ Runtime = Literal["eager", "fused"]  # what latency is timed on (dnnprune/infere
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        """`bits: true` is a typo, not 1: pydantic's lax mode would read it as 1 without a word."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else Any
+        if _stray_bool(value, annotation):
+            raise ValueError("got a yes/no value (true/false) where a number is expected; give a number")
+        return value
 
 
 class ModelSection(Section):
@@ -330,6 +340,20 @@ class Recipe(Section):
     device: Device = "auto"
 
 
+def _stray_bool(value: Any, annotation: Any) -> bool:
+    """A bool where the annotation wants a number (also inside a list or dict of numbers)."""
+    if annotation is Any or annotation is bool:
+        return False
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return all(_stray_bool(value, arm) for arm in args)
+    if origin is list and isinstance(value, list) and args:
+        return any(_stray_bool(item, args[0]) for item in value)
+    if origin is dict and isinstance(value, dict) and len(args) == 2:
+        return any(_stray_bool(item, args[1]) for item in value.values())
+    return isinstance(value, bool) and annotation in (int, float)
+
+
 def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read YAML, apply `section.key` overrides (None means 'not given'), validate once."""
     raw = _read_yaml(path) if path is not None else {}
@@ -352,6 +376,7 @@ def format_validation_error(exc: ValidationError) -> str:
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         reason = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
+        reason = reason.removeprefix("Value error, ")
         parts.append(f"{key}: {reason}")
     return "; ".join(parts)
 

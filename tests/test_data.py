@@ -302,6 +302,9 @@ def test_stratified_subset_balance_and_bounds(tmp_path: Path) -> None:
     assert stratified_subset(s.train, 30, seed=5).indices == sub.indices
     with pytest.raises(DatasetError, match=r"asked for 91 .* has 90"):
         stratified_subset(s.train, 91, seed=0)
+    with pytest.raises(DatasetError, match=r"asked for 9 samples, fewer than the dataset's 10 classes.*at least 10"):
+        stratified_subset(s.train, 9, seed=0)
+    assert torch.bincount(dataset_targets(stratified_subset(s.train, 10, seed=0)), minlength=10).tolist() == [1] * 10
 
 
 def test_loader_shuffle_is_seeded(tmp_path: Path) -> None:

@@ -325,3 +325,22 @@ def test_finetuning_moves_the_codebook_and_keeps_weights_on_it(method: str) -> N
 
 def parametrize_left(module: nn.Module) -> bool:
     return hasattr(module, "parametrizations")
+
+
+def test_a_sparse_layer_reports_its_sparse_bytes_as_before_and_the_file_shrinks_by_that(tmp_path: Path) -> None:
+    """Quantizing after double-prune: 'before' is what the sparse layer takes on disk, not dense fp32."""
+    from dnnprune.codecs.spec import Encoding, SparseSpec
+
+    model = _model("mlp", hidden=[200])
+    layer = model.get_submodule("classifier.1")
+    with torch.no_grad():
+        layer.weight.mul_(layer.weight.abs() > layer.weight.abs().quantile(0.8))  # 80 % zeros
+    model.dnnprune_meta.encodings["classifier.1.weight"] = Encoding(sparse=SparseSpec(index_bits=5))
+    sparse_file = save(model, tmp_path / "sparse.safetensors")
+
+    result = q.quantize_layers(model, QuantizeSection(method="kmeans", bits=5, layers=["classifier.1"]))
+    row = next(r for r in result.layers if r.name == "classifier.1")
+    assert row.bytes_before < layer.weight.numel() * 4 / 3  # about a fifth of the weights stored, plus indices
+    quantized_file = save(model, tmp_path / "quantized.safetensors")
+    saved = sparse_file.stat().st_size - quantized_file.stat().st_size
+    assert saved == pytest.approx(row.bytes_before - row.bytes_after, rel=0.05)

@@ -67,3 +67,35 @@ def test_recipe_must_be_a_mapping(tmp_path: Path) -> None:
 
 def test_defaults_are_a_valid_recipe() -> None:
     assert isinstance(validate_recipe({}), Recipe)
+
+
+@pytest.mark.parametrize("raw", [{"quantize": {"bits": True}}, {"train": {"lr": False}}, {"train": {"epochs": True}},
+                                 {"quantize": {"layer_bits": {"type:Conv2d": True}}},
+                                 {"prune": {"max_accuracy_drop": True}}])
+def test_a_yes_no_value_is_not_read_as_a_number(raw: dict) -> None:
+    """pydantic's lax mode reads `bits: true` as 1; a recipe typo must be refused instead."""
+    section, values = next(iter(raw.items()))
+    key = next(iter(values))
+    with pytest.raises(RecipeError, match=rf"{section}\.{key}: got a yes/no value .* give a number$"):
+        validate_recipe(raw)
+
+
+def test_yes_no_fields_and_numbers_written_as_strings_still_validate() -> None:
+    recipe = validate_recipe({"quantize": {"bits": 6, "evaluate": False}, "train": {"lr": "1e-4"},
+                              "prune": {"samples": None}})
+    assert recipe.quantize.bits == 6 and recipe.quantize.evaluate is False and recipe.train.lr == 1e-4
+
+
+def test_cli_refuses_a_yes_no_bits_in_one_line(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dnnprune.cli import app
+    from tests.cli.test_bad_input import _assert_clean_failure
+    from tests.conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "lenet.safetensors")
+    (tmp_path / "recipe.yaml").write_text("quantize:\n  bits: true\n")
+    out = tmp_path / "q.safetensors"
+    result = CliRunner().invoke(app, ["quantize", str(checkpoint), "-r", str(tmp_path / "recipe.yaml"), "-o", str(out)])
+    _assert_clean_failure(result, "quantize.bits", "give a number")
+    assert not out.exists()

@@ -11,7 +11,7 @@ from rich.table import Table
 from rich.text import Text
 
 from dnnprune.analysis import AnalyzeReport, analyze, output_paths, write_outputs
-from dnnprune.checkpoint import check_output_path, load
+from dnnprune.checkpoint import check_output_path
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -35,6 +35,7 @@ from dnnprune.distributed import (
     tune_malloc,
 )
 from dnnprune.errors import DnnpruneError, OutputError
+from dnnprune.fresh import load_for_recipe
 from dnnprune.lineage import resolve_device
 from dnnprune.reports import default_report_path
 from dnnprune.tasks import Task
@@ -79,7 +80,7 @@ def analyze_command(
         config = recipe_with(recipe, overrides)
         path = output or default_report_path(checkpoint, ".analysis.json")
         _check_outputs(path, force, command_inputs(checkpoint, recipe, config))
-        model = load(checkpoint)
+        model = load_for_recipe(checkpoint, config.model)
         run_device = process_device(resolve_device(config.device), world)
         tune_malloc()
         started = init_distributed(world, run_device)

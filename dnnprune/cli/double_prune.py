@@ -8,7 +8,6 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -30,6 +29,7 @@ from dnnprune.cli._app import (
     run_and_save,
     write_command_report,
 )
+from dnnprune.fresh import load_for_recipe
 from dnnprune.pruning.double import DoublePruneReport, double_prune
 
 
@@ -68,7 +68,7 @@ def double_prune_command(
     config = recipe_with(recipe, overrides)
     inputs = command_inputs(checkpoint, recipe, config)
     report_path = prepare_output(output, force=force, inputs=inputs, report=report)
-    result = run_and_save(double_prune, load(checkpoint), config.double_prune, config, output, force=force,
+    result = run_and_save(double_prune, load_for_recipe(checkpoint, config.model), config.double_prune, config, output, force=force,
                           inputs=inputs)
     if result is None:
         return

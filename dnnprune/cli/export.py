@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     ForceOption,
     RecipeOption,
@@ -21,6 +20,7 @@ from dnnprune.cli._app import (
     write_command_report,
 )
 from dnnprune.export import ExportReport, export
+from dnnprune.fresh import load_for_recipe
 
 
 @command("export")
@@ -40,7 +40,7 @@ def export_command(
                                   "export.latency": latency})
     report_path = prepare_output(output, force=force, inputs=command_inputs(checkpoint, recipe, config), report=report,
                                  suffix=".export.json", output_suffix=".onnx")
-    model = load(checkpoint)
+    model = load_for_recipe(checkpoint, config.model)
     _, result = export(model, config.export, output=output)
     path = write_command_report("export", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
     console.print(_table(result))

@@ -8,7 +8,6 @@ from typing import Annotated, Any, Mapping
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -30,6 +29,7 @@ from dnnprune.cli._app import (
     run_and_save,
     write_command_report,
 )
+from dnnprune.fresh import load_for_recipe
 from dnnprune.pruning import PruneReport, prune
 from dnnprune.pruning.structured import parse_target
 
@@ -79,7 +79,7 @@ def prune_command(
     config = recipe_with(recipe, overrides)
     inputs = command_inputs(checkpoint, recipe, config)
     report_path = prepare_output(output, force=force, inputs=inputs, report=report)
-    result = run_and_save(prune, load(checkpoint), config.prune, config, output, force=force, inputs=inputs,
+    result = run_and_save(prune, load_for_recipe(checkpoint, config.model), config.prune, config, output, force=force, inputs=inputs,
                           formatter=_row_line)
     if result is None:
         return

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -32,6 +31,7 @@ from dnnprune.cli._app import (
     write_command_report,
 )
 from dnnprune.errors import DnnpruneError
+from dnnprune.fresh import load_for_recipe
 from dnnprune.quantization import QuantizeReport, quantize
 
 
@@ -66,7 +66,7 @@ def quantize_command(
     config = recipe_with(recipe, overrides)
     inputs = command_inputs(checkpoint, recipe, config)
     report_path = prepare_output(output, force=force, inputs=inputs, report=report)
-    result = run_and_save(quantize, load(checkpoint), config.quantize, config, output, force=force, inputs=inputs)
+    result = run_and_save(quantize, load_for_recipe(checkpoint, config.model), config.quantize, config, output, force=force, inputs=inputs)
     if result is None:
         return
     result.with_file_sizes(checkpoint, output)

@@ -9,7 +9,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from dnnprune.checkpoint import load
 from dnnprune.cli._app import (
     DataRootOption,
     DatasetOption,
@@ -26,6 +25,7 @@ from dnnprune.cli._app import (
     recipe_with,
     write_command_report,
 )
+from dnnprune.fresh import load_for_recipe
 from dnnprune.reports import default_report_path, envelope
 from dnnprune.scoring import ScoreReport, score
 
@@ -55,7 +55,7 @@ def score_command(
                                   **common_overrides(device, data_root, dataset, download)})
     path = report or default_report_path(checkpoint, ".score.json")
     check_report_path(path, force=force, inputs=command_inputs(checkpoint, recipe, config))
-    model = load(checkpoint)
+    model = load_for_recipe(checkpoint, config.model)
     _, result = score(model, config.score, data=config.data, device=config.device, checkpoint_path=checkpoint)
     inputs = {"checkpoint": str(checkpoint), "recipe": recipe}
     write_command_report("score", result, path, inputs)

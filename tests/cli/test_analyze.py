@@ -95,6 +95,14 @@ def test_more_samples_than_the_split_holds(runner: CliRunner, tmp_path: Path) ->
     assert _outputs(tmp_path) == []
 
 
+@needs_fmnist
+def test_fewer_samples_than_classes_is_refused_not_scored_as_zero(runner: CliRunner, tmp_path: Path) -> None:
+    checkpoint = make_checkpoint(tmp_path / "lenet5.safetensors")
+    result = runner.invoke(app, ["analyze", str(checkpoint), "--samples", "5"])
+    _assert_clean_failure(result, "fewer than the dataset's 10 classes", "at least 10")
+    assert _outputs(tmp_path) == []
+
+
 def test_existing_output_needs_force(runner: CliRunner, tmp_path: Path) -> None:
     checkpoint = make_checkpoint(tmp_path / "lenet5.safetensors")
     plot = tmp_path / "lenet5.analysis.png"

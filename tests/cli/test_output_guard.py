@@ -149,3 +149,18 @@ def test_diverging_training_stops_and_writes_nothing(runner: CliRunner, tmp_path
                                  "--lr", "1e12", "--max-steps", "20", "--batch-size", "32", "-o", str(out)])
     _assert_clean_failure(result, "training diverged", "lower the learning rate")
     assert not out.exists() and not out.with_suffix(".json").exists()
+
+
+@pytest.mark.parametrize("command", [["prune", "--ratio", "0.5"], ["quantize"], ["train", "--max-steps", "1"],
+                                     ["score"], ["export"]])
+def test_a_recipe_for_another_architecture_is_refused_before_any_work(runner: CliRunner, tmp_path: Path,
+                                                                      lenet_checkpoint: Path, command: list[str]) -> None:
+    """The recipe's model: section would be dropped without a word, and its settings were tuned for that model."""
+    recipe = tmp_path / "resnet20.yaml"
+    recipe.write_text("model:\n  arch: resnet20\n")
+    name, *extra = command
+    out = tmp_path / ("out.onnx" if name == "export" else "out.safetensors")
+    args = [name, str(lenet_checkpoint), "-r", str(recipe), *extra] + ([] if name == "score" else ["-o", str(out)])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    _assert_clean_failure(runner.invoke(app, args), "'lenet5' checkpoint", "model.arch is 'resnet20'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
