@@ -32,8 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--runtimes", default="eager",
-                        help="comma list of eager (PyTorch as trained) and fused (TorchScript-frozen: BatchNorm folded, "
-                             "conv + activation fused), each timed for every model")
+                        help="comma list of eager (PyTorch as trained), fused (TorchScript-frozen: BatchNorm folded, "
+                             "conv + activation fused) and onnxruntime (the ONNX export), each timed for every model")
     parser.add_argument("--out", type=Path, required=True)
     return parser.parse_args(argv)
 

@@ -10,9 +10,6 @@ nothing is written and the command fails with the difference.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from torch import nn
 
 from dnnprune.checkpoint import atomic_write_bytes, meta_of
 from dnnprune.errors import DnnpruneError
+from dnnprune.inference import onnx_bytes, onnx_session
 from dnnprune.latency import interleaved_ms
 from dnnprune.lineage import command
 from dnnprune.observe import Observer
@@ -51,8 +49,8 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
     shape = tuple(meta.input_shape)
     generator = torch.Generator().manual_seed(section.seed)
     sample = torch.randn(2, *shape, generator=generator)
-    payload = _to_onnx(model, sample, section)
-    session = _session(payload)
+    payload = onnx_bytes(model, sample, exporter=section.exporter, opset=section.opset)
+    session = onnx_session(payload)
     check = torch.randn(section.check_batch, *shape, generator=generator)
     parity = _parity(model, session, check, section.tolerance)
     atomic_write_bytes(output, payload)
@@ -61,36 +59,6 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
                           input_name=session.get_inputs()[0].name, input_shape=list(session.get_inputs()[0].shape),
                           dense_layers=sorted(meta.encodings), parity=parity, latency=latency)
     return model, report
-
-
-def _to_onnx(model: nn.Module, sample: torch.Tensor, section: ExportSection) -> bytes:
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        path = os.path.join(folder, "model.onnx")
-        try:
-            if section.exporter == "dynamo":
-                batch = torch.export.Dim("batch", min=1)
-                program = torch.onnx.export(model, (sample,), dynamo=True, opset_version=section.opset,
-                                            dynamic_shapes=({0: batch},), verbose=False)
-                program.save(path)
-            else:
-                torch.onnx.export(model, (sample,), path, dynamo=False, opset_version=section.opset,
-                                  input_names=["input"], output_names=["output"],
-                                  dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
-        except Exception as exc:  # any exporter failure is reported in one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            other = "torchscript" if section.exporter == "dynamo" else "dynamo"
-            raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: {first}); "
-                                f"try --exporter {other}") from None
-        return Path(path).read_bytes()
-
-
-def _session(payload: bytes) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])
 
 
 def _parity(model: nn.Module, session: Any, batch: torch.Tensor, tolerance: float) -> dict[str, Any]:

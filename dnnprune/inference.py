@@ -6,13 +6,19 @@ output channels, so in eager mode a width-pruned model's speedup lags its MACs r
 model folds BatchNorm into the convolution and fuses the activation, and that is what `fused` times:
 the model frozen and optimized by TorchScript (`torch.jit.freeze` + `optimize_for_inference`, which
 folds BatchNorm, fuses conv + ReLU and keeps oneDNN's layouts between layers). Both the original and
-the pruned model are timed on the same runtime, so a speedup compares like with like.
+the pruned model are timed on the same runtime, so a speedup compares like with like. `onnxruntime`
+times the model exported to ONNX (what `dnnprune export` writes) on onnxruntime's CPU provider, with
+torch's thread count, since a deployment may run neither of torch's runtimes and the kernels that
+suit a narrow pruned layer differ between libraries.
 """
 
 from __future__ import annotations
 
 import copy
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any, Callable, get_args
 
 import torch
@@ -31,6 +37,8 @@ def runner(model: nn.Module, sample: torch.Tensor, runtime: Runtime = "eager") -
         return _eager(model, sample)
     if runtime == "fused":
         return _fused(model, sample)
+    if runtime == "onnxruntime":
+        return _onnxruntime(model, sample)
     raise DnnpruneError(f"unknown latency runtime {runtime!r}; use one of {', '.join(RUNTIMES)}")
 
 
@@ -57,3 +65,48 @@ def _fused(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
         with torch.no_grad():
             return frozen(sample)
     return run
+
+
+def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
+    """The model exported at this sample's shape, run by onnxruntime with as many threads as torch uses."""
+    session = onnx_session(onnx_bytes(model, sample, dynamic_batch=False), threads=torch.get_num_threads())
+    feed = {session.get_inputs()[0].name: sample.numpy()}
+
+    def run() -> Any:
+        return session.run(None, feed)
+    return run
+
+
+def onnx_bytes(model: nn.Module, sample: torch.Tensor, *, exporter: str = "torchscript", opset: int = 17,
+               dynamic_batch: bool = True) -> bytes:
+    """The model as ONNX bytes; any exporter failure becomes one line naming the other exporter."""
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = os.path.join(folder, "model.onnx")
+        try:
+            if exporter == "dynamo":
+                shapes = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
+                program = torch.onnx.export(model, (sample,), dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                            verbose=False)
+                program.save(path)
+            else:
+                axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
+                torch.onnx.export(model, (sample,), path, dynamo=False, opset_version=opset, input_names=["input"],
+                                  output_names=["output"], dynamic_axes=axes)
+        except Exception as exc:  # any exporter failure is reported in one line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            other = "torchscript" if exporter == "dynamo" else "dynamo"
+            raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: {first}); "
+                                f"try --exporter {other}") from None
+        return Path(path).read_bytes()
+
+
+def onnx_session(payload: bytes, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session; `threads` sets its intra-op pool (None: onnxruntime's own default)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(payload, options, providers=["CPUExecutionProvider"])

@@ -15,7 +15,7 @@ from dnnprune.tasks import TaskSpec
 
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
-Runtime = Literal["eager", "fused"]  # what latency is timed on (dnnprune/inference.py)
+Runtime = Literal["eager", "fused", "onnxruntime"]  # what latency is timed on (dnnprune/inference.py)
 
 
 class Section(BaseModel):
@@ -87,8 +87,9 @@ class LatencySection(Section):
     warmup: int = Field(3, ge=0)
     repeats: int = Field(15, gt=0)
     threads: int | None = Field(None, gt=0)
-    runtime: Runtime = Field("eager", description="eager: PyTorch as trained; fused: TorchScript-"
-                                               "frozen, BatchNorm folded and conv + activation fused (a deployment)")
+    runtime: Runtime = Field("eager", description="eager: PyTorch as trained; fused: TorchScript-frozen, BatchNorm "
+                                               "folded and conv + activation fused (a deployment); onnxruntime: the "
+                                               "ONNX export on onnxruntime's CPU provider")
 
 
 class NetScoreSection(Section):
@@ -193,8 +194,8 @@ class PruneSection(Section):
         0.05, ge=0.0, lt=0.5, description="--target latency:F counts as met from F x (1 - this) up: CPU timings move by "
                                           "a few percent between measurements, so the solver aims at F and verifies")
     latency_runtime: Runtime = Field(
-        "eager", description="what latency is timed on: eager PyTorch, or fused (TorchScript-frozen, BatchNorm folded, "
-                             "conv + activation fused), as a deployment runs it")
+        "eager", description="what latency is timed on: eager PyTorch, fused (TorchScript-frozen, BatchNorm folded, "
+                             "conv + activation fused), as a deployment runs it, or onnxruntime (the ONNX export)")
     report_latency: bool = Field(False, description="time the model before and after at batch 1 and latency_batch, "
                                                     "interleaved in one process, and report the speedups")
     exclude: list[str] = Field(default_factory=list)

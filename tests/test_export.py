@@ -172,8 +172,8 @@ class _Skewed:
 def _skew(monkeypatch: pytest.MonkeyPatch, delta: float) -> None:
     import dnnprune.export as module
 
-    real = module._session
-    monkeypatch.setattr(module, "_session", lambda payload: _Skewed(real(payload), delta))
+    real = module.onnx_session
+    monkeypatch.setattr(module, "onnx_session", lambda payload: _Skewed(real(payload), delta))
 
 
 def test_a_mismatch_fails_and_writes_nothing(checkpoints: dict[str, Path], tmp_path: Path,

@@ -70,3 +70,22 @@ def test_reference_builds_its_runner_once_and_survives_in_place_changes(monkeypa
     assert built == ["fused"] * 4  # the reference once, each candidate once
     model[0].weight.data.zero_()  # a later in-place change to the original does not reach the reference
     assert reference.run().abs().sum() > 0
+
+
+def test_onnxruntime_computes_what_torch_computes_with_torchs_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import dnnprune.inference as inference
+
+    asked: list[int | None] = []
+    real = inference.onnx_session
+    monkeypatch.setattr(inference, "onnx_session", lambda payload, threads=None: asked.append(threads) or real(payload, threads))
+    model = conv_bn_relu()
+    sample = torch.randn(3, 3, 12, 12)
+    (got,) = runner(model, sample, "onnxruntime")()
+    torch.testing.assert_close(torch.from_numpy(got), runner(model, sample, "eager")(), rtol=1e-4, atol=1e-5)
+    assert asked == [torch.get_num_threads()]
+
+
+def test_compare_models_on_onnxruntime() -> None:
+    small = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
+    times = compare_models([conv_bn_relu(), small.eval()], (3, 12, 12), batch=2, repeats=3, runtime="onnxruntime")
+    assert len(times) == 2 and all(t > 0 for t in times)
