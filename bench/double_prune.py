@@ -450,16 +450,16 @@ def run_parallel(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     running = {folder: subprocess.Popen(command, env=env, stdout=(folder.parent / f"{folder.name}.log").open("w"),
                                         stderr=subprocess.STDOUT) for folder, command in jobs.items()}
-    while any(process.poll() is None for process in running.values()):
-        failed = [folder.name for folder, process in running.items() if process.poll() not in (None, 0)]
+    while True:
+        codes = {folder.name: process.poll() for folder, process in running.items()}
+        failed = [name for name, code in codes.items() if code not in (None, 0)]
         if failed:  # a tp arm would wait for a count that never comes: stop them all
             for process in running.values():
                 process.kill()
             raise SystemExit(f"arms failed: {', '.join(failed)}; see their .log files in {args.out}")
+        if None not in codes.values():
+            break
         time.sleep(1.0)
-    failed = [folder.name for folder, process in running.items() if process.returncode != 0]
-    if failed:
-        raise SystemExit(f"arms failed: {', '.join(failed)}; see their .log files in {args.out}")
     args.merge = list(jobs)
     return run_merge(args)
 

@@ -19,8 +19,8 @@ stamp() { echo "[$(( $(date +%s) - started )) s] $*"; }
 smoke_run() {
     $py -m dnnprune train vgg16_bn -r recipes/vgg16-fmnist-long.yaml --max-steps 20 --device "$device" \
         -o "$smoke/base.safetensors" --force &&
-    sed -e 's/sparsity_steps: 500/sparsity_steps: 10/' -e 's/finetune_steps: 2000/finetune_steps: 20/' \
-        recipes/double-prune-vgg16-long.yaml >"$smoke/recipe.yaml" &&
+    sed -E -e 's/sparsity_steps: [0-9]+/sparsity_steps: 10/' -e 's/finetune_steps: [0-9]+/finetune_steps: 20/' \
+        "$recipe" >"$smoke/recipe.yaml" &&
     $py bench/double_prune.py "$smoke/base.safetensors" -r "$smoke/recipe.yaml" --split val --seeds 0 \
         --parallel --device "$device" --out "$smoke/run"
 }

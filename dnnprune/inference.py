@@ -24,6 +24,7 @@ from typing import Any, Callable, get_args
 import torch
 import torch.nn as nn
 
+from dnnprune.checkpoint import first_line
 from dnnprune.errors import DnnpruneError
 from dnnprune.recipe import Runtime
 
@@ -69,7 +70,8 @@ def _fused(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
 
 def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
     """The model exported at this sample's shape, run by onnxruntime with as many threads as torch uses."""
-    session = onnx_session(onnx_bytes(model, sample, dynamic_batch=False), threads=torch.get_num_threads())
+    payload = onnx_bytes(model, sample, dynamic_batch=False, hint="time it on the eager or fused runtime instead")
+    session = onnx_session(payload, threads=torch.get_num_threads())
     feed = {session.get_inputs()[0].name: sample.numpy()}
 
     def run() -> Any:
@@ -78,8 +80,9 @@ def _onnxruntime(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
 
 
 def onnx_bytes(model: nn.Module, sample: torch.Tensor, *, exporter: str = "torchscript", opset: int = 17,
-               dynamic_batch: bool = True) -> bytes:
-    """The model as ONNX bytes; any exporter failure becomes one line naming the other exporter."""
+               dynamic_batch: bool = True, hint: str | None = None) -> bytes:
+    """The model as ONNX bytes; any exporter failure becomes one line ending in `hint` (by default: the
+    other exporter, which is what `export` offers)."""
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = os.path.join(folder, "model.onnx")
@@ -94,10 +97,9 @@ def onnx_bytes(model: nn.Module, sample: torch.Tensor, *, exporter: str = "torch
                 torch.onnx.export(model, (sample,), path, dynamo=False, opset_version=opset, input_names=["input"],
                                   output_names=["output"], dynamic_axes=axes)
         except Exception as exc:  # any exporter failure is reported in one line
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
             other = "torchscript" if exporter == "dynamo" else "dynamo"
-            raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: {first}); "
-                                f"try --exporter {other}") from None
+            raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: "
+                                f"{first_line(exc, 300)}); {hint or f'try --exporter {other}'}") from None
         return Path(path).read_bytes()
 
 

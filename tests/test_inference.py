@@ -89,3 +89,13 @@ def test_compare_models_on_onnxruntime() -> None:
     small = nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.ReLU())
     times = compare_models([conv_bn_relu(), small.eval()], (3, 12, 12), batch=2, repeats=3, runtime="onnxruntime")
     assert len(times) == 2 and all(t > 0 for t in times)
+
+
+class SingularValues(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.svdvals(x)  # no ONNX operator exists for it
+
+
+def test_an_unexportable_model_names_the_other_runtimes_not_an_export_option() -> None:
+    with pytest.raises(DnnpruneError, match="could not export.*eager or fused runtime instead$"):
+        runner(SingularValues(), torch.randn(2, 3, 3), "onnxruntime")
