@@ -93,11 +93,17 @@ def table_dir() -> Path:
 
 
 class LayerTable:
-    """Milliseconds of one conv or linear layer at given channel counts, measured once and cached."""
+    """Milliseconds of one conv or linear layer at given channel counts, measured once and cached.
 
-    def __init__(self, batch: int, repeats: int = 15, path: Path | None = None) -> None:
+    On the eager runtime a conv is timed alone; on another runtime it is timed as that runtime runs it
+    in a network, a conv + BatchNorm + ReLU unit (folded and fused there), so a plan made from the
+    table is tuned to the runtime its speed is claimed on.
+    """
+
+    def __init__(self, batch: int, repeats: int = 15, path: Path | None = None, runtime: Runtime = "eager") -> None:
         self.batch = batch
         self.repeats = repeats
+        self.runtime = runtime
         self.path = path or table_dir() / f"{machine_key()}.json"
         self.entries: dict[str, float] = self._read()
         self.measured = 0
@@ -123,15 +129,18 @@ class LayerTable:
         return self.entries[key]
 
     def _key(self, layer: nn.Module, cin: int, cout: int, spatial: tuple[int, ...]) -> str:
+        prefix = "" if self.runtime == "eager" else f"{self.runtime}|"  # eager keys predate runtimes: caches stay valid
         if isinstance(layer, nn.Linear):
-            return f"linear|{cin}|{cout}|b{self.batch}"
+            return f"{prefix}linear|{cin}|{cout}|b{self.batch}"
         conv = layer
         groups = cout if _depthwise(conv) else conv.groups
-        return (f"conv{len(conv.kernel_size)}d|{cin}|{cout}|k{conv.kernel_size}|s{conv.stride}|p{conv.padding}|"
+        return (f"{prefix}conv{len(conv.kernel_size)}d|{cin}|{cout}|k{conv.kernel_size}|s{conv.stride}|p{conv.padding}|"
                 f"d{conv.dilation}|g{groups}|{'x'.join(map(str, spatial))}|b{self.batch}")
 
     @torch.inference_mode()
     def _measure(self, layer: nn.Module, cin: int, cout: int, spatial: tuple[int, ...]) -> float:
+        if self.runtime != "eager":
+            return self._measure_unit(layer, cin, cout, spatial)
         if isinstance(layer, nn.Linear):
             x = torch.randn(self.batch, cin)
             weight = torch.randn(cout, cin)
@@ -142,6 +151,22 @@ class LayerTable:
         conv = getattr(F, f"conv{len(layer.kernel_size)}d")
         return interleaved_ms([lambda: conv(x, weight, None, layer.stride, layer.padding, layer.dilation, groups)],
                               self.repeats)[0]
+
+
+    def _measure_unit(self, layer: nn.Module, cin: int, cout: int, spatial: tuple[int, ...]) -> float:
+        unit, shape = layer_unit(layer, cin, cout), (cin, *spatial)
+        return interleaved_ms([runner(unit, random_input(shape, self.batch), self.runtime)], self.repeats)[0]
+
+
+def layer_unit(layer: nn.Module, cin: int, cout: int) -> nn.Module:
+    """A fresh copy of `layer`'s kind at these channel counts, as a network runs it: a conv with its
+    BatchNorm and ReLU (which a fusing runtime folds into it), a Linear alone."""
+    if isinstance(layer, nn.Linear):
+        return nn.Linear(cin, cout).eval()
+    groups = cout if _depthwise(layer) else layer.groups
+    conv = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups, bias=False)
+    norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(layer.kernel_size)](cout)
+    return nn.Sequential(conv, norm, nn.ReLU()).eval()
 
 
 def _depthwise(layer: nn.Module) -> bool:

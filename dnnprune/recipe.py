@@ -204,6 +204,10 @@ class PruneSection(Section):
         "increments", description="accuracy-aware with a target: verified increments planned from the analysis "
                                   "(default), or one layer per step in order (round-robin)")
     increments: int = Field(4, gt=0, description="increments: geometric steps from the model's size to the target")
+    plan_cost: Literal["none", "macs", "latency"] = Field(
+        "none", description="increments: none cuts every layer to one predicted drop; macs or latency cut where the "
+                            "predicted drop per MAC, or per measured ms (latency_runtime at latency_batch, cached per "
+                            "machine), saved is least")
     confidence: float = Field(0.95, ge=0.0, lt=1.0, description="increments: undo a step only when its drop exceeds "
                                                                 "the budget at this one-sided confidence (0: plain "
                                                                 "comparison)")

@@ -483,6 +483,25 @@ def test_accuracy_aware_increments_accept_the_taylor_criterion() -> None:
     assert report.mode == "accuracy-aware-increments" and report.target["met"]
 
 
+@needs_fmnist
+def test_accuracy_aware_increments_priced_in_measured_ms_use_and_keep_a_table(tmp_path: Path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dnnprune.latency import table_dir
+    from dnnprune.recipe import DataSection, FineTuneSection
+
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(tmp_path))
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    config = PruneSection(target="macs", target_factor=1.5, accuracy_aware=True, max_accuracy_drop=0.5,
+                          val_samples=200, samples=200, increments=1, plan_cost="latency", latency_runtime="fused",
+                          latency_batch=4, latency_repeats=2,
+                          step_finetune=FineTuneSection(max_steps=1, epochs=1, lr=0.01))
+    model, report = prune(model, config, data=DataSection(train_limit=500, batch_size=256))
+    assert report.mode == "accuracy-aware-increments" and report.target["met"]
+    tables = list(table_dir().glob("*.json"))
+    assert len(tables) == 1 and all(key.startswith("fused|") for key in json.loads(tables[0].read_text()))
+
+
 def test_pruned_size_leaves_the_original_alone() -> None:
     model = _model("resnet20")
     graph = ChannelGraph(model, (1, 32, 32))

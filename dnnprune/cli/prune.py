@@ -56,6 +56,7 @@ def prune_command(
     target_basis: Annotated[str | None, typer.Option(help="input: count --target from this checkpoint; original: from the model its lineage started with (params, macs), so chained prunes share one target.")] = None,
     round_to: Annotated[int | None, typer.Option(help="Keep channel counts a multiple of this (8 suits CPU kernels).")] = None,
     latency_widths: Annotated[bool | None, typer.Option("--latency-widths/--no-latency-widths", help="Move each width to the fastest nearby one (measured, cached).")] = None,
+    plan_cost: Annotated[str | None, typer.Option(help="Accuracy-aware increments: none cuts every layer to one predicted drop; macs or latency cut where the predicted drop per MAC, or per measured ms on --latency-runtime, saved is least.")] = None,
     report_latency: Annotated[bool | None, typer.Option("--report-latency/--no-report-latency", help="Time the model before and after (batch 1 and 64, interleaved).")] = None,
     latency_runtime: Annotated[str | None, typer.Option(help="What latency is timed on: eager (PyTorch as trained), fused (BatchNorm folded, conv + activation fused, TorchScript-frozen: as deployed) or onnxruntime (the ONNX export).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
@@ -74,7 +75,7 @@ def prune_command(
     overrides = {"prune.granularity": granularity, "prune.remove": remove, "prune.units": _names(units), "prune.ratio": ratio, "prune.target": metric, "prune.target_factor": factor, "prune.target_basis": target_basis,
                  "prune.criterion": criterion, "prune.order": order, "prune.analysis": str(analysis) if analysis else None,
                  "prune.accuracy_aware": accuracy_aware, "prune.global_threshold": global_threshold,
-                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
+                 "prune.max_accuracy_drop": max_accuracy_drop, "prune.step": step, "prune.round_to": round_to, "prune.latency_widths": latency_widths, "prune.plan_cost": plan_cost, "prune.report_latency": report_latency, "prune.latency_runtime": latency_runtime, "prune.exclude": exclude or None,
                  "prune.samples": samples, "prune.evaluate": evaluate, **distill_overrides(("prune.step_finetune", "prune.finetune"), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     inputs = command_inputs(checkpoint, recipe, config)

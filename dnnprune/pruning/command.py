@@ -50,11 +50,13 @@ from dnnprune.pruning.schedule import (
 )
 from dnnprune.pruning.structured import (
     GlobalRanking,
+    LayerCost,
     Limits,
     Plan,
     TargetSolution,
     apply_plan,
     latency_widths,
+    layer_macs,
     model_size,
     pattern_ratios,
     pruned_size,
@@ -162,6 +164,10 @@ def _check_how_much(config: PruneSection) -> None:
     if config.order == "efficiency":
         raise PruningError("--order efficiency ranks whole layers: use it with --granularity layer; for channels use "
                            "--order sensitivity")
+    if config.plan_cost != "none" and not (config.accuracy_aware and config.strategy == "increments"
+                                           and config.target is not None):
+        raise PruningError(f"plan_cost {config.plan_cost} prices the plans of accuracy-aware increments: add "
+                           f"--accuracy-aware and a --target (e.g. macs:3), or drop plan_cost")
 
 
 @dataclass
@@ -292,6 +298,17 @@ class _Job:
                                            search=config.width_search, may_grow=grow)
 
 
+    def _layer_cost(self) -> tuple[LayerCost | None, LayerTable | None]:
+        """What a cost-aware plan prices: MACs, or layer times measured on the runtime speed is reported on
+        (the table, to be saved once the plans are made)."""
+        config = self.config
+        if config.plan_cost == "macs":
+            return layer_macs, None
+        if config.plan_cost == "latency":
+            table = LayerTable(config.latency_batch, config.latency_repeats, runtime=config.latency_runtime)
+            return table.layer_ms, table
+        return None, None
+
     def _fastest_widths(self) -> Callable[[nn.Module, ChannelGraph, Plan], Plan]:
         config = self.config
         table = LayerTable(config.latency_batch, config.latency_repeats)
@@ -357,17 +374,20 @@ class _Job:
         started = time.perf_counter()
         val = self.feeds.eval("val", config.val_samples, config.seed)
         analysis = self.analysis or self._analyze(self.model, None)
+        layer_cost, table = self._layer_cost()
         env = IncrementEnvironment(
             input_shape=self.shape, limits=self.limits, metric=config.target, factor=config.target_factor,  # type: ignore[arg-type]
             max_drop=config.max_accuracy_drop, task=self.task, score=lambda m, g: self._scores(m, g),
             evaluate=lambda m: evaluate(m, val, self.device, task=self.task),
             finetune=lambda m, label: (self.finetune(m, config.step_finetune, f"fine-tune {label}") or {}).get("steps", 0),
             analyze=lambda m: self._analyze(m, config.reanalyze_ratios), exclude=config.exclude,
-            adjust=self._fastest_widths() if config.latency_widths else None,
+            adjust=self._fastest_widths() if config.latency_widths else None, layer_cost=layer_cost,
             increments=config.increments, confidence=config.confidence, backoffs=config.backoffs,
             reanalyze_below=config.reanalyze_below, on_step=lambda row: self.observer.row("prune.increment", row),
             seed=config.seed)
         result = prune_in_increments(self.model, Curves.from_report(analysis, self.task), env)
+        if table is not None:
+            table.save()
         self.seconds["accuracy_aware"] = time.perf_counter() - started
         self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
         return result.model, {"mode": "accuracy-aware-increments", "baseline_val": result.baseline,

@@ -30,7 +30,18 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from dnnprune.pruning.structured import Limits, Metric, Plan, apply_plan, model_size, pruned_size
+from dnnprune.latency import input_spatial_sizes
+from dnnprune.pruning.structured import (
+    LayerCost,
+    Limits,
+    Metric,
+    Plan,
+    apply_plan,
+    group_cost,
+    layer_roles,
+    model_size,
+    pruned_size,
+)
 from dnnprune.surgery import ChannelGraph
 from dnnprune.tasks import Metrics, Task, paired_drop
 
@@ -116,6 +127,9 @@ class IncrementEnvironment:
     exclude: Sequence[str] = ()
     adjust: Callable[[nn.Module, ChannelGraph, Plan], Plan] | None = None
     """Moves a plan's widths (e.g. to the fastest nearby widths) without keeping more channels."""
+    layer_cost: LayerCost | None = None
+    """Plans cut where the predicted drop per unit of this cost (measured ms, MACs) is least; None: one
+    predicted-drop threshold for every layer."""
     increments: int = 4
     confidence: float = 0.95
     backoffs: int = 2
@@ -190,7 +204,10 @@ def _one_increment(result: IncrementResult, curves: Curves, step_goal: float, ba
 
 def plan_to(model: nn.Module, graph: ChannelGraph, curves: Curves, goal: float,
             env: IncrementEnvironment) -> tuple[Plan, float]:
-    """The plan whose real size is at most `goal`: one predicted-drop threshold, bisected."""
+    """The plan whose real size is at most `goal`: one predicted-drop threshold, bisected (or, with a layer
+    cost, one price of that cost in predicted drop)."""
+    if env.layer_cost is not None:
+        return CostPlanner(model, graph, curves, env).plan_to(goal)
     widths = {g.name: g.width for g in graph.groups}
     unit = {name: torch.arange(width, dtype=torch.float32) for name, width in widths.items()}
 
@@ -219,9 +236,9 @@ def plan_to(model: nn.Module, graph: ChannelGraph, curves: Curves, goal: float,
 
 
 def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Callable[[Plan], int], goal: float,
-                 round_to: int) -> Plan:
+                 round_to: int, added_cost: Callable[[Plan, Plan], float] | None = None) -> Plan:
     """Give channels back, `round_to` at a time, where the analysis predicts the most drop saved per unit of
-    size, while the size stays within `goal`.
+    size (or of `added_cost(plan, trial)`, e.g. measured ms), while the size stays within `goal`.
 
     One threshold over widths that move in steps can land far under the goal: on the depth-pruned
     resnet18, 16 channels of a 64-wide layer1 conv are 1.2 M MACs, and the threshold that crossed the goal
@@ -240,12 +257,89 @@ def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Ca
             reference = curves.widths.get(name, widths[name])
             saved = (curves.drop_at(name, 1 - (widths[name] - cut) / reference)
                      - curves.drop_at(name, 1 - (widths[name] - trial[name]) / reference))
-            value = saved / max(trial_size - size, 1)
+            cost = max(trial_size - size, 1) if added_cost is None else max(added_cost(plan, trial), _FREE)
+            value = saved / cost
             if best is None or value > best[0]:
                 best = (value, trial, trial_size)
         if best is None:
             return plan
         _, plan, size = best
+
+
+_FREE = 1e-9
+"""A width that costs nothing more (or less: oneDNN's times step with width) is priced at this."""
+_PASSES = 2
+"""Coordinate-descent passes per price: a group's cost depends on its neighbours' widths."""
+
+
+class CostPlanner:
+    """Plans at one price of cost in predicted drop: every group takes the width that minimises its
+    predicted drop plus the price times what its layers cost at that width (the others held), so cuts
+    fall where they save the most cost per unit of drop (measured ms: latency-aware widths; MACs). The
+    price is bisected (log scale) until the real size reaches the goal, then channels are given back
+    by drop saved per unit of cost added."""
+
+    def __init__(self, model: nn.Module, graph: ChannelGraph, curves: Curves, env: IncrementEnvironment) -> None:
+        self.model, self.curves, self.env = model, curves, env
+        self.widths = {g.name: g.width for g in graph.groups}
+        self.roles = layer_roles(model, graph)
+        self.spatial = input_spatial_sizes(model, env.input_shape)
+        self.options = {name: self._options(name, width) for name, width in self.widths.items()}
+        self.scale = max(sum(self.cost(name, width, self.widths) for name, width in self.widths.items()), _FREE)
+        unit = {name: torch.arange(width, dtype=torch.float32) for name, width in self.widths.items()}
+        self.sized = functools.partial(pruned_size, model, env.input_shape, unit, exclude=env.exclude)
+
+    def _options(self, name: str, width: int) -> list[int]:
+        """Widths the limits allow within the analysis's grid, widest first (a layer it did not analyse stays)."""
+        if name not in self.curves.ratios or name not in self.roles:
+            return [width]
+        reference, last = self.curves.widths.get(name, width), self.curves.ratios[name][-1]
+        keeps = {min(width, self.env.limits.keep(reference, last * step / 100)) for step in range(101)}
+        return sorted(keeps | {width}, reverse=True)
+
+    def cost(self, name: str, width: int, keep: dict[str, int]) -> float:
+        if name not in self.roles:
+            return 0.0
+        return group_cost(self.model, name, width, keep, self.roles, self.spatial, self.env.layer_cost)  # type: ignore[arg-type]
+
+    def drop(self, name: str, width: int) -> float:
+        reference = self.curves.widths.get(name, self.widths[name])
+        return self.curves.drop_at(name, 1 - width / reference)
+
+    def keeps_at(self, price: float) -> dict[str, int]:
+        keep = dict(self.widths)
+        for _ in range(_PASSES):
+            for name, options in self.options.items():
+                keep[name] = min(options, key=lambda w: self.drop(name, w) + price * self.cost(name, w, keep) / self.scale)
+        return keep
+
+    def plan_at(self, price: float) -> Plan:
+        keep = self.keeps_at(price)
+        return {name: self.widths[name] - keep[name] for name in self.widths}
+
+    def size(self, plan: Plan) -> int:
+        return self.sized(plan)[self.env.metric]
+
+    def plan_to(self, goal: float) -> tuple[Plan, float]:
+        low, high = 1e-6, 1.0
+        while self.size(self.plan_at(high)) > goal:
+            if high > 1e6:
+                return self.plan_at(high), high  # every layer at its floor is not enough: take all it allows
+            low, high = high, high * 4
+        for _ in range(16):
+            middle = math.sqrt(low * high)
+            if self.size(self.plan_at(middle)) <= goal:
+                high = middle
+            else:
+                low = middle
+        plan = fill_to_goal(self.plan_at(high), self.widths, self.curves, self.size, goal,
+                            self.env.limits.round_to, self.added_cost)
+        return plan, high
+
+    def added_cost(self, plan: Plan, trial: Plan) -> float:
+        name = next(n for n in trial if trial[n] != plan.get(n, 0))
+        keep = {n: self.widths[n] - plan.get(n, 0) for n in self.widths}
+        return self.cost(name, self.widths[name] - trial[name], keep) - self.cost(name, keep[name], keep)
 
 
 def _within_budget(drop: float, error: float | None, env: IncrementEnvironment) -> bool:

@@ -220,7 +220,7 @@ def latency_widths(model: nn.Module, graph: ChannelGraph, plan: Plan, table: Lay
     spatial = input_spatial_sizes(model, input_shape)
     widths = {g.name: g.width for g in graph.groups}
     keep = {name: widths[name] - plan.get(name, 0) for name in widths}
-    roles = _layer_roles(model, graph)
+    roles = layer_roles(model, graph)
     for group in graph.groups:
         if not plan.get(group.name) and not may_grow:
             continue
@@ -228,7 +228,7 @@ def latency_widths(model: nn.Module, graph: ChannelGraph, plan: Plan, table: Lay
         planned = keep[group.name]
         reach = min(search, math.ceil(_REACH * group.width))
         candidates = range(max(floor, planned - reach), min(group.width, planned + (reach if may_grow else 0)) + 1)
-        costs = {c: _group_ms(model, group.name, c, keep, roles, spatial, table) for c in candidates}
+        costs = {c: group_cost(model, group.name, c, keep, roles, spatial, table.layer_ms) for c in candidates}
         fastest = min(costs.values())
         if costs.get(planned, float("inf")) > fastest * (1 + _WORTH_IT):  # timing noise never moves a width
             keep[group.name] = max(c for c, ms in costs.items() if ms <= fastest * (1 + _WORTH_IT))
@@ -242,7 +242,11 @@ _WORTH_IT = 0.05
 """A width moves only to one measured at least this much faster (relative), and then to the widest such."""
 
 
-def _layer_roles(model: nn.Module, graph: ChannelGraph) -> dict[str, list[tuple[str, str, int]]]:
+LayerCost = Callable[[nn.Module, int, int, tuple[int, ...]], float]
+"""(layer, in channels, out channels, input spatial size) -> its cost (measured ms, or MACs)."""
+
+
+def layer_roles(model: nn.Module, graph: ChannelGraph) -> dict[str, list[tuple[str, str, int]]]:
     """Per group: (layer, "out" | "in", width of the group when the layer was built) for its conv/linear layers."""
     roles: dict[str, list[tuple[str, str, int]]] = {}
     for group in graph.groups:
@@ -254,9 +258,10 @@ def _layer_roles(model: nn.Module, graph: ChannelGraph) -> dict[str, list[tuple[
     return roles
 
 
-def _group_ms(model: nn.Module, group: str, width: int, keep: dict[str, int],
-              roles: dict[str, list[tuple[str, str, int]]], spatial: dict[str, tuple[int, ...]],
-              table: LayerTable) -> float:
+def group_cost(model: nn.Module, group: str, width: int, keep: dict[str, int],
+               roles: dict[str, list[tuple[str, str, int]]], spatial: dict[str, tuple[int, ...]],
+               layer_cost: LayerCost) -> float:
+    """What the layers that produce or consume `group` cost with it at `width` and every other group at `keep`."""
     owner = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "out"}
     feeder = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "in"}
     total = 0.0
@@ -273,8 +278,31 @@ def _group_ms(model: nn.Module, group: str, width: int, keep: dict[str, int],
                 cin = width  # depthwise: its inputs are its outputs
         else:
             cin = current_in // max(1, group_width) * width
-        total += table.layer_ms(module, cin, cout, spatial.get(layer, ()))
+        total += layer_cost(module, cin, cout, spatial.get(layer, ()))
     return total
+
+
+def layer_macs(layer: nn.Module, in_channels: int, out_channels: int, spatial: tuple[int, ...]) -> float:
+    """Multiply-accumulates of one conv or linear layer per sample at these channel counts."""
+    if isinstance(layer, nn.Linear):
+        return float(in_channels * out_channels)
+    groups = out_channels if _depthwise_like(layer) else layer.groups
+    outputs = 1
+    for size, kernel, stride, pad, dilation in zip(spatial, layer.kernel_size, layer.stride, _padding(layer),
+                                                   layer.dilation):
+        outputs *= max(1, (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1)
+    return float(in_channels // max(1, groups) * out_channels * math.prod(layer.kernel_size) * outputs)
+
+
+def _depthwise_like(layer: nn.Module) -> bool:
+    return layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
+
+
+def _padding(layer: nn.Module) -> tuple[int, ...]:
+    if isinstance(layer.padding, str):  # "same" keeps the size; "valid" pads nothing
+        return tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation)) if layer.padding == "same" \
+            else (0,) * len(layer.kernel_size)
+    return tuple(layer.padding)
 
 
 def _width_of(roles: dict[str, list[tuple[str, str, int]]], group: str) -> int:

@@ -150,6 +150,9 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     (["--granularity", "layer", "--units", "classifier.1", "--remove", "1"], ("drop --remove and --target",)),
     (["--granularity", "layer", "--units", "classifier.1,classifier.1"], ("names a unit twice: classifier.1",)),
     (["--ratio", "0.5", "--report-latency", "--latency-runtime", "tvm"], ("prune.latency_runtime", "fused")),
+    (["--ratio", "0.5", "--plan-cost", "macs"], ("plan_cost macs", "--accuracy-aware", "--target")),
+    (["--target", "macs:2", "--plan-cost", "latency"], ("plan_cost latency", "--accuracy-aware")),
+    (["--target", "macs:2", "--accuracy-aware", "--plan-cost", "speed"], ("prune.plan_cost", "latency")),
 ])
 def test_bad_input_fails_cleanly_and_writes_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                    args: list[str], fragments: tuple[str, ...]) -> None:
