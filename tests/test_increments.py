@@ -134,3 +134,25 @@ def test_layer_macs_matches_the_counter(layer: torch.nn.Module, shape: tuple[int
     cout = layer.out_features if isinstance(layer, torch.nn.Linear) else layer.out_channels
     counted = model_size(torch.nn.Sequential(layer), shape)["macs"]
     assert layer_macs(layer, cin, cout, shape[1:]) == counted
+
+
+@pytest.mark.parametrize("priced_by", ["drop threshold", "macs"])
+def test_a_pinned_group_keeps_its_width_and_the_plan_still_lands_on_the_goal(priced_by: str) -> None:
+    """A recipe's `ratios` pattern pins a group: the planner cuts it there, plans the rest around it, and the
+    fill never gives it channels back, even where the analysis says it is the most sensitive."""
+    model = create_model("resnet20", num_classes=10, in_channels=1)
+    shape = (1, 32, 32)
+    graph = ChannelGraph(model, shape)
+    widths = {g.name: g.width for g in graph.groups}
+    first = next(iter(widths))
+    drops = {n: [0.001 * (i % 3), 0.01, 0.05] for i, n in enumerate(widths)}
+    drops[first] = [0.5, 0.9, 0.99]  # the analysis would never cut it
+    curves = _curves(drops, widths)
+    env = _env(shape, layer_macs if priced_by == "macs" else None)
+    env.pinned = {first: widths[first] // 2}
+    unit = {n: torch.arange(w, dtype=torch.float32) for n, w in widths.items()}
+    goal = pruned_size(model, shape, unit, {})["macs"] / 2.3
+    plan, _ = plan_to(model, graph, curves, goal, env)
+    assert widths[first] - plan[first] == widths[first] // 2
+    assert pruned_size(model, shape, unit, plan)["macs"] <= goal
+    assert any(cut for name, cut in plan.items() if name != first)

@@ -484,6 +484,21 @@ def test_accuracy_aware_increments_accept_the_taylor_criterion() -> None:
 
 
 @needs_fmnist
+def test_accuracy_aware_increments_hold_a_recipe_ratio_pattern() -> None:
+    """`ratios` patterns pin those layers' widths in increments too (they were ignored there before)."""
+    from dnnprune.recipe import DataSection, FineTuneSection
+
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    config = PruneSection(target="macs", target_factor=1.5, accuracy_aware=True, max_accuracy_drop=0.5,
+                          val_samples=200, samples=200, increments=1, ratios={"features.0": 0.5},
+                          step_finetune=FineTuneSection(max_steps=1, epochs=1, lr=0.01))
+    model, report = prune(model, config, data=DataSection(train_limit=500, batch_size=256))
+    assert report.mode == "accuracy-aware-increments" and report.target["met"]
+    assert model.features[0].out_channels == 3
+
+
+@needs_fmnist
 def test_accuracy_aware_increments_priced_in_measured_ms_use_and_keep_a_table(tmp_path: Path,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from dnnprune.latency import table_dir

@@ -382,6 +382,7 @@ class _Job:
             finetune=lambda m, label: (self.finetune(m, config.step_finetune, f"fine-tune {label}") or {}).get("steps", 0),
             analyze=lambda m: self._analyze(m, config.reanalyze_ratios), exclude=config.exclude,
             adjust=self._fastest_widths() if config.latency_widths else None, layer_cost=layer_cost,
+            pinned={name: self.limits.keep(self.widths_before[name], ratio) for name, ratio in self.fixed.items()},
             increments=config.increments, confidence=config.confidence, backoffs=config.backoffs,
             reanalyze_below=config.reanalyze_below, on_step=lambda row: self.observer.row("prune.increment", row),
             seed=config.seed)

@@ -10,6 +10,8 @@ sensitivity analysis decides where channels go and the loop only decides how far
    bisected, on real pruned copies, until the step's size is reached; several layers move at once;
    widths move in steps (`round_to`), so the plan can land well under the goal, and channels are then
    given back where the analysis predicts the most drop saved per unit of size, while the goal holds;
+   with a layer cost (`plan_cost`) the plan instead prices cost (MACs, measured ms) in predicted drop
+   (`CostPlanner`); groups a recipe pins (`ratios`) are cut to their widths and left out of both;
 3. the step is fine-tuned (fresh batches) and evaluated on the same validation samples as the
    baseline; a paired comparison gives the drop and its standard error, and the step is undone only
    when the drop exceeds the budget with confidence (so noise does not undo it), then retried halfway;
@@ -127,6 +129,8 @@ class IncrementEnvironment:
     exclude: Sequence[str] = ()
     adjust: Callable[[nn.Module, ChannelGraph, Plan], Plan] | None = None
     """Moves a plan's widths (e.g. to the fastest nearby widths) without keeping more channels."""
+    pinned: dict[str, int] = field(default_factory=dict)
+    """Groups held at these widths (recipe `ratios` patterns): cut there at the first increment, then left."""
     layer_cost: LayerCost | None = None
     """Plans cut where the predicted drop per unit of this cost (measured ms, MACs) is least; None: one
     predicted-drop threshold for every layer."""
@@ -216,7 +220,7 @@ def plan_to(model: nn.Module, graph: ChannelGraph, curves: Curves, goal: float,
         for name, width in widths.items():
             reference = curves.widths.get(name, width)
             plan[name] = max(0, width - env.limits.keep(reference, curves.ratio_at(name, threshold)))
-        return plan
+        return _with_pins(plan, widths, env.pinned)
 
     def size_at(threshold: float) -> int:
         return pruned_size(model, env.input_shape, unit, plan_at(threshold), env.exclude)[env.metric]
@@ -232,11 +236,17 @@ def plan_to(model: nn.Module, graph: ChannelGraph, curves: Curves, goal: float,
             low = middle
     sized = functools.partial(pruned_size, model, env.input_shape, unit, exclude=env.exclude)
     return fill_to_goal(plan_at(high), widths, curves, lambda plan: sized(plan)[env.metric], goal,
-                        env.limits.round_to), high
+                        env.limits.round_to, pinned=env.pinned), high
+
+
+def _with_pins(plan: Plan, widths: dict[str, int], pinned: dict[str, int]) -> Plan:
+    """The plan with every pinned group cut to its pinned width (never grown back)."""
+    return {**plan, **{name: max(0, widths[name] - keep) for name, keep in pinned.items() if name in widths}}
 
 
 def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Callable[[Plan], int], goal: float,
-                 round_to: int, added_cost: Callable[[Plan, Plan], float] | None = None) -> Plan:
+                 round_to: int, added_cost: Callable[[Plan, Plan], float] | None = None,
+                 pinned: dict[str, int] | None = None) -> Plan:
     """Give channels back, `round_to` at a time, where the analysis predicts the most drop saved per unit of
     size (or of `added_cost(plan, trial)`, e.g. measured ms), while the size stays within `goal`.
 
@@ -248,7 +258,7 @@ def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Ca
     while True:
         best: tuple[float, Plan, int] | None = None
         for name, cut in plan.items():
-            if cut == 0:
+            if cut == 0 or name in (pinned or {}):
                 continue
             trial = {**plan, name: cut - min(cut, round_to)}
             trial_size = size_of(trial)
@@ -291,6 +301,8 @@ class CostPlanner:
 
     def _options(self, name: str, width: int) -> list[int]:
         """Widths the limits allow within the analysis's grid, widest first (a layer it did not analyse stays)."""
+        if name in self.env.pinned:
+            return [min(width, self.env.pinned[name])]
         if name not in self.curves.ratios or name not in self.roles:
             return [width]
         reference, last = self.curves.widths.get(name, width), self.curves.ratios[name][-1]
@@ -333,7 +345,7 @@ class CostPlanner:
             else:
                 low = middle
         plan = fill_to_goal(self.plan_at(high), self.widths, self.curves, self.size, goal,
-                            self.env.limits.round_to, self.added_cost)
+                            self.env.limits.round_to, self.added_cost, pinned=self.env.pinned)
         return plan, high
 
     def added_cost(self, plan: Plan, trial: Plan) -> float:
