@@ -152,7 +152,6 @@ class LayerTable:
         return interleaved_ms([lambda: conv(x, weight, None, layer.stride, layer.padding, layer.dilation, groups)],
                               self.repeats)[0]
 
-
     def _measure_unit(self, layer: nn.Module, cin: int, cout: int, spatial: tuple[int, ...]) -> float:
         unit, shape = layer_unit(layer, cin, cout), (cin, *spatial)
         return interleaved_ms([runner(unit, random_input(shape, self.batch), self.runtime)], self.repeats)[0]
