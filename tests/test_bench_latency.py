@@ -77,3 +77,23 @@ def test_resnet18_depth_width_designs_have_the_shapes_they_name(tmp_path: Path, 
     assert [(r["batch"], r["design"]) for r in rows] == [(64, designs[0]), (64, designs[1]), (1, designs[0]), (1, designs[1])]
     assert 1.0 < rows[0]["macs_x"] < rows[1]["macs_x"]
     assert all(r["ratio"] == pytest.approx(r["speedup"] / r["macs_x"]) and r["ms"] > 0 for r in rows)
+
+
+def test_pairwise_rows_time_each_model_with_the_reference_alone(tmp_path: Path) -> None:
+    base = make_checkpoint(tmp_path / "base.safetensors", "lenet5", input_shape=(1, 28, 28))
+    smalls = []
+    for ratio in (0.3, 0.6):
+        pruned, _ = prune(dnnprune.load(base), PruneSection(ratio=ratio, evaluate=False), data=DataSection())
+        smalls.append(dnnprune.save(pruned, tmp_path / f"small{ratio}.safetensors"))
+    out = tmp_path / "latency.json"
+    bench_module("latency.py").main([str(base), *map(str, smalls), "--batches", "2", "--repeats", "3", "--pairwise",
+                                     "--out", str(out)])
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["models_per_run"] == 2 and [Path(r["model"]).name for r in rows] == [
+        "base.safetensors", "small0.3.safetensors", "small0.6.safetensors"]
+    assert rows[0]["speedup"] == 1.0 and rows[0]["median_ms"] == rows[0]["reference_ms"]
+    for row in rows[1:]:
+        assert row["speedup"] == pytest.approx(row["reference_ms"] / row["median_ms"])
+    # the reference row is the median of its readings, one per pair
+    assert min(r["reference_ms"] for r in rows[1:]) <= rows[0]["reference_ms"] <= max(r["reference_ms"] for r in rows[1:])
