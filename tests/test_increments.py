@@ -156,3 +156,20 @@ def test_a_pinned_group_keeps_its_width_and_the_plan_still_lands_on_the_goal(pri
     assert widths[first] - plan[first] == widths[first] // 2
     assert pruned_size(model, shape, unit, plan)["macs"] <= goal
     assert any(cut for name, cut in plan.items() if name != first)
+
+
+def test_a_measured_cost_that_rises_as_layers_narrow_still_reaches_the_goal() -> None:
+    """Timings are not monotone in width (oneDNN steps, noise). Priced raw, a high price would keep layers
+    wide and the plan would never reach its size; each width is priced at the cheapest wider one instead."""
+    model, shape = _two_convs(), (1, 32, 32)
+    graph = ChannelGraph(model, shape)
+    widths = {g.name: g.width for g in graph.groups}
+    curves = _curves({n: [0.01, 0.02, 0.04] for n in widths}, widths)
+
+    def narrower_is_slower(layer: torch.nn.Module, cin: int, cout: int, spatial: tuple[int, ...]) -> float:
+        return 1.0 / (cin * cout)
+
+    unit = {n: torch.arange(w, dtype=torch.float32) for n, w in widths.items()}
+    goal = pruned_size(model, shape, unit, {})["macs"] / 1.6
+    plan, _ = plan_to(model, graph, curves, goal, _env(shape, narrower_is_slower))
+    assert pruned_size(model, shape, unit, plan)["macs"] <= goal

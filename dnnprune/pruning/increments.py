@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ from dnnprune.pruning.structured import (
     Plan,
     apply_plan,
     group_cost,
+    layer_macs,
     layer_roles,
     model_size,
     pruned_size,
@@ -280,6 +282,8 @@ _FREE = 1e-9
 """A width that costs nothing more (or less: oneDNN's times step with width) is priced at this."""
 _PASSES = 2
 """Coordinate-descent passes per price: a group's cost depends on its neighbours' widths."""
+_TIE_BREAK = 1e-3
+"""Weight of the MACs fraction added to every priced cost, so equal costs go to the smaller width."""
 
 
 class CostPlanner:
@@ -296,6 +300,8 @@ class CostPlanner:
         self.spatial = input_spatial_sizes(model, env.input_shape)
         self.options = {name: self._options(name, width) for name, width in self.widths.items()}
         self.scale = max(sum(self.cost(name, width, self.widths) for name, width in self.widths.items()), _FREE)
+        self.macs_scale = max(sum(group_cost(model, name, width, self.widths, self.roles, self.spatial, layer_macs)
+                                  for name, width in self.widths.items() if name in self.roles), _FREE)
         unit = {name: torch.arange(width, dtype=torch.float32) for name, width in self.widths.items()}
         self.sized = functools.partial(pruned_size, model, env.input_shape, unit, exclude=env.exclude)
 
@@ -322,8 +328,19 @@ class CostPlanner:
         keep = dict(self.widths)
         for _ in range(_PASSES):
             for name, options in self.options.items():
-                keep[name] = min(options, key=lambda w: self.drop(name, w) + price * self.cost(name, w, keep) / self.scale)
+                priced = self.priced(name, options, keep)
+                keep[name] = min(zip(options, priced), key=lambda pair: self.drop(name, pair[0]) + price * pair[1])[0]
         return keep
+
+    def priced(self, name: str, options: list[int], keep: dict[str, int]) -> list[float]:
+        """Each option's cost as a fraction of the model's, made monotone: a width costs no more than the
+        cheapest wider one (a measured ms can read higher at a narrower width: oneDNN steps, timing noise),
+        and ties go to the fewer MACs. Without this, a high price could keep a layer wide, and the plan
+        would never reach its size goal."""
+        envelope = list(itertools.accumulate((self.cost(name, w, keep) for w in options), min))  # widest first
+        macs = [group_cost(self.model, name, w, keep, self.roles, self.spatial, layer_macs) for w in options] \
+            if name in self.roles else [0.0] * len(options)
+        return [cost / self.scale + _TIE_BREAK * mac / self.macs_scale for cost, mac in zip(envelope, macs)]
 
     def plan_at(self, price: float) -> Plan:
         keep = self.keeps_at(price)
