@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import datetime as dt
 import hashlib
+import io
 import json
 import math
 import os
@@ -811,12 +812,16 @@ def _resize_tensors(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 _PICKLE_MAGIC = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
 
 
-def pytorch_file_kind(path: Path) -> Literal["pickle", "torchscript"] | None:
+def pytorch_file_kind(source: Path | bytes) -> Literal["pickle", "torchscript"] | None:
     """What torch.save or torch.jit.save made, told from the bytes and the zip's file list alone (never
-    unpickled): "torchscript" (code/ and constants.pkl), "pickle" (torch.save), or None (neither)."""
+    unpickled): "torchscript" (code/ and constants.pkl), "pickle" (torch.save), or None (neither).
+    `source` is a file, or bytes already read from one (so a caller reads its file once)."""
     try:
-        with path.open("rb") as handle:
-            magic = handle.read(4)
+        if isinstance(source, bytes):
+            magic = source[:4]
+        else:
+            with source.open("rb") as handle:
+                magic = handle.read(4)
         if magic[:2] in _PICKLE_MAGIC:
             return "pickle"
         if magic != b"PK\x03\x04":
@@ -824,7 +829,7 @@ def pytorch_file_kind(path: Path) -> Literal["pickle", "torchscript"] | None:
     except OSError:
         return None
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, bytes) else source) as archive:
             names = archive.namelist()
     except (OSError, zipfile.BadZipFile, ValueError):
         return "pickle"  # torch.save's zip, truncated or damaged: still nothing dnnprune may unpickle

@@ -66,9 +66,10 @@ def import_weights(weights: Path, arch: str, *, num_classes: int | None = None,
                    std: tuple[float, ...] | None = None, dataset: str | None = None,
                    arch_args: dict[str, Any] | None = None) -> tuple[nn.Module, ImportReport]:
     """Rebuild `arch` around a plain state dict file; the model carries checkpoint metadata."""
-    model, report = import_state_dict(read_state_dict(weights), arch, num_classes=num_classes, input_shape=input_shape,
+    state, digest = read_weights(weights)
+    model, report = import_state_dict(state, arch, num_classes=num_classes, input_shape=input_shape,
                                       mean=mean, std=std, dataset=dataset, arch_args=arch_args, source=str(weights))
-    meta_of(model).file_sha256 = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta_of(model).file_sha256 = digest
     return model, report
 
 
@@ -94,8 +95,9 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: str, *, num_classes:
     return attach_meta(model.eval(), meta), report
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state dict, with the format told from the file's bytes, not its name."""
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a state dict, with the format told from the file's bytes, not its name, and the
+    SHA-256 of those same bytes (the file is read once, so the digest is of what was imported)."""
     if path.is_dir():
         raise CheckpointError(f"weights {path} is a directory; give the weights file")
     if not path.is_file():
@@ -103,16 +105,17 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     payload = path.read_bytes()
     if not payload:
         raise CheckpointError(f"weights file {path} is empty; save the weights again")
-    kind = pytorch_file_kind(path)
+    digest = hashlib.sha256(payload).hexdigest()
+    kind = pytorch_file_kind(payload)
     if kind == "torchscript":
         raise CheckpointError(f"{path} is a TorchScript archive, whose weights cannot be matched to an architecture; "
                               "save the model's state_dict() with torch.save and import that")
     if kind is None and looks_like_safetensors(payload):
-        return _unwrap(_read_safetensors(payload), path)
+        return _unwrap(_read_safetensors(payload), path), digest
     if kind is None:
         raise CheckpointError(f"{path} is neither a PyTorch (torch.save) nor a safetensors file; save the weights "
                               "with torch.save(model.state_dict(), ...) or safetensors")
-    return _unwrap(_read_torch(path, payload), path)
+    return _unwrap(_read_torch(path, payload), path), digest
 
 
 def _read_safetensors(payload: bytes) -> dict[str, torch.Tensor]:

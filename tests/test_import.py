@@ -7,6 +7,7 @@ compares real outputs, and the large models do so under the `slow` mark.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torchvision import models
 
+from dnnprune.checkpoint import meta_of
 from dnnprune.errors import DnnpruneError
 from dnnprune.importer import import_state_dict, import_weights
 from dnnprune.models import create_model, torchvision_names
@@ -163,3 +165,22 @@ def test_mean_and_std_of_the_wrong_length_are_refused(mean: tuple[float, ...] | 
     with pytest.raises(DnnpruneError, match=fragment) as raised:
         import_state_dict(state, "torchvision.squeezenet1_1", num_classes=10, input_shape=(3, 32, 32), mean=mean, std=std)
     assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_the_import_reads_its_file_once_and_records_the_digest_of_those_bytes(suffix: str, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorded SHA-256 is of the bytes that were imported: a second read could see a file changed since."""
+    original = _source("mnasnet0_5")
+    weights = tmp_path / f"w{suffix}"
+    if suffix == ".pth":
+        torch.save(original.state_dict(), weights)
+    else:
+        save_file({key: value.contiguous() for key, value in original.state_dict().items()}, str(weights))
+    expected = hashlib.sha256(weights.read_bytes()).hexdigest()
+    reads: list[Path] = []
+    real_open = Path.open  # Path.read_bytes opens through it too
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: reads.append(self) or real_open(self, *a, **k))
+    imported, _ = import_weights(weights, "torchvision.mnasnet0_5", **_import_args("mnasnet0_5"))
+    assert reads.count(weights) == 1
+    assert meta_of(imported).file_sha256 == expected
