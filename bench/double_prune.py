@@ -39,7 +39,7 @@ import torch.nn.utils.prune as torch_prune
 import yaml
 
 import dnnprune
-from dnnprune.checkpoint import meta_of, predicted_file_bytes, save
+from dnnprune.checkpoint import atomic_write_bytes, meta_of, predicted_file_bytes, save
 from dnnprune.lineage import resolve_device
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.metrics import count_macs, count_nonzero_parameters, count_parameters
@@ -273,9 +273,8 @@ def _write(out: Path, baseline: dict[str, Any], rows: list[dict[str, Any]], metr
            args: argparse.Namespace) -> dict[str, Any]:
     result = {"command": " ".join(sys.argv), "baseline": baseline, "rows": rows, "summary": summary(rows, metric),
               "threads": torch.get_num_threads(), "split": args.split, "device": _device_name()}
-    temporary = out / "result.json.tmp"  # a process running alongside may be polling this file
-    temporary.write_text(json.dumps(result, indent=2))
-    temporary.replace(out / "result.json")
+    # atomic: a process running alongside may be polling this file
+    atomic_write_bytes(out / "result.json", json.dumps(result, indent=2).encode())
     (out / "table.md").write_text(markdown(rows, baseline, metric))
     print(markdown(rows, baseline, metric), flush=True)
     return result

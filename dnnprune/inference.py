@@ -58,8 +58,7 @@ def _fused(model: nn.Module, sample: torch.Tensor) -> Callable[[], Any]:
             traced = torch.jit.trace(copy.deepcopy(model), sample, check_trace=False)
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(traced))
     except Exception as exc:  # tracing refuses some models; say which and how to time them
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise DnnpruneError(f"the fused runtime could not trace this model ({type(exc).__name__}: {first}); "
+        raise DnnpruneError(f"the fused runtime could not trace this model ({type(exc).__name__}: {first_line(exc, 200)}); "
                             f"time it on the eager runtime instead") from None
 
     def run() -> Any:

@@ -133,7 +133,7 @@ class LayerTable:
         if isinstance(layer, nn.Linear):
             return f"{prefix}linear|{cin}|{cout}|b{self.batch}"
         conv = layer
-        groups = cout if _depthwise(conv) else conv.groups
+        groups = cout if is_depthwise(conv) else conv.groups
         return (f"{prefix}conv{len(conv.kernel_size)}d|{cin}|{cout}|k{conv.kernel_size}|s{conv.stride}|p{conv.padding}|"
                 f"d{conv.dilation}|g{groups}|{'x'.join(map(str, spatial))}|b{self.batch}")
 
@@ -145,7 +145,7 @@ class LayerTable:
             x = torch.randn(self.batch, cin)
             weight = torch.randn(cout, cin)
             return interleaved_ms([lambda: F.linear(x, weight)], self.repeats)[0]
-        groups = cout if _depthwise(layer) else layer.groups
+        groups = cout if is_depthwise(layer) else layer.groups
         x = torch.randn(self.batch, cin, *spatial).contiguous(memory_format=torch.channels_last)
         weight = torch.randn(cout, cin // groups, *layer.kernel_size).contiguous(memory_format=torch.channels_last)
         conv = getattr(F, f"conv{len(layer.kernel_size)}d")
@@ -162,13 +162,14 @@ def layer_unit(layer: nn.Module, cin: int, cout: int) -> nn.Module:
     BatchNorm and ReLU (which a fusing runtime folds into it), a Linear alone."""
     if isinstance(layer, nn.Linear):
         return nn.Linear(cin, cout).eval()
-    groups = cout if _depthwise(layer) else layer.groups
+    groups = cout if is_depthwise(layer) else layer.groups
     conv = type(layer)(cin, cout, layer.kernel_size, layer.stride, layer.padding, layer.dilation, groups, bias=False)
     norm = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[len(layer.kernel_size)](cout)
     return nn.Sequential(conv, norm, nn.ReLU()).eval()
 
 
-def _depthwise(layer: nn.Module) -> bool:
+def is_depthwise(layer: nn.Module) -> bool:
+    """A conv whose every channel is its own group (its in and out widths move together)."""
     return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
 
 

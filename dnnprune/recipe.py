@@ -350,8 +350,9 @@ def _stray_bool(value: Any, annotation: Any) -> bool:
     if annotation is Any or annotation is bool:
         return False
     origin, args = get_origin(annotation), get_args(annotation)
-    if origin in (Union, types.UnionType):
-        return all(_stray_bool(value, arm) for arm in args)
+    if origin in (Union, types.UnionType):  # `int | None` wants a number too: the None arm says nothing
+        arms = [arm for arm in args if arm is not type(None)]
+        return bool(arms) and all(_stray_bool(value, arm) for arm in arms)
     if origin is list and isinstance(value, list) and args:
         return any(_stray_bool(item, args[0]) for item in value)
     if origin is dict and isinstance(value, dict) and len(args) == 2:

@@ -71,7 +71,8 @@ def test_defaults_are_a_valid_recipe() -> None:
 
 @pytest.mark.parametrize("raw", [{"quantize": {"bits": True}}, {"train": {"lr": False}}, {"train": {"epochs": True}},
                                  {"quantize": {"layer_bits": {"type:Conv2d": True}}},
-                                 {"prune": {"max_accuracy_drop": True}}])
+                                 {"prune": {"max_accuracy_drop": True}}, {"prune": {"val_samples": True}},
+                                 {"prune": {"target_factor": True}}])
 def test_a_yes_no_value_is_not_read_as_a_number(raw: dict) -> None:
     """pydantic's lax mode reads `bits: true` as 1; a recipe typo must be refused instead."""
     section, values = next(iter(raw.items()))

@@ -247,10 +247,10 @@ def _with_pins(plan: Plan, widths: dict[str, int], pinned: dict[str, int]) -> Pl
 
 
 def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Callable[[Plan], int], goal: float,
-                 round_to: int, added_cost: Callable[[Plan, Plan], float] | None = None,
+                 round_to: int, added_cost: Callable[[Plan, str, int], float] | None = None,
                  pinned: dict[str, int] | None = None) -> Plan:
     """Give channels back, `round_to` at a time, where the analysis predicts the most drop saved per unit of
-    size (or of `added_cost(plan, trial)`, e.g. measured ms), while the size stays within `goal`.
+    size (or of `added_cost(plan, name, new cut)`, e.g. measured ms), while the size stays within `goal`.
 
     One threshold over widths that move in steps can land far under the goal: on the depth-pruned
     resnet18, 16 channels of a 64-wide layer1 conv are 1.2 M MACs, and the threshold that crossed the goal
@@ -269,7 +269,7 @@ def fill_to_goal(plan: Plan, widths: dict[str, int], curves: Curves, size_of: Ca
             reference = curves.widths.get(name, widths[name])
             saved = (curves.drop_at(name, 1 - (widths[name] - cut) / reference)
                      - curves.drop_at(name, 1 - (widths[name] - trial[name]) / reference))
-            cost = max(trial_size - size, 1) if added_cost is None else max(added_cost(plan, trial), _FREE)
+            cost = max(trial_size - size, 1) if added_cost is None else max(added_cost(plan, name, trial[name]), _FREE)
             value = saved / cost
             if best is None or value > best[0]:
                 best = (value, trial, trial_size)
@@ -301,7 +301,7 @@ class CostPlanner:
         self.options = {name: self._options(name, width) for name, width in self.widths.items()}
         self.scale = max(sum(self.cost(name, width, self.widths) for name, width in self.widths.items()), _FREE)
         self.macs_scale = max(sum(group_cost(model, name, width, self.widths, self.roles, self.spatial, layer_macs)
-                                  for name, width in self.widths.items() if name in self.roles), _FREE)
+                                  for name, width in self.widths.items()), _FREE)
         unit = {name: torch.arange(width, dtype=torch.float32) for name, width in self.widths.items()}
         self.sized = functools.partial(pruned_size, model, env.input_shape, unit, exclude=env.exclude)
 
@@ -316,8 +316,6 @@ class CostPlanner:
         return sorted(keeps | {width}, reverse=True)
 
     def cost(self, name: str, width: int, keep: dict[str, int]) -> float:
-        if name not in self.roles:
-            return 0.0
         return group_cost(self.model, name, width, keep, self.roles, self.spatial, self.env.layer_cost)  # type: ignore[arg-type]
 
     def drop(self, name: str, width: int) -> float:
@@ -338,8 +336,7 @@ class CostPlanner:
         and ties go to the fewer MACs. Without this, a high price could keep a layer wide, and the plan
         would never reach its size goal."""
         envelope = list(itertools.accumulate((self.cost(name, w, keep) for w in options), min))  # widest first
-        macs = [group_cost(self.model, name, w, keep, self.roles, self.spatial, layer_macs) for w in options] \
-            if name in self.roles else [0.0] * len(options)
+        macs = [group_cost(self.model, name, w, keep, self.roles, self.spatial, layer_macs) for w in options]
         return [cost / self.scale + _TIE_BREAK * mac / self.macs_scale for cost, mac in zip(envelope, macs)]
 
     def plan_at(self, price: float) -> Plan:
@@ -351,24 +348,26 @@ class CostPlanner:
 
     def plan_to(self, goal: float) -> tuple[Plan, float]:
         low, high = 1e-6, 1.0
-        while self.size(self.plan_at(high)) > goal:
+        plan = self.plan_at(high)
+        while self.size(plan) > goal:
             if high > 1e6:
-                return self.plan_at(high), high  # every layer at its floor is not enough: take all it allows
+                return plan, high  # every layer at its floor is not enough: take all it allows
             low, high = high, high * 4
+            plan = self.plan_at(high)
         for _ in range(16):
             middle = math.sqrt(low * high)
-            if self.size(self.plan_at(middle)) <= goal:
-                high = middle
+            candidate = self.plan_at(middle)
+            if self.size(candidate) <= goal:
+                high, plan = middle, candidate
             else:
                 low = middle
-        plan = fill_to_goal(self.plan_at(high), self.widths, self.curves, self.size, goal,
-                            self.env.limits.round_to, self.added_cost, pinned=self.env.pinned)
-        return plan, high
+        return fill_to_goal(plan, self.widths, self.curves, self.size, goal, self.env.limits.round_to,
+                            self.added_cost, pinned=self.env.pinned), high
 
-    def added_cost(self, plan: Plan, trial: Plan) -> float:
-        name = next(n for n in trial if trial[n] != plan.get(n, 0))
+    def added_cost(self, plan: Plan, name: str, cut: int) -> float:
+        """What giving `name` back channels (from its cut in `plan` to `cut`) adds to the cost."""
         keep = {n: self.widths[n] - plan.get(n, 0) for n in self.widths}
-        return self.cost(name, self.widths[name] - trial[name], keep) - self.cost(name, keep[name], keep)
+        return self.cost(name, self.widths[name] - cut, keep) - self.cost(name, keep[name], keep)
 
 
 def _within_budget(drop: float, error: float | None, env: IncrementEnvironment) -> bool:

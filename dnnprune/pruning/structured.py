@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import PruningError
-from dnnprune.latency import LayerTable, input_spatial_sizes
+from dnnprune.latency import LayerTable, input_spatial_sizes, is_depthwise
 from dnnprune.metrics import count_macs, count_parameters
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import PruneSection
@@ -246,32 +246,48 @@ LayerCost = Callable[[nn.Module, int, int, tuple[int, ...]], float]
 """(layer, in channels, out channels, input spatial size) -> its cost (measured ms, or MACs)."""
 
 
-def layer_roles(model: nn.Module, graph: ChannelGraph) -> dict[str, list[tuple[str, str, int]]]:
-    """Per group: (layer, "out" | "in", width of the group when the layer was built) for its conv/linear layers."""
-    roles: dict[str, list[tuple[str, str, int]]] = {}
+@dataclass(frozen=True)
+class LayerRoles:
+    """Per group, its conv/linear layers as (layer, "out" | "in", group width when built); and per layer, the
+    group whose channels it produces (`owner`) or reads (`feeder`)."""
+
+    rows: dict[str, list[tuple[str, str, int]]]
+    owner: dict[str, str]
+    feeder: dict[str, str]
+
+    def __contains__(self, group: object) -> bool:
+        return group in self.rows
+
+    def width_of(self, group: str) -> int:
+        return next((w for _, _, w in self.rows.get(group, [])), 1)
+
+
+def layer_roles(model: nn.Module, graph: ChannelGraph) -> LayerRoles:
+    """The roles of every group's conv/linear layers (built once: costs look them up per candidate width)."""
+    rows: dict[str, list[tuple[str, str, int]]] = {}
     for group in graph.groups:
         for name in group.members:
             module = model.get_submodule(name)
             if not isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
                 continue
-            roles.setdefault(group.name, []).append((name, "out" if name in group.outputs else "in", group.width))
-    return roles
+            rows.setdefault(group.name, []).append((name, "out" if name in group.outputs else "in", group.width))
+    owner = {layer: g for g, entries in rows.items() for layer, role, _ in entries if role == "out"}
+    feeder = {layer: g for g, entries in rows.items() for layer, role, _ in entries if role == "in"}
+    return LayerRoles(rows, owner, feeder)
 
 
-def group_cost(model: nn.Module, group: str, width: int, keep: dict[str, int],
-               roles: dict[str, list[tuple[str, str, int]]], spatial: dict[str, tuple[int, ...]],
-               layer_cost: LayerCost) -> float:
-    """What the layers that produce or consume `group` cost with it at `width` and every other group at `keep`."""
-    owner = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "out"}
-    feeder = {layer: g for g, rows in roles.items() for layer, role, _ in rows if role == "in"}
+def group_cost(model: nn.Module, group: str, width: int, keep: dict[str, int], roles: LayerRoles,
+               spatial: dict[str, tuple[int, ...]], layer_cost: LayerCost) -> float:
+    """What the layers that produce or consume `group` cost with it at `width` and every other group at `keep`
+    (0 for a group without conv/linear layers)."""
     total = 0.0
-    for layer, role, group_width in roles.get(group, []):
+    for layer, role, group_width in roles.rows.get(group, []):
         module = model.get_submodule(layer)
         current_in = module.in_features if isinstance(module, nn.Linear) else module.in_channels
         current_out = module.out_features if isinstance(module, nn.Linear) else module.out_channels
-        source = feeder.get(layer)
-        cin = current_in if source is None else current_in // max(1, _width_of(roles, source)) * keep[source]
-        cout = keep[owner[layer]] if layer in owner else current_out
+        source = roles.feeder.get(layer)
+        cin = current_in if source is None else current_in // max(1, roles.width_of(source)) * keep[source]
+        cout = keep[roles.owner[layer]] if layer in roles.owner else current_out
         if role == "out":
             cout = width
             if module.__class__ is not nn.Linear and getattr(module, "groups", 1) > 1 and module.groups == current_in:
@@ -286,7 +302,7 @@ def layer_macs(layer: nn.Module, in_channels: int, out_channels: int, spatial: t
     """Multiply-accumulates of one conv or linear layer per sample at these channel counts."""
     if isinstance(layer, nn.Linear):
         return float(in_channels * out_channels)
-    groups = out_channels if _depthwise_like(layer) else layer.groups
+    groups = out_channels if is_depthwise(layer) else layer.groups
     outputs = 1
     for size, kernel, stride, pad, dilation in zip(spatial, layer.kernel_size, layer.stride, _padding(layer),
                                                    layer.dilation):
@@ -294,16 +310,8 @@ def layer_macs(layer: nn.Module, in_channels: int, out_channels: int, spatial: t
     return float(in_channels // max(1, groups) * out_channels * math.prod(layer.kernel_size) * outputs)
 
 
-def _depthwise_like(layer: nn.Module) -> bool:
-    return layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
-
-
 def _padding(layer: nn.Module) -> tuple[int, ...]:
     if isinstance(layer.padding, str):  # "same" keeps the size; "valid" pads nothing
         return tuple(d * (k - 1) // 2 for k, d in zip(layer.kernel_size, layer.dilation)) if layer.padding == "same" \
             else (0,) * len(layer.kernel_size)
     return tuple(layer.padding)
-
-
-def _width_of(roles: dict[str, list[tuple[str, str, int]]], group: str) -> int:
-    return next((w for _, _, w in roles.get(group, [])), 1)
