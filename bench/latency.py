@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--runtimes", default="eager",
                         help="comma list of eager (PyTorch as trained), fused (TorchScript-frozen: BatchNorm folded, "
-                             "conv + activation fused) and onnxruntime (the ONNX export), each timed for every model")
+                             "oneDNN layouts kept) and onnxruntime (the ONNX export), each timed for every model")
     parser.add_argument("--pairwise", action="store_true",
                         help="time each model interleaved with the reference alone, not all models in one run")
     parser.add_argument("--out", type=Path, required=True)

@@ -3,7 +3,7 @@
 The increments planner's widths depend only on the analysis curves and the limits, not on the
 fine-tunes, so each seed's plan can be rebuilt from its saved analysis of the depth-pruned model
 (`depth-seedS.analysis.json`, written by `bench/prune_compare.py --depth-recipe`) without training.
-Each variant (JSON: name -> {round_to, max_ratio, min_channels, plan_cost: none|macs|latency}) is
+Each variant (JSON: name -> {round_to, max_ratio, min_channels, plan_cost: none|macs|latency, pins: {group: width}}) is
 planned in the recipe's increments (the last ones towards the target, counted from the original),
 given L1-chosen channels of random weights, and timed on the fused runtime at batch 64, interleaved
 with the original in one process, for `--rounds` rounds (BENCHMARKS.md, issue 12).
@@ -48,11 +48,13 @@ def planned(model: nn.Module, curves: Curves, settings: dict[str, Any], goal: fl
             table: LayerTable | None) -> nn.Module:
     """The model after the planner's increments towards `goal` MACs (random weights, L1 channel choice)."""
     cost = settings.pop("plan_cost", "none")
+    pins = {name: int(width) for name, width in settings.pop("pins", {}).items()}
     layer_cost: LayerCost | None = layer_macs if cost == "macs" else table.layer_ms if cost == "latency" else None
     limits = Limits(**{"max_ratio": 0.9, **settings})
     env = IncrementEnvironment(input_shape=SHAPE, limits=limits, metric="macs", factor=0.0, max_drop=0.0,
                                task=make_task(TaskSpec()), score=lambda m, g: {}, evaluate=lambda m: None,  # type: ignore[arg-type,return-value]
-                               finetune=lambda m, label: 0, analyze=None, layer_cost=layer_cost)
+                               finetune=lambda m, label: 0, analyze=None, layer_cost=layer_cost,
+                               pinned=pins)
     start = model_size(model, SHAPE)["macs"]
     for index in range(1, increments + 1):
         graph = ChannelGraph(model, SHAPE)

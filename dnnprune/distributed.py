@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from dnnprune.errors import DnnpruneError
+
 T = TypeVar("T")
 
 
@@ -24,10 +26,21 @@ def distributed_env() -> tuple[int, int]:
 
 
 def process_device(device: torch.device, world: int) -> torch.device:
-    """Under torchrun each process on a machine takes its own GPU (LOCAL_RANK); the CPU is shared."""
-    if device.type != "cuda" or world <= 1 or device.index is not None:
+    """Under torchrun each process on a machine takes its own GPU (LOCAL_RANK); the CPU is shared.
+
+    NCCL refuses two processes on one GPU (a traceback from every rank, deep in the first collective),
+    so more processes on this machine than GPUs, or several processes with one GPU named, is refused
+    here in one line."""
+    if device.type != "cuda" or world <= 1:
         return device
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+    if local > 1 and device.index is not None:
+        raise DnnpruneError(f"torchrun started {local} processes on this machine and --device names one GPU ({device}), "
+                            "but NCCL needs a GPU per process; pass --device cuda (each process takes its own) or cpu")
+    if local > gpus:
+        raise DnnpruneError(f"torchrun started {local} processes on this machine, which has {gpus} GPU(s), and NCCL "
+                            f"needs a GPU per process; start at most {gpus} (--nproc-per-node) or pass --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def backend_for(device: torch.device) -> str:

@@ -159,7 +159,7 @@ class LayerTable:
 
 def layer_unit(layer: nn.Module, cin: int, cout: int) -> nn.Module:
     """A fresh copy of `layer`'s kind at these channel counts, as a network runs it: a conv with its
-    BatchNorm and ReLU (which a fusing runtime folds into it), a Linear alone."""
+    BatchNorm and ReLU (which the fused runtime folds in and runs in place), a Linear alone."""
     if isinstance(layer, nn.Linear):
         return nn.Linear(cin, cout).eval()
     groups = cout if is_depthwise(layer) else layer.groups

@@ -88,7 +88,7 @@ class LatencySection(Section):
     repeats: int = Field(15, gt=0)
     threads: int | None = Field(None, gt=0)
     runtime: Runtime = Field("eager", description="eager: PyTorch as trained; fused: TorchScript-frozen, BatchNorm "
-                                               "folded and conv + activation fused (a deployment); onnxruntime: the "
+                                               "folded into the convs, oneDNN layouts kept (a deployment); onnxruntime: the "
                                                "ONNX export on onnxruntime's CPU provider")
 
 
@@ -195,7 +195,7 @@ class PruneSection(Section):
                                           "a few percent between measurements, so the solver aims at F and verifies")
     latency_runtime: Runtime = Field(
         "eager", description="what latency is timed on: eager PyTorch, fused (TorchScript-frozen, BatchNorm folded, "
-                             "conv + activation fused), as a deployment runs it, or onnxruntime (the ONNX export)")
+                             "oneDNN layouts kept), as a deployment runs it, or onnxruntime (the ONNX export)")
     report_latency: bool = Field(False, description="time the model before and after at batch 1 and latency_batch, "
                                                     "interleaved in one process, and report the speedups")
     exclude: list[str] = Field(default_factory=list)

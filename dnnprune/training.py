@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -35,8 +36,15 @@ AfterStep = Callable[[nn.Module], None]
 
 
 def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from. With CUDA present, also ask cuDNN and cuBLAS for their
+    deterministic kernels, so the same command gives the same bytes on a GPU as it does on the CPU
+    (cuBLAS reads its workspace setting when it first starts, so it is set before then)."""
     random.seed(seed)
     torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
 
 
 def task_of(model: nn.Module) -> Task:

@@ -58,7 +58,7 @@ def prune_command(
     latency_widths: Annotated[bool | None, typer.Option("--latency-widths/--no-latency-widths", help="Move each width to the fastest nearby one (measured, cached).")] = None,
     plan_cost: Annotated[str | None, typer.Option(help="Accuracy-aware increments: none cuts every layer to one predicted drop; macs or latency cut where the predicted drop per MAC, or per measured ms on --latency-runtime, saved is least.")] = None,
     report_latency: Annotated[bool | None, typer.Option("--report-latency/--no-report-latency", help="Time the model before and after (batch 1 and 64, interleaved).")] = None,
-    latency_runtime: Annotated[str | None, typer.Option(help="What latency is timed on: eager (PyTorch as trained), fused (BatchNorm folded, conv + activation fused, TorchScript-frozen: as deployed) or onnxruntime (the ONNX export).")] = None,
+    latency_runtime: Annotated[str | None, typer.Option(help="What latency is timed on: eager (PyTorch as trained), fused (TorchScript-frozen, BatchNorm folded into the convs, oneDNN layouts kept: as deployed) or onnxruntime (the ONNX export).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Layer pattern to leave alone (glob or type:NAME); repeatable.")] = None,
     samples: Annotated[int | None, typer.Option(help="Before/after accuracy on stratified subsets of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure val/test accuracy before and after (needs the dataset).")] = None,

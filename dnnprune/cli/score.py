@@ -43,7 +43,7 @@ def score_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
     samples: Annotated[int | None, typer.Option(help="Score on a class-stratified test subset of this size.")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Measure CPU latency.")] = None,
-    latency_runtime: Annotated[str | None, typer.Option(help="eager (PyTorch as trained), fused (BatchNorm folded, conv + activation fused, TorchScript-frozen: as deployed) or onnxruntime (the ONNX export on onnxruntime's CPU provider, torch's thread count).")] = None,
+    latency_runtime: Annotated[str | None, typer.Option(help="eager (PyTorch as trained), fused (TorchScript-frozen, BatchNorm folded into the convs, oneDNN layouts kept: as deployed) or onnxruntime (the ONNX export on onnxruntime's CPU provider, torch's thread count).")] = None,
     dataset: DatasetOption = None,
     data_root: DataRootOption = None,
     download: DownloadOption = None,

@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dnnprune.distributed import process_device
+from dnnprune.errors import DnnpruneError
 from tests.conftest import cli_env, needs_fmnist
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
@@ -34,7 +36,7 @@ def _env() -> dict[str, str]:
 def test_two_processes_train_like_one(tmp_path: Path) -> None:
     recipe = _recipe(tmp_path, steps=6, train_limit=512)
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
-    command = ["-m", "dnnprune", "train", "lenet5", "-r", str(recipe)]
+    command = ["-m", "dnnprune", "train", "lenet5", "-r", str(recipe), "--device", "cpu"]  # gloo, also on a GPU machine
     single = subprocess.run([sys.executable, *command, "-o", str(one)], capture_output=True, text=True, env=_env(),
                             timeout=600)
     assert single.returncode == 0, single.stderr[-2000:]
@@ -46,6 +48,21 @@ def test_two_processes_train_like_one(tmp_path: Path) -> None:
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
     assert (tmp_path / "two.json").exists() and not list(tmp_path.glob(".two.*"))
+
+
+def test_each_local_process_takes_its_own_gpu_or_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL cannot put two ranks on one GPU: that is refused in one line before the process group starts."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert process_device(torch.device("cuda"), 2) == torch.device("cuda", 1)
+    assert process_device(torch.device("cpu"), 2) == torch.device("cpu")
+    assert process_device(torch.device("cuda", 0), 1) == torch.device("cuda", 0)  # a plain run keeps what it named
+    with pytest.raises(DnnpruneError, match="names one GPU.*pass --device cuda"):
+        process_device(torch.device("cuda", 0), 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(DnnpruneError, match=r"2 processes on this machine, which has 1 GPU.*--nproc-per-node.*--device cpu"):
+        process_device(torch.device("cuda"), 2)
 
 
 # Passes alone (about 12 s) but hung past its timeout in 2 of the last 3 full `make test` runs on this
