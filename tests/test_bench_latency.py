@@ -97,3 +97,38 @@ def test_pairwise_rows_time_each_model_with_the_reference_alone(tmp_path: Path) 
         assert row["speedup"] == pytest.approx(row["reference_ms"] / row["median_ms"])
     # the reference row is the median of its readings, one per pair
     assert min(r["reference_ms"] for r in rows[1:]) <= rows[0]["reference_ms"] <= max(r["reference_ms"] for r in rows[1:])
+
+
+def test_processes_combine_into_medians_with_their_range(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--processes 2` runs the measurement in two fresh processes and reports, per row, the median ratio and
+    each process's own."""
+    base = make_checkpoint(tmp_path / "base.safetensors", "lenet5", input_shape=(1, 28, 28))
+    pruned, _ = prune(dnnprune.load(base), PruneSection(ratio=0.5, evaluate=False), data=DataSection())
+    small = dnnprune.save(pruned, tmp_path / "small.safetensors")
+    out = tmp_path / "latency.json"
+    bench_module("latency.py").main([str(base), str(small), "--batches", "2", "--repeats", "3", "--pairwise",
+                                     "--processes", "2", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["processes"] == 2 and [Path(r["model"]).name for r in report["rows"]] == [
+        "base.safetensors", "small.safetensors"]
+    row = report["rows"][1]
+    assert len(row["ratio_per_process"]) == 2 and row["ratio_range"] == [min(row["ratio_per_process"]),
+                                                                          max(row["ratio_per_process"])]
+    assert row["ratio_range"][0] <= row["speedup_per_macs_reduction"] <= row["ratio_range"][1]
+    assert not list(tmp_path.glob("process*.json"))  # the children's files stay in a temporary folder
+    assert "processes: 2" in capsys.readouterr().out
+
+
+def test_over_processes_takes_medians_row_by_row() -> None:
+    latency = bench_module("latency.py")
+
+    def row(ms: float, ref: float, ratio: float) -> dict[str, object]:
+        return {"model": "m", "runtime": "fused", "batch": 64, "median_ms": ms, "reference_ms": ref,
+                "speedup": ref / ms, "macs_reduction": 4.0, "speedup_per_macs_reduction": ratio}
+
+    runs = [[row(5.0, 20.0, 1.0)], [row(6.0, 21.0, 0.875)], [row(7.0, 19.0, 0.68)]]
+    [combined] = latency.over_processes(runs)
+    assert combined["median_ms"] == 6.0 and combined["reference_ms"] == 20.0
+    assert combined["speedup_per_macs_reduction"] == 0.875 and combined["ratio_range"] == [0.68, 1.0]
+    assert latency.without_option(["a", "--out", "x", "--processes=3", "--pairwise"], "--out", "--processes") == [
+        "a", "--pairwise"]
