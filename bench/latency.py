@@ -104,8 +104,10 @@ def rows_from_processes(argv: list[str], count: int, folder: Path) -> list[dict[
     runs = []
     for index in range(count):
         out = folder / f"process{index}.json"
-        subprocess.run([sys.executable, __file__, *argv, "--processes", "1", "--out", str(out)], check=True,
-                       stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, __file__, *argv, "--processes", "1", "--out", str(out)],
+                              stdout=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise SystemExit(f"measuring process {index + 1} of {count} failed (exit {done.returncode}); its error is above")
         runs.append(json.loads(out.read_text())["rows"])
     return over_processes(runs)
 
