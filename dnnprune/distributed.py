@@ -34,9 +34,12 @@ def process_device(device: torch.device, world: int) -> torch.device:
     if device.type != "cuda" or world <= 1:
         return device
     local, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
-    if local > 1 and device.index is not None:
-        raise DnnpruneError(f"torchrun started {local} processes on this machine and --device names one GPU ({device}), "
-                            "but NCCL needs a GPU per process; pass --device cuda (each process takes its own) or cpu")
+    if device.index is not None:
+        if local > 1:
+            raise DnnpruneError(f"torchrun started {local} processes on this machine and --device names one GPU "
+                                f"({device}), but NCCL needs a GPU per process; pass --device cuda (each process "
+                                "takes its own) or cpu")
+        return device  # one process on this machine: the GPU it was told to use
     if local > gpus:
         raise DnnpruneError(f"torchrun started {local} processes on this machine, which has {gpus} GPU(s), and NCCL "
                             f"needs a GPU per process; start at most {gpus} (--nproc-per-node) or pass --device cpu")

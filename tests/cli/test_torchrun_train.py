@@ -60,6 +60,10 @@ def test_each_local_process_takes_its_own_gpu_or_is_refused(monkeypatch: pytest.
     assert process_device(torch.device("cuda", 0), 1) == torch.device("cuda", 0)  # a plain run keeps what it named
     with pytest.raises(DnnpruneError, match="names one GPU.*pass --device cuda"):
         process_device(torch.device("cuda", 0), 2)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process per machine: the GPU it names is kept
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert process_device(torch.device("cuda", 1), 2) == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(DnnpruneError, match=r"2 processes on this machine, which has 1 GPU.*--nproc-per-node.*--device cpu"):
         process_device(torch.device("cuda"), 2)
