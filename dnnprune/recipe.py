@@ -208,8 +208,9 @@ class PruneSection(Section):
         "none", description="increments: none cuts every layer to one predicted drop; macs or latency cut where the "
                             "predicted drop per MAC, or per measured ms (latency_runtime at latency_batch, cached per "
                             "machine), saved is least")
-    confidence: float = Field(0.95, ge=0.0, lt=1.0, description="increments: undo a step only when its drop exceeds "
-                                                                "the budget at this one-sided confidence (0: plain "
+    confidence: float = Field(0.95, ge=0.0, lt=1.0, description="accuracy-aware: undo a step only when its drop "
+                                                                "exceeds the budget, and the final fine-tune only when "
+                                                                "it lowers val, at this one-sided confidence (0: plain "
                                                                 "comparison)")
     backoffs: int = Field(2, ge=0, description="increments: times a rejected step is retried halfway")
     reanalyze_below: float = Field(0.5, gt=0.0, le=1.0, description="increments: re-run the analysis once the model "

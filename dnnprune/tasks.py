@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Any, Literal
 
 import numpy as np
@@ -296,6 +297,15 @@ def paired_drop(before: Metrics, after: Metrics, task: Task) -> tuple[float, flo
         differences = -differences
     count = differences.numel()
     return drop, float(differences.std(unbiased=True)) / math.sqrt(count) if count > 1 else None
+
+
+def within_budget(drop: float, error: float | None, budget: float, confidence: float) -> bool:
+    """False only when the drop exceeds the budget with the given one-sided confidence, so that noise
+    in a finite evaluation does not undo real work; without an error estimate (or at confidence 0),
+    the plain comparison."""
+    if error is None or confidence <= 0:
+        return drop <= budget
+    return drop - NormalDist().inv_cdf(confidence) * error <= budget
 
 
 def _require_samples(count: int) -> None:

@@ -577,3 +577,42 @@ def test_latency_target_is_solved_by_measurement() -> None:
     assert report.target["tolerance"] == 0.05
     assert report.target["met"] == (speedups[8] >= 1.5 * 0.95)
     assert len(report.target["search"]) >= 9  # the cap, 7 bisection steps and at least one verification
+
+
+def test_within_budget_undoes_only_a_confident_drop() -> None:
+    """The paired rule shared by increments and the final fine-tune: a dip inside the evaluation's noise is
+    kept, a drop beyond it is not; without an error estimate (or at confidence 0) the plain comparison."""
+    from dnnprune.tasks import within_budget
+
+    assert within_budget(0.003, 0.004, 0.0, 0.95)  # 0.3 points on a noise of 0.4: kept (the plain rule undid it)
+    assert not within_budget(0.003, 0.004, 0.0, 0.0)
+    assert not within_budget(0.02, 0.004, 0.0, 0.95)
+    assert within_budget(0.02, 0.004, 0.025, 0.95) and not within_budget(0.04, 0.004, 0.025, 0.95)
+    assert within_budget(-0.01, None, 0.0, 0.95) and not within_budget(0.001, None, 0.0, 0.95)
+
+
+@needs_fmnist
+def test_a_final_fine_tune_that_ruins_val_is_undone() -> None:
+    """Accuracy-aware: a final fine-tune that wrecks the model (lr 50) is undone and reported with its paired
+    drop and error; the model is left as the increments made it."""
+    from dnnprune.loaders import train_loader
+    from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
+    from dnnprune.training import fit_loop
+
+    torch.manual_seed(0)
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    data = DataSection(train_limit=2000, batch_size=256)
+    fit_loop(model, train_loader(meta_of(model), data, 64, 0), TrainSection(max_steps=150, lr=0.1, momentum=0.9,
+                                                                          eval_every_epoch=False),
+             device=torch.device("cpu"))  # well above chance, so that a ruinous fine-tune has something to ruin
+    config = PruneSection(target="macs", target_factor=1.2, accuracy_aware=True, max_accuracy_drop=0.05,
+                          val_samples=300, samples=200, increments=1,
+                          step_finetune=FineTuneSection(max_steps=2, epochs=1, lr=0.01),
+                          finetune=FineTuneSection(max_steps=3, epochs=1, lr=50.0))
+    model, report = prune(model, config, data=data)
+    final = report.final_finetune
+    assert final["steps"] == 3 and final["kept"] is False
+    assert final["drop"] > 0 and final["drop_stderr"] is not None and final["drop"] > 1.645 * final["drop_stderr"]
+    assert final["val_after"] < final["val_before"]
+    assert report.after["val"]["top1"] == pytest.approx(final["val_before"], abs=0.02)

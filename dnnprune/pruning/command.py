@@ -68,7 +68,7 @@ from dnnprune.pruning.structured import (
 from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneSection
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
-from dnnprune.tasks import Task, make_task
+from dnnprune.tasks import Task, make_task, paired_drop, within_budget
 from dnnprune.training import evaluate, fit_loop, frozen_teacher, total_steps, wants_training
 
 
@@ -432,19 +432,23 @@ class _Job:
         return history.as_dict()
 
     def final_finetune(self, model: nn.Module) -> dict[str, Any] | None:
-        """The last fine-tune; in accuracy-aware mode it is kept only if the val metric did not get worse
-        (a long fine-tune can overfit, or teach an autoencoder that lost its bottleneck the identity)."""
+        """The last fine-tune; in accuracy-aware mode it is undone only if it made the val metric worse
+        with `confidence` (a long fine-tune can overfit, or teach an autoencoder that lost its bottleneck
+        the identity). The same paired rule as the increments: undoing it on a noise-sized dip would
+        throw away the chain's longest fine-tune."""
         if not self.config.accuracy_aware or not self._has_steps(self.config.finetune):
             return self.finetune(model, self.config.finetune, "final fine-tune")
         val = self.feeds.eval("val", self.config.val_samples or self.config.samples, self.config.seed)
-        before = evaluate(model, val, self.device, task=self.task).value
+        before = evaluate(model, val, self.device, task=self.task)
         saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
         history = self.finetune(model, self.config.finetune, "final fine-tune") or {}
-        after = evaluate(model, val, self.device, task=self.task).value
-        kept = self.task.drop(before, after) <= 0
+        after = evaluate(model, val, self.device, task=self.task)
+        drop, error = paired_drop(before, after, self.task)
+        kept = within_budget(drop, error, 0.0, self.config.confidence)
         if not kept:
             model.load_state_dict(saved)
-        return {**history, "val_before": before, "val_after": after, "kept": kept}
+        return {**history, "val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,
+                "kept": kept}
 
     def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
         size = model_size(model, self.shape)

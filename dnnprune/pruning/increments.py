@@ -27,7 +27,6 @@ import itertools
 import math
 import time
 from dataclasses import dataclass, field
-from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
 import torch
@@ -47,7 +46,7 @@ from dnnprune.pruning.structured import (
     pruned_size,
 )
 from dnnprune.surgery import ChannelGraph
-from dnnprune.tasks import Metrics, Task, paired_drop
+from dnnprune.tasks import Metrics, Task, paired_drop, within_budget
 
 _TIE_SLOPE = 1e-4
 
@@ -195,7 +194,7 @@ def _one_increment(result: IncrementResult, curves: Curves, step_goal: float, ba
         steps = env.finetune(candidate, f"increment {index}")
         measured = env.evaluate(candidate)
         drop, error = paired_drop(baseline, measured, env.task)
-        accepted = _within_budget(drop, error, env)
+        accepted = within_budget(drop, error, env.max_drop, env.confidence)
         size = model_size(candidate, env.input_shape)
         _emit(result, env, {"increment": index, "attempt": attempt + 1, "goal": step_goal, "threshold": threshold,
                             "layers_cut": sum(1 for v in plan.values() if v), "channels_removed": sum(plan.values()),
@@ -368,14 +367,6 @@ class CostPlanner:
         """What giving `name` back channels (from its cut in `plan` to `cut`) adds to the cost."""
         keep = {n: self.widths[n] - plan.get(n, 0) for n in self.widths}
         return self.cost(name, self.widths[name] - cut, keep) - self.cost(name, keep[name], keep)
-
-
-def _within_budget(drop: float, error: float | None, env: IncrementEnvironment) -> bool:
-    """Undo only a step whose drop exceeds the budget with the given confidence (a one-sided bound)."""
-    if error is None or env.confidence <= 0:
-        return drop <= env.max_drop
-    z = NormalDist().inv_cdf(env.confidence)
-    return drop - z * error <= env.max_drop
 
 
 def _emit(result: IncrementResult, env: IncrementEnvironment, row: dict[str, Any]) -> None:
