@@ -517,6 +517,40 @@ def test_accuracy_aware_increments_priced_in_measured_ms_use_and_keep_a_table(tm
     assert len(tables) == 1 and all(key.startswith("fused|") for key in json.loads(tables[0].read_text()))
 
 
+@needs_fmnist
+@pytest.mark.parametrize("plan_cost", ["none", "latency"])
+def test_latency_widths_are_timed_on_the_reported_runtime_in_one_shared_table(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plan_cost: str) -> None:
+    """Widths rounded to the fastest nearby ones are timed on `latency_runtime` (they were timed eager
+    whatever the runtime), in the one table the ms-priced plans also use (two copies of the file each
+    saved over the other's entries)."""
+    import dnnprune.pruning.command as command
+    from dnnprune.latency import LayerTable, table_dir
+    from dnnprune.recipe import DataSection, FineTuneSection
+
+    built: list[str] = []
+
+    class Counted(LayerTable):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            built.append(self.runtime)
+
+    monkeypatch.setattr(command, "LayerTable", Counted)
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(tmp_path))
+    model = _model("lenet5")
+    meta_of(model).dataset = "fashion-mnist"
+    config = PruneSection(target="macs", target_factor=1.5, accuracy_aware=True, max_accuracy_drop=0.5,
+                          val_samples=200, samples=200, increments=1, plan_cost=plan_cost, latency_widths=True,
+                          latency_runtime="fused", latency_batch=4, latency_repeats=2, width_search=2,
+                          step_finetune=FineTuneSection(max_steps=1, epochs=1, lr=0.01))
+    prune(model, config, data=DataSection(train_limit=500, batch_size=256))
+    assert built == ["fused"]
+    tables = list(table_dir().glob("*.json"))
+    assert len(tables) == 1
+    keys = json.loads(tables[0].read_text())
+    assert keys and all(key.startswith("fused|") for key in keys)
+
+
 def test_pruned_size_leaves_the_original_alone() -> None:
     model = _model("resnet20")
     graph = ChannelGraph(model, (1, 32, 32))

@@ -7,6 +7,7 @@ checked before any training or surgery, so a bad input fails fast and nothing is
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -289,31 +290,31 @@ class _Job:
         measure = lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude)  # noqa: E731
         return solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
 
+    @functools.cached_property
+    def layer_table(self) -> LayerTable:
+        """The per-machine layer times, on the runtime speed is reported on: one table per run, shared by
+        latency-aware widths and ms-priced plans (two copies of one file would each save over the other)."""
+        config = self.config
+        return LayerTable(config.latency_batch, config.latency_repeats, runtime=config.latency_runtime)
+
     def _fastest(self, plan_at: Callable[[float], Plan]) -> Callable[[float], Plan]:
         """The plan family with every width moved to the fastest nearby width (measured layer times)."""
         config = self.config
-        table = LayerTable(config.latency_batch, config.latency_repeats)
         grow = config.target == "latency"
-        return lambda knob: latency_widths(self.model, self.graph, plan_at(knob), table, self.shape, self.limits,
-                                           search=config.width_search, may_grow=grow)
+        return lambda knob: latency_widths(self.model, self.graph, plan_at(knob), self.layer_table, self.shape,
+                                           self.limits, search=config.width_search, may_grow=grow)
 
 
-    def _layer_cost(self) -> tuple[LayerCost | None, LayerTable | None]:
-        """What a cost-aware plan prices: MACs, or layer times measured on the runtime speed is reported on
-        (the table, to be saved once the plans are made)."""
-        config = self.config
-        if config.plan_cost == "macs":
-            return layer_macs, None
-        if config.plan_cost == "latency":
-            table = LayerTable(config.latency_batch, config.latency_repeats, runtime=config.latency_runtime)
-            return table.layer_ms, table
-        return None, None
+    def _layer_cost(self) -> LayerCost | None:
+        """What a cost-aware plan prices: MACs, or layer times measured on the runtime speed is reported on."""
+        if self.config.plan_cost == "macs":
+            return layer_macs
+        return self.layer_table.layer_ms if self.config.plan_cost == "latency" else None
 
     def _fastest_widths(self) -> Callable[[nn.Module, ChannelGraph, Plan], Plan]:
         config = self.config
-        table = LayerTable(config.latency_batch, config.latency_repeats)
-        return lambda model, graph, plan: latency_widths(model, graph, plan, table, self.shape, self.limits,
-                                                         search=config.width_search)
+        return lambda model, graph, plan: latency_widths(model, graph, plan, self.layer_table, self.shape,
+                                                         self.limits, search=config.width_search)
 
     def _measured_speedup(self, scores: dict[str, torch.Tensor], plan: Plan, repeats: int) -> float:
         """The pruned copy's speedup, timed interleaved with the original (so the ratio survives machine load)."""
@@ -374,7 +375,7 @@ class _Job:
         started = time.perf_counter()
         val = self.feeds.eval("val", config.val_samples, config.seed)
         analysis = self.analysis or self._analyze(self.model, None)
-        layer_cost, table = self._layer_cost()
+        layer_cost = self._layer_cost()
         env = IncrementEnvironment(
             input_shape=self.shape, limits=self.limits, metric=config.target, factor=config.target_factor,  # type: ignore[arg-type]
             max_drop=config.max_accuracy_drop, task=self.task, score=lambda m, g: self._scores(m, g),
@@ -387,8 +388,8 @@ class _Job:
             reanalyze_below=config.reanalyze_below, on_step=lambda row: self.observer.row("prune.increment", row),
             seed=config.seed)
         result = prune_in_increments(self.model, Curves.from_report(analysis, self.task), env)
-        if table is not None:
-            table.save()
+        if config.plan_cost == "latency":
+            self.layer_table.save()
         self.seconds["accuracy_aware"] = time.perf_counter() - started
         self.graph = ChannelGraph(result.model, self.shape, exclude=config.exclude)
         return result.model, {"mode": "accuracy-aware-increments", "baseline_val": result.baseline,
