@@ -425,11 +425,32 @@ def load(path: Path | str, *, map_location: str = "cpu") -> nn.Module:
         _check_tensors(skeleton, declared_tensors(stored, meta.encodings), meta.arch, model_bytes_limit(len(payload)))
         state = decode_state(stored, meta.encodings)
         model = _materialize(meta, state)
+        check_runs(model, meta.arch, meta.input_shape)
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model.to(map_location)
     model.eval()
     return attach_meta(model, meta)
+
+
+def check_runs(model: nn.Module, arch: str, input_shape: tuple[int, ...] | list[int]) -> None:
+    """One forward pass on the declared input shape, so that a shape the architecture cannot take (an
+    AlexNet at 32 px, a ViT below 224) is refused here in one line, not deep inside every later command."""
+    device = next(model.parameters(), torch.empty(0)).device
+    if device.type == "meta":  # shapes without memory (tests): nothing to run
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(torch.zeros(1, *input_shape, device=device))
+    except Exception as exc:  # any failure of the probe means the shape does not fit
+        shape = "x".join(str(d) for d in input_shape)
+        raise CheckpointError(f"{arch} cannot run on its input shape {shape} ({type(exc).__name__}: "
+                              f"{first_line(exc, 160)}); import it with an --input-shape the architecture "
+                              "accepts") from None
+    finally:
+        model.train(was_training)
 
 
 def read_checkpoint_bytes(path: Path) -> bytes:

@@ -24,6 +24,7 @@ from torch import nn
 from dnnprune.checkpoint import (
     CheckpointMeta,
     attach_meta,
+    check_runs,
     first_line,
     looks_like_safetensors,
     meta_of,
@@ -87,6 +88,7 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: str, *, num_classes:
     model = create_model(arch, **args)
     state, dropped = _drop_auxiliary_heads(model, state, arch)
     _load_strict(model, state, source, arch)
+    check_runs(model, arch, spec.shape)
     classes = list(DATASETS[dataset].classes) if dataset and DATASETS[dataset].classes else None
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=spec.shape, mean=spec.mean, std=spec.std,
                           dataset=dataset, classes=classes)

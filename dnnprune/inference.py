@@ -17,12 +17,14 @@ suit a narrow pruned layer differ between libraries.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import sys
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, Iterator, get_args
 
 import torch
 import torch.nn as nn
@@ -85,7 +87,7 @@ def onnx_bytes(model: nn.Module, sample: torch.Tensor, *, exporter: str = "torch
                dynamic_batch: bool = True, hint: str | None = None) -> bytes:
     """The model as ONNX bytes; any exporter failure becomes one line ending in `hint` (by default: the
     other exporter, which is what `export` offers)."""
-    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings(), _native_stdout_silenced():
         warnings.simplefilter("ignore")
         path = os.path.join(folder, "model.onnx")
         try:
@@ -103,6 +105,25 @@ def onnx_bytes(model: nn.Module, sample: torch.Tensor, *, exporter: str = "torch
             raise DnnpruneError(f"torch.onnx could not export this model ({type(exc).__name__}: "
                                 f"{first_line(exc, 300)}); {hint or f'try --exporter {other}'}") from None
         return Path(path).read_bytes()
+
+
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """torch's TorchScript exporter prints the whole graph to the process's stdout (C++, whatever
+    `verbose` says) when it fails; the failure is reported in one line instead, so that dump is dropped."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no usable stdout descriptor: nothing to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def onnx_session(payload: bytes, threads: int | None = None) -> Any:

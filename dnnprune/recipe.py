@@ -325,7 +325,7 @@ class ExportSection(Section):
     opset: int = Field(18, ge=13, le=23)
     exporter: Literal["dynamo", "torchscript"] = Field("torchscript", description="torch.onnx's exporter")
     tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted, relative to the "
-                                                           "output scale when outputs are smaller than 1")
+                                                           "largest |output|")
     check_batch: int = Field(8, gt=0, description="samples in the parity check (also proves the batch axis is dynamic)")
     latency: bool = True
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])

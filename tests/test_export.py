@@ -200,9 +200,49 @@ def test_tiny_outputs_are_compared_at_their_own_scale(tmp_path: Path, monkeypatc
     assert report.parity["max_abs_output"] < 1e-4 and report.parity["bound"] < 1e-8
     out.unlink()
     _skew(monkeypatch, 1e-6)
-    with pytest.raises(DnnpruneError, match="outputs reach only"):
+    with pytest.raises(DnnpruneError, match="times the largest output"):
         export(model, QUICK, output=out)
     assert not out.exists()
+
+
+def test_large_outputs_are_compared_at_their_own_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs of ~1e5 differ by ~1e-2 from float32 rounding alone: a correct export an absolute 1e-4
+    bound refused. A 1e-3 relative error is still caught."""
+    torch.manual_seed(0)
+    model = create_model("a2e", **A2E_ARGS)
+    with torch.no_grad():
+        model.net[-1].weight.mul_(1e6)
+    attach_meta(model, CheckpointMeta(arch="a2e", arch_args=A2E_ARGS, input_shape=(1, 1, 30),
+                                      task=TaskSpec(kind="reconstruction")))
+    out = tmp_path / "model.onnx"
+    _, report = export(model, QUICK.model_copy(update={"latency": False}), output=out)
+    assert report.parity["max_abs_output"] > 1e4 and report.parity["bound"] > 1.0
+    out.unlink()
+    _skew(monkeypatch, 1e-3 * report.parity["max_abs_output"])
+    with pytest.raises(DnnpruneError, match="times the largest output"):
+        export(model, QUICK, output=out)
+    assert not out.exists()
+
+
+def test_an_exporter_failure_is_one_line_with_nothing_on_stdout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capfd: pytest.CaptureFixture[str]) -> None:
+    """torch's TorchScript exporter dumps the whole graph to the process's stdout (from C++) when it fails."""
+    import os
+
+    def failing_export(*args: Any, **kwargs: Any) -> None:
+        os.write(1, b"Torch IR graph at exception: graph(%input.1 : Float(*, 1, 32, 32)\n")
+        raise RuntimeError("Unsupported: ONNX export of operator adaptive_avg_pool2d\nsecond line")
+
+    monkeypatch.setattr(torch.onnx, "export", failing_export)
+    model = attach_meta(create_model("a2e", **A2E_ARGS), CheckpointMeta(
+        arch="a2e", arch_args=A2E_ARGS, input_shape=(1, 1, 30), task=TaskSpec(kind="reconstruction")))
+    with pytest.raises(DnnpruneError, match=r"adaptive_avg_pool2d\); try --exporter dynamo$") as raised:
+        export(model, QUICK, output=tmp_path / "model.onnx")
+    assert "second line" not in str(raised.value)
+    assert capfd.readouterr().out == ""
+    print("stdout works again")
+    assert capfd.readouterr().out == "stdout works again\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_model_with_nan_output_is_refused(tmp_path: Path) -> None:

@@ -184,3 +184,23 @@ def test_the_import_reads_its_file_once_and_records_the_digest_of_those_bytes(su
     imported, _ = import_weights(weights, "torchvision.mnasnet0_5", **_import_args("mnasnet0_5"))
     assert reads.count(weights) == 1
     assert meta_of(imported).file_sha256 == expected
+
+
+def test_an_input_shape_the_model_cannot_take_is_refused_at_import_and_at_load(tmp_path: Path) -> None:
+    """SqueezeNet pools 16 px down to nothing: refused in one line at import, and a checkpoint that declares
+    such a shape anyway (written by hand or by an older version) is refused when it is loaded."""
+    from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, save
+
+    weights = tmp_path / "squeezenet.safetensors"
+    source = _source("squeezenet1_1")
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(weights))
+    with pytest.raises(DnnpruneError, match=r"squeezenet1_1 cannot run on its input shape 3x16x16 \(RuntimeError: "
+                                            r".*too small\); import it with an --input-shape"):
+        import_weights(weights, "torchvision.squeezenet1_1", num_classes=10, input_shape=(3, 16, 16))
+    model, _ = import_weights(weights, "torchvision.squeezenet1_1", num_classes=10, input_shape=(3, 24, 24))
+    meta = meta_of(model).model_copy(update={"input_shape": (3, 16, 16)})
+    crafted = tmp_path / "declared-16.safetensors"
+    save(attach_meta(model, CheckpointMeta.model_validate(meta.model_dump())), crafted)
+    with pytest.raises(DnnpruneError, match=r"declared-16\.safetensors: torchvision\.squeezenet1_1 cannot run on its "
+                                            r"input shape 3x16x16"):
+        load(crafted)

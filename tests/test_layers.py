@@ -92,6 +92,15 @@ def test_mobilenet_v2_only_inverted_residuals_with_a_residual_connection() -> No
     assert _names(units) == residual and all(u.kind == "block" and u.shortcut is None for u in units)
 
 
+def test_mnasnet_residual_blocks_are_units() -> None:
+    """MNASNet marks its residual blocks `apply_residual`, not `use_res_connect`; it was refused as having none."""
+    model = _model("torchvision.mnasnet0_5", num_classes=10)
+    residual = [name for name, m in model.named_modules() if getattr(m, "apply_residual", False) is True]
+    units = find_units(model, CIFAR)
+    assert len(residual) == 10 and _names(units) == residual
+    assert all(u.kind == "block" and u.shortcut is None for u in units)
+
+
 @pytest.mark.parametrize("arch, convs", [("vgg11_bn", 4), ("vgg16_bn", 9)])
 def test_vgg_same_shape_convs_go_with_their_batchnorm(arch: str, convs: int) -> None:
     model = _model(arch, in_channels=3)
@@ -440,6 +449,7 @@ def test_every_kind_of_removal_reloads_identically_in_a_new_process(tmp_path: Pa
         "resnet20": _removed("resnet20", {"in_channels": 3, "num_classes": 10}, CIFAR, ["layer1.1", "layer2.0"]),
         "resnet18": _removed("torchvision.resnet18", {"num_classes": 10}, CIFAR, ["layer2.0", "layer3.1"]),
         "mobilenet_v2": _removed("torchvision.mobilenet_v2", {"num_classes": 10}, CIFAR, ["features.5"]),
+        "mnasnet0_5": _removed("torchvision.mnasnet0_5", {"num_classes": 10}, CIFAR, ["layers.9.2"]),
         "vgg11_bn": _removed("vgg11_bn", {"in_channels": 3, "num_classes": 10}, CIFAR, ["features.11", "features.22"]),
         "a2e": _removed("a2e", {"input_shape": list(ROW), "widths": [16, 4, 16, 4, 16], "activation": "tanh"}, ROW,
                         ["net.1", "net.5", "net.9"], kind="reconstruction"),
@@ -461,3 +471,30 @@ def test_every_kind_of_removal_reloads_identically_in_a_new_process(tmp_path: Pa
     again = dnnprune.load(tmp_path / "resnet20.safetensors")
     assert isinstance(again.layer1[1], nn.Identity) and [type(m) for m in again.layer2[0]] == [nn.Conv2d,
                                                                                                 nn.BatchNorm2d]
+
+
+def test_a_removed_conv_leaves_the_inplace_activation_after_it_out_of_place(tmp_path: Path) -> None:
+    """RegNet's `f.a` is conv, BN, ReLU(inplace): with the conv gone, the ReLU would write over the block's input,
+    which the shortcut `proj(x)` saved for backward; training such a checkpoint failed, and where a shortcut
+    reads x after f(x) the outputs change. The ReLU is made out-of-place, and the checkpoint keeps it so."""
+    arch, args = "torchvision.regnet_x_400mf", {"num_classes": 10}
+    model = _saved(_model(arch, **args), arch, args, CIFAR)
+    name = "trunk_output.block1.block1-0.f.a.0"
+    remove_unit(model, unit_named(find_units(model, CIFAR), name))
+    follower = model.get_submodule("trunk_output.block1.block1-0.f.a.2")
+    assert isinstance(follower, nn.ReLU) and follower.inplace is False
+    torch.manual_seed(0)
+    x = torch.randn(4, *CIFAR)
+    reference = copy.deepcopy(model)
+    for module in reference.modules():
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    with torch.inference_mode():
+        assert torch.equal(model(x), reference(x))
+    model.train()
+    model(x).sum().backward()  # raised "modified by an inplace operation" before
+    model.eval()
+    again = dnnprune.load(dnnprune.save(model, tmp_path / "regnet.safetensors"))
+    assert again.get_submodule("trunk_output.block1.block1-0.f.a.2").inplace is False
+    with torch.inference_mode():
+        assert torch.equal(again(x), model(x))

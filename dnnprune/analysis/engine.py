@@ -349,6 +349,9 @@ class _Engine:
         if layer in self.guarded:
             return layer not in self.fallbacks
         self.guarded.add(layer)
+        if not isinstance(first, torch.Tensor):  # the route starts at a tuple (ShuffleNet's channel split)
+            self.fallbacks.add(layer)
+            return False
         x = self.batches[0][0][:_GUARD_SAMPLES]
         with torch.inference_mode():
             expected = self.work(x)

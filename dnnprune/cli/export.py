@@ -31,7 +31,7 @@ def export_command(
     report: ReportOption = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (13-23).")] = None,
     exporter: Annotated[str | None, typer.Option(help="torch.onnx exporter: torchscript or dynamo.")] = None,
-    tolerance: Annotated[float | None, typer.Option(help="Largest |torch - onnxruntime| accepted (default 1e-4; times the largest output when that is below 1).")] = None,
+    tolerance: Annotated[float | None, typer.Option(help="Largest |torch - onnxruntime| accepted, as a fraction of the largest |output| (default 1e-4).")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Time PyTorch and onnxruntime on the CPU.")] = None,
     force: ForceOption = False,
 ) -> None:

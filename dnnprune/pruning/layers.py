@@ -77,7 +77,7 @@ def find_units(model: nn.Module, input_shape: Sequence[int]) -> list[Unit]:
 
 def _block_unit(name: str, module: nn.Module) -> Unit | None:
     """A residual block: `x + f(x)` where the block keeps the shape, `shortcut(x) + f(x)` where not."""
-    if getattr(module, "use_res_connect", False) or getattr(module, "use_residual", False):
+    if any(getattr(module, flag, False) is True for flag in ("use_res_connect", "use_residual", "apply_residual")):
         return Unit(name, "block", (name,))
     for attribute in ("downsample", "shortcut"):
         if not hasattr(module, attribute) or isinstance(module, nn.Sequential):
@@ -205,14 +205,33 @@ def _replace(model: nn.Module, unit: Unit) -> Callable[[], None]:
     if unit.shortcut is not None:
         block = dict(saved)[unit.name]
         _set(model, unit.name, mark_shortcut(getattr(block, unit.shortcut), unit.shortcut))
+    defused = _defuse_inplace_after(model, unit) if unit.kind == "conv" else None
 
     def undo() -> None:
+        if defused is not None:
+            defused.inplace = True
         for name, module in saved:
             _set(model, name, module)
             if unit.shortcut is not None and hasattr(getattr(module, unit.shortcut, None), SHORTCUT_ATTRIBUTE):
                 delattr(getattr(module, unit.shortcut), SHORTCUT_ATTRIBUTE)
 
     return undo
+
+
+def _defuse_inplace_after(model: nn.Module, unit: Unit) -> nn.Module | None:
+    """The in-place activation that followed the removed conv now writes over its own input, which an
+    earlier activation saved for backward (VGG's ReLU after ReLU) or a shortcut still reads (RegNet's
+    `proj(x) + f(x)`); it is made out-of-place (recorded in the checkpoint's structure). Returns it."""
+    parent_name, _, index = unit.members[-1].rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    for follower in list(parent.children())[int(index) + 1:]:
+        if isinstance(follower, nn.Identity):
+            continue
+        if getattr(follower, "inplace", False) is True:
+            follower.inplace = False
+            return follower
+        return None
+    return None
 
 
 def _bridge(model: nn.Module, unit: Unit, calibration: torch.Tensor | None, ridge: float) -> None:
