@@ -45,6 +45,7 @@ from dnnprune._version import __version__
 from dnnprune.codecs import Encoding, declared_tensors, decode_state, encode_state
 from dnnprune.codecs.spec import one_line
 from dnnprune.errors import CheckpointError, DnnpruneError, OutputError
+from dnnprune.files import check_regular, read_bytes
 from dnnprune.models import create_model
 from dnnprune.tasks import TaskSpec
 
@@ -425,7 +426,9 @@ def load(path: Path | str, *, map_location: str = "cpu") -> nn.Module:
         _check_tensors(skeleton, declared_tensors(stored, meta.encodings), meta.arch, model_bytes_limit(len(payload)))
         state = decode_state(stored, meta.encodings)
         model = _materialize(meta, state)
-        check_runs(model, meta.arch, meta.input_shape)
+        check_runs(model, meta.arch, meta.input_shape, fix="its input shape or structure does not fit the "
+                   "architecture: re-import the weights with an --input-shape the architecture accepts, or the "
+                   "file is corrupt")
     except CheckpointError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model.to(map_location)
@@ -433,7 +436,8 @@ def load(path: Path | str, *, map_location: str = "cpu") -> nn.Module:
     return attach_meta(model, meta)
 
 
-def check_runs(model: nn.Module, arch: str, input_shape: tuple[int, ...] | list[int]) -> None:
+def check_runs(model: nn.Module, arch: str, input_shape: tuple[int, ...] | list[int],
+               fix: str = "import it with an --input-shape the architecture accepts") -> None:
     """One forward pass on the declared input shape, so that a shape the architecture cannot take (an
     AlexNet at 32 px, a ViT below 224) is refused here in one line, not deep inside every later command."""
     device = next(model.parameters(), torch.empty(0)).device
@@ -447,18 +451,13 @@ def check_runs(model: nn.Module, arch: str, input_shape: tuple[int, ...] | list[
     except Exception as exc:  # any failure of the probe means the shape does not fit
         shape = "x".join(str(d) for d in input_shape)
         raise CheckpointError(f"{arch} cannot run on its input shape {shape} ({type(exc).__name__}: "
-                              f"{first_line(exc, 160)}); import it with an --input-shape the architecture "
-                              "accepts") from None
+                              f"{first_line(exc, 160)}); {fix}") from None
     finally:
         model.train(was_training)
 
 
 def read_checkpoint_bytes(path: Path) -> bytes:
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} not found; check the path")
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    return path.read_bytes()
+    return read_bytes(path, "checkpoint", error=CheckpointError)
 
 
 def parse_checkpoint(path: Path, payload: bytes) -> tuple[CheckpointMeta, dict[str, torch.Tensor]]:
@@ -530,17 +529,17 @@ def _meta_from_metadata(path: Path, metadata: dict[str, str]) -> CheckpointMeta:
 
 def _read_head(path: Path) -> bytes:
     """The 8-byte length and the JSON header, read with bounded reads."""
-    if path.is_dir():
-        raise CheckpointError(f"{path} is a directory, not a checkpoint file")
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found; check the path")
-    with path.open("rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            return head
-        length = int.from_bytes(head, "little")
-        if 0 < length <= MAX_HEADER_BYTES:
-            head += handle.read(length)
+    check_regular(path, "checkpoint", error=CheckpointError)
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                return head
+            length = int.from_bytes(head, "little")
+            if 0 < length <= MAX_HEADER_BYTES:
+                head += handle.read(length)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({exc.strerror or type(exc).__name__}); check the file") from None
     return head
 
 

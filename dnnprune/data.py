@@ -34,6 +34,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 from torch.utils.data.dataloader import default_collate
 
 from dnnprune.errors import DatasetError
+from dnnprune.files import check_regular
 
 Kind = Literal["image", "tabular"]
 
@@ -568,6 +569,7 @@ def _load_imagefolder(root: Path, spec: InputSpec, val_fraction: float, test_fra
 
 def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, list[str]]:
     """(feature names, float64 features, raw label strings); numpy's C parser, no pandas."""
+    check_regular(path, "CSV file", error=DatasetError)
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             header = next(csv.reader(f), [])

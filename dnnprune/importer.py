@@ -32,6 +32,7 @@ from dnnprune.checkpoint import (
 )
 from dnnprune.data import DATASETS, InputSpec, default_spec
 from dnnprune.errors import CheckpointError, DnnpruneError
+from dnnprune.files import read_bytes
 from dnnprune.models import create_model
 from dnnprune.models.registry import TORCHVISION_PREFIX
 from dnnprune.models.tv import auxiliary_keys
@@ -100,11 +101,7 @@ def import_state_dict(state: dict[str, torch.Tensor], arch: str, *, num_classes:
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     """The tensors of a state dict, with the format told from the file's bytes, not its name, and the
     SHA-256 of those same bytes (the file is read once, so the digest is of what was imported)."""
-    if path.is_dir():
-        raise CheckpointError(f"weights {path} is a directory; give the weights file")
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} not found; check the path")
-    payload = path.read_bytes()
+    payload = read_bytes(path, "weights file", error=CheckpointError)
     if not payload:
         raise CheckpointError(f"weights file {path} is empty; save the weights again")
     digest = hashlib.sha256(payload).hexdigest()
@@ -157,7 +154,26 @@ def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a state dict of tensors; save model.state_dict() and import that")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
+    for key, value in state.items():
+        _check_plain(key, value, path)
     return state
+
+
+def _check_plain(key: str, value: torch.Tensor, path: Path) -> None:
+    """Weights are dense real tensors in memory: a sparse, quantized or meta tensor would fail deep inside
+    load_state_dict, and a complex one would lose its imaginary part without a word."""
+    kind = None
+    if value.layout != torch.strided:
+        kind = f"a {str(value.layout).removeprefix('torch.')} tensor"
+    elif value.is_quantized:
+        kind = "a quantized tensor"
+    elif value.is_meta:
+        kind = "a meta tensor (no values)"
+    elif value.is_complex():
+        kind = f"complex ({value.dtype})"
+    if kind is not None:
+        raise CheckpointError(f"{path}: weight {key!r} is {kind}; save dense real weights "
+                              "(e.g. tensor.to_dense(), .dequantize(), .real) and import those")
 
 
 def _auxiliary_keys(arch: str, keys: Iterable[str]) -> list[str]:

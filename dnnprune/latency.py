@@ -109,9 +109,11 @@ class LayerTable:
         self.measured = 0
 
     def _read(self) -> dict[str, float]:
+        if not self.path.is_file():  # absent, or not a regular file (a pipe would block): start afresh
+            return {}
         try:
             data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}
         return {k: float(v) for k, v in data.items() if isinstance(v, (int, float))} if isinstance(data, dict) else {}
 

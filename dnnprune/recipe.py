@@ -5,17 +5,20 @@ from __future__ import annotations
 import hashlib
 import types
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dnnprune.errors import RecipeError
+from dnnprune.files import read_text
 from dnnprune.tasks import TaskSpec
 
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
 Runtime = Literal["eager", "fused", "onnxruntime"]  # what latency is timed on (dnnprune/inference.py)
+Seed = Annotated[int, Field(ge=0, le=2**31 - 1, description="random seed, 0 to 2^31 - 1")]
+TimedBatch = Annotated[int, Field(ge=1, le=4096, description="a batch size to time, 1 to 4096")]
 
 
 class Section(BaseModel):
@@ -50,10 +53,10 @@ class DataSection(Section):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
-    split_seed: int = 0
+    split_seed: Seed = 0
     train_limit: int | None = Field(None, gt=0, description="use only this many training samples")
     batch_size: int = Field(256, gt=0, description="batch size for evaluation")
-    workers: int = Field(0, ge=0)
+    workers: int = Field(0, ge=0, le=64)
 
 
 class TrainSection(Section):
@@ -71,7 +74,7 @@ class TrainSection(Section):
     warmup_steps: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     bn_l1: float = Field(0.0, ge=0.0, description="network-slimming L1 penalty on BatchNorm scales")
-    seed: int = 0
+    seed: Seed = 0
     eval_every_epoch: bool = True
 
     @field_validator("milestones")
@@ -83,7 +86,7 @@ class TrainSection(Section):
 
 
 class LatencySection(Section):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    batch_sizes: list[TimedBatch] = Field(default_factory=lambda: [1, 64], min_length=1)
     warmup: int = Field(3, ge=0)
     repeats: int = Field(15, gt=0)
     threads: int | None = Field(None, gt=0)
@@ -145,7 +148,7 @@ class AnalyzeSection(Section):
     channels_last: bool = Field(True, description="evaluate in channels-last layout (faster conv on CPU)")
     winograd: bool = Field(True, description="run 3x3 convs on small maps as Winograd F(2x2,3x3) in the cells "
                                              "(faster on CPU; equal to direct convolution to float rounding)")
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("ratios")
     @classmethod
@@ -228,7 +231,7 @@ class PruneSection(Section):
     finetune: FineTuneSection = Field(default_factory=FineTuneSection)
     evaluate: bool = Field(True, description="measure val and test accuracy before and after (needs the dataset)")
     samples: int | None = Field(None, gt=0, description="before/after accuracy on stratified val/test subsets of this size")
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("ratios")
     @classmethod
@@ -256,7 +259,7 @@ class QuantizeSection(Section):
                                                  "than its current storage (by default such a layer is left as it is)")
     int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU "
                                                     "(batch sizes and repeats from score.latency_config)")
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("layers")
     @classmethod
@@ -316,7 +319,7 @@ class DoublePruneSection(Section):
     samples: int | None = Field(None, gt=0, description="stage metrics on stratified val/test subsets of this size")
     sparse_execution: bool = Field(False, description="also time the sparse Linear layers with torch.sparse CSR "
                                                       "kernels against dense ones on the CPU")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ExportSection(Section):
@@ -326,11 +329,11 @@ class ExportSection(Section):
     exporter: Literal["dynamo", "torchscript"] = Field("torchscript", description="torch.onnx's exporter")
     tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted, relative to the "
                                                            "largest |output|")
-    check_batch: int = Field(8, gt=0, description="samples in the parity check (also proves the batch axis is dynamic)")
+    check_batch: int = Field(8, gt=0, le=4096, description="samples in the parity check (also proves the batch axis is dynamic)")
     latency: bool = True
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 64])
+    batch_sizes: list[TimedBatch] = Field(default_factory=lambda: [1, 64], min_length=1)
     repeats: int = Field(20, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Recipe(Section):
@@ -364,27 +367,31 @@ def _stray_bool(value: Any, annotation: Any) -> bool:
 def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read YAML, apply `section.key` overrides (None means 'not given'), validate once."""
     raw = _read_yaml(path) if path is not None else {}
+    given = set()
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
-    return validate_recipe(raw, source=str(path) if path else "options")
+            given.add(dotted)
+    return validate_recipe(raw, source=str(path) if path else "options", from_options=given)
 
 
-def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
+def validate_recipe(raw: dict[str, Any], source: str = "recipe", from_options: set[str] | None = None) -> Recipe:
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {format_validation_error(exc)}") from None
+        raise RecipeError(f"{source}: {format_validation_error(exc, from_options or set())}") from None
 
 
-def format_validation_error(exc: ValidationError) -> str:
-    """Every problem on one line as `key.path: reason`."""
+def format_validation_error(exc: ValidationError, from_options: set[str] | None = None) -> str:
+    """Every problem on one line as `key.path: reason`; a value a command-line option set says so, since
+    the recipe file named first does not hold it."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
         reason = "unknown key (check the spelling)" if err["type"] == "extra_forbidden" else err["msg"]
         reason = reason.removeprefix("Value error, ")
-        parts.append(f"{key}: {reason}")
+        option = any(key == given or key.startswith(given + ".") for given in from_options or ())
+        parts.append(f"{key}{' (set by a command-line option)' if option else ''}: {reason}")
     return "; ".join(parts)
 
 
@@ -397,12 +404,9 @@ def dump_recipe(recipe: Recipe) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise RecipeError(f"recipe {path} is a directory; pass a YAML file with -r")
-    if not path.is_file():
-        raise RecipeError(f"recipe {path} not found; pass an existing YAML file with -r")
+    text = read_text(path, "recipe", error=RecipeError, missing_hint="pass an existing YAML file with -r")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecipeError(f"recipe {path} is not valid YAML ({first}); fix the syntax") from None

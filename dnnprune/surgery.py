@@ -75,6 +75,7 @@ class ChannelGraph:
         self.order = execution_order(model, self.input_shape)
         self.output_layers = self.order[-1:]
         self.locked: dict[str, str] = {}
+        _refuse_untraceable(model)
         excluded = set(select_layers(model, exclude, what="exclude pattern")) if exclude else set()
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was_training = model.training
@@ -311,6 +312,19 @@ class ChannelGraph:
         if any(part != per_block[0] for part in per_block) or len(per_block[0]) == block:
             raise PruningError(f"layer {name!r} feeds a grouped convolution: remove the same positions in each of its "
                                f"{divisor} blocks of {block} channels (ChannelGraph.choose does this)")
+
+
+# Modules whose channel coupling torch-pruning cannot trace: Swin's shifted-window attention rolls and
+# re-windows its channels, and tracing it grew past 12 GB before failing.
+_UNTRACEABLE = ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")
+
+
+def _refuse_untraceable(model: nn.Module) -> None:
+    found = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in _UNTRACEABLE})
+    if found:
+        raise PruningError(f"channel pruning cannot trace {', '.join(found)} (window attention re-shapes its "
+                           "channels); compress this model with `quantize`, or `double-prune --slimming-ratio 0` "
+                           "(magnitude pruning only)")
 
 
 def model_fingerprint(arch: str, graph: ChannelGraph) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -202,5 +203,20 @@ def test_an_input_shape_the_model_cannot_take_is_refused_at_import_and_at_load(t
     crafted = tmp_path / "declared-16.safetensors"
     save(attach_meta(model, CheckpointMeta.model_validate(meta.model_dump())), crafted)
     with pytest.raises(DnnpruneError, match=r"declared-16\.safetensors: torchvision\.squeezenet1_1 cannot run on its "
-                                            r"input shape 3x16x16"):
+                                            r"input shape 3x16x16 .*re-import the weights"):
         load(crafted)
+
+
+@pytest.mark.parametrize("kind, fragment", [("sparse", "is a sparse_coo tensor"), ("complex", "is complex"),
+                                            ("quantized", "is a quantized tensor")])
+def test_weights_that_are_not_dense_real_tensors_are_refused_by_name(kind: str, fragment: str, tmp_path: Path) -> None:
+    """These failed inside load_state_dict with a traceback, or (complex) lost their imaginary part silently."""
+    state = create_model("lenet5").state_dict()
+    convert = {"sparse": lambda t: t.to_sparse(), "complex": lambda t: t.to(torch.complex64),
+               "quantized": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8)}[kind]
+    weights = tmp_path / "odd.pt"
+    with warnings.catch_warnings():  # torch deprecates quantized tensors
+        warnings.simplefilter("ignore")
+        torch.save({k: convert(v) if k == "classifier.1.weight" else v for k, v in state.items()}, weights)
+    with pytest.raises(DnnpruneError, match=rf"weight 'classifier\.1\.weight' {fragment}.*import those"):
+        import_weights(weights, "lenet5", num_classes=10, dataset="fashion-mnist")

@@ -43,6 +43,16 @@ def test_overrides_win_and_none_means_not_given(tmp_path: Path) -> None:
         ({"device": "tpu"}, "device"),
         ({"double_prune": {"finetune": {"distill": 1.5}}}, "double_prune.finetune.distill"),
         ({"prune": {"finetune": {"distill_temperature": 0}}}, "prune.finetune.distill_temperature"),
+        # values torch or the OS cannot take: an overflow, a division by zero, memory or a hang further on
+        ({"train": {"seed": 2**64}}, "train.seed"),
+        ({"data": {"split_seed": 99999999999999999999}}, "data.split_seed"),
+        ({"export": {"seed": -1}}, "export.seed"),
+        ({"score": {"latency_config": {"batch_sizes": [0]}}}, "score.latency_config.batch_sizes.0"),
+        ({"score": {"latency_config": {"batch_sizes": [1, -4]}}}, "score.latency_config.batch_sizes.1"),
+        ({"score": {"latency_config": {"batch_sizes": [100000000]}}}, "score.latency_config.batch_sizes.0"),
+        ({"export": {"batch_sizes": [0]}}, "export.batch_sizes.0"),
+        ({"export": {"check_batch": 1000000000}}, "export.check_batch"),
+        ({"data": {"workers": 100000}}, "data.workers"),
     ],
 )
 def test_invalid_values_name_the_key(raw: dict, fragment: str) -> None:
@@ -52,7 +62,7 @@ def test_invalid_values_name_the_key(raw: dict, fragment: str) -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(lr=st.floats(min_value=1e-6, max_value=10.0), epochs=st.floats(min_value=0.01, max_value=500.0),
-       bits=st.integers(min_value=2, max_value=8), seed=st.integers(min_value=0, max_value=2**31))
+       bits=st.integers(min_value=2, max_value=8), seed=st.integers(min_value=0, max_value=2**31 - 1))
 def test_any_valid_recipe_round_trips(lr: float, epochs: float, bits: int, seed: int) -> None:
     recipe = validate_recipe({"train": {"lr": lr, "epochs": epochs, "seed": seed}, "quantize": {"bits": bits}})
     assert validate_recipe(yaml.safe_load(dump_recipe(recipe))) == recipe

@@ -114,3 +114,10 @@ def test_taylor_gradients_come_from_the_models_task_loss() -> None:
     model.train()
     (model(inputs) - inputs.flatten(1)).pow(2).mean().backward()  # the reconstruction loss, not cross-entropy
     torch.testing.assert_close(got, model.net[1].weight.grad)
+
+
+def test_window_attention_is_refused_before_tracing() -> None:
+    """Tracing Swin's shifted-window attention for channel coupling grew past 12 GB; it is refused in one line."""
+    model = create_model("torchvision.swin_t", num_classes=10).eval()
+    with pytest.raises(PruningError, match=r"cannot trace ShiftedWindowAttention .*double-prune --slimming-ratio 0"):
+        ChannelGraph(model, (3, 32, 32))

@@ -23,6 +23,8 @@ from dnnprune.errors import DnnpruneError
 from dnnprune.importer import import_weights
 from dnnprune.reports import envelope
 
+_MAX_CLASSES = 100_000  # ImageNet-21k has 21,841; far more would allocate gigabytes before the weights are checked
+
 
 @command("import")
 def import_command(
@@ -38,8 +40,8 @@ def import_command(
     force: ForceOption = False,
 ) -> None:
     """Turn a plain state dict into a self-describing dnnprune checkpoint."""
-    if num_classes is not None and num_classes < 1:
-        raise DnnpruneError(f"--num-classes must be at least 1, got {num_classes}")
+    if num_classes is not None and not 1 <= num_classes <= _MAX_CLASSES:
+        raise DnnpruneError(f"--num-classes must be between 1 and {_MAX_CLASSES:,}, got {num_classes}")
     report_path = prepare_output(output, force=force, inputs=(weights,), report=report)
     if dataset is not None:
         from dnnprune.data import DATASETS

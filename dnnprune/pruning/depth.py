@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import PruningError
+from dnnprune.files import read_text
 from dnnprune.pruning.layers import Unit, find_units, remove_unit, strip_unit, unit_named
 from dnnprune.pruning.structured import Metric, model_size
 from dnnprune.tasks import Metrics, Task
@@ -89,10 +90,9 @@ def efficiency_pick(candidates: Sequence[Unit], drops: dict[str, float], metric:
 def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> tuple[list[str], dict[str, float]]:
     """The order and each unit's drop from an `analyze --granularity layer` report made for this very model."""
     try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PruningError(f"analysis report {path} not found; run `dnnprune analyze CKPT --granularity layer -o {path}`") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        report = json.loads(read_text(Path(path), "analysis report", error=PruningError,
+                                      missing_hint=f"run `dnnprune analyze CKPT --granularity layer -o {path}`"))
+    except (ValueError, RecursionError) as exc:
         raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file "
                            "`dnnprune analyze --granularity layer` wrote") from None
     if not isinstance(report, dict) or report.get("granularity") != "layer" or not isinstance(report.get("order"), list):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from dnnprune.errors import PruningError
+from dnnprune.files import read_text
 from dnnprune.pruning.structured import Limits, Metric, model_size
 from dnnprune.surgery import ChannelGraph, model_fingerprint
 
@@ -31,10 +32,9 @@ StepRow = dict[str, Any]
 def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
     """Read an `analyze` report and make sure it was made for this very model (same layers and widths)."""
     try:
-        report = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise PruningError(f"analysis report {path} not found; run `dnnprune analyze CKPT -o {path}` first") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        report = json.loads(read_text(Path(path), "analysis report", error=PruningError,
+                                      missing_hint=f"run `dnnprune analyze CKPT -o {path}` first"))
+    except (ValueError, RecursionError) as exc:
         raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file `dnnprune analyze` wrote") from None
     if not isinstance(report, dict) or report.get("command") != "analyze" or not isinstance(report.get("model"), dict):
         raise PruningError(f"{path} is not an analysis report (no command: analyze); pass the file `dnnprune analyze` wrote")

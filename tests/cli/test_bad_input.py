@@ -136,3 +136,73 @@ def test_import_refuses_arbitrary_pickled_objects(runner: CliRunner, tmp_path: P
 def test_bad_device_option(runner: CliRunner, lenet_checkpoint: Path) -> None:
     result = runner.invoke(app, ["score", str(lenet_checkpoint), "--device", "tpu"])
     _assert_clean_failure(result, "--device")
+
+
+def _special_files(tmp_path: Path) -> dict[str, Path]:
+    """A FIFO blocks a reader forever and /dev/zero never ends: neither may be read."""
+    import os
+
+    fifo = tmp_path / "fifo.safetensors"
+    os.mkfifo(fifo)
+    return {"fifo": fifo, "device": Path("/dev/zero")}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+@pytest.mark.parametrize("role", ["checkpoint", "info", "teacher", "analysis", "recipe", "weights"])
+def test_a_pipe_or_device_is_refused_without_reading_it(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                        kind: str, role: str) -> None:
+    special = str(_special_files(tmp_path)[kind])
+    out = str(tmp_path / "out.safetensors")
+    lenet = str(lenet_checkpoint)
+    args = {
+        "checkpoint": ["quantize", special, "--bits", "4", "--no-evaluate", "-o", out],
+        "info": ["info", special],
+        "teacher": ["quantize", lenet, "--bits", "4", "--teacher", special, "--distill", "0.5", "-o", out],
+        "analysis": ["prune", lenet, "--ratio", "0.3", "--order", "sensitivity", "--analysis", special,
+                     "--no-evaluate", "-o", out],
+        "recipe": ["prune", lenet, "-r", special, "--ratio", "0.3", "--no-evaluate", "-o", out],
+        "weights": ["import", special, "--arch", "lenet5", "-o", out],
+    }[role]
+    result = runner.invoke(app, args)
+    _assert_clean_failure(result, "is not a regular file", "give the path of a saved file")
+    assert not Path(out).exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "lenet5", "--bogus", "-o", "x.safetensors"], "No such option: --bogus; see 'dnnprune train --help'"),
+    (["train", "lenet5", "--lr", "abc", "-o", "x.safetensors"], "Invalid value for '--lr'"),
+    (["prune", "model.safetensors"], "Missing option '--output' / '-o'; see 'dnnprune prune --help'"),
+    (["bogus"], "No such command 'bogus'; see 'dnnprune --help'"),
+])
+def test_usage_errors_are_one_line_from_the_console_entry_point(argv: list[str], fragment: str,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """click draws a usage line and a box for these; the entry point gives one line and exit code 2."""
+    from dnnprune.cli import main
+
+    monkeypatch.setattr("sys.argv", ["dnnprune", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == ""
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], captured.err
+
+
+def test_the_entry_point_passes_on_success_and_domain_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from dnnprune.cli import main
+
+    for argv, code in ((["--help"], 0), (["score", str(tmp_path / "nope.safetensors")], 2)):
+        monkeypatch.setattr("sys.argv", ["dnnprune", *argv])
+        with pytest.raises(SystemExit) as exited:
+            main()
+        assert exited.value.code == code, argv
+    assert "not found" in capsys.readouterr().err
+
+
+def test_a_bad_option_value_is_named_as_the_option_not_the_recipe(runner: CliRunner, tmp_path: Path) -> None:
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text("train:\n  max_steps: 5\n")
+    result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "--lr", "-0.1", "-o", str(tmp_path / "x.safetensors")])
+    _assert_clean_failure(result, "train.lr (set by a command-line option): Input should be greater than 0")

@@ -208,6 +208,7 @@ def _teacher_recipe(tmp_path: Path, teacher: Path, distill: float = 0.5) -> Path
     ("pickle", 0.5, ("pickle",)),
     ("other-classes", 0.5, ("outputs shape", "same classes")),
     ("other-input", 0.5, ("input_shape", "same inputs")),
+    ("unrunnable", 0.5, ("wide.safetensors: lenet5 cannot run on its input shape 1x32x32",)),
 ])
 def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                     teacher_kind: str, distill: float,
@@ -217,7 +218,8 @@ def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path
     teachers = {"same": lenet_checkpoint, "missing": tmp_path / "missing.safetensors",
                 "pickle": tmp_path / "teacher.safetensors",
                 "other-classes": make_checkpoint(tmp_path / "five.safetensors", num_classes=5),
-                "other-input": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32))}
+                "other-input": make_checkpoint(tmp_path / "other.safetensors", "resnet20", input_shape=(1, 32, 32)),
+                "unrunnable": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32))}
     torch.save({"weight": torch.zeros(2)}, tmp_path / "teacher.safetensors")  # a pickle under a safetensors name
     out = tmp_path / "out.safetensors"
     recipe = _teacher_recipe(tmp_path, teachers[teacher_kind], distill)
