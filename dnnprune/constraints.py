@@ -162,8 +162,10 @@ def _release(held: dict[str, tuple[nn.Module, str, _Holder, bool]], specs: dict[
         try:
             settled = on_grid(settled, specs[name])
         except DnnpruneError as exc:
+            cause = ("it holds NaN or inf: check the input checkpoint's weights, or lower the learning rate"
+                     if not bool(torch.isfinite(settled).all()) else "lower the learning rate")
             failure = failure or DnnpruneError(f"{name} left its {specs[name].describe()} grid during training "
-                                               f"({exc}); lower the learning rate")
+                                               f"({exc}); {cause}")
         with torch.no_grad():
             parameter.copy_(settled.to(parameter.device, parameter.dtype))
     if strict and failure is not None:

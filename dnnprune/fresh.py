@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn as nn
 
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, meta_of
@@ -31,7 +32,17 @@ def load_for_recipe(path: str | Path, section: ModelSection) -> nn.Module:
     if section.arch and section.arch != arch:
         raise ModelError(f"{path} is a {arch!r} checkpoint but the recipe's model.arch is {section.arch!r}; use a "
                          f"recipe for {arch!r} or delete model.arch from it")
+    _check_finite(loaded, path)
     return loaded
+
+
+def _check_finite(model: nn.Module, path: str | Path) -> None:
+    """NaN or inf in the weights (a diverged training run) would surface later as a misleading error from
+    whatever step touches them first; say it of the input."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ModelError(f"{path}: {name} holds NaN or inf, so the model it was saved from had diverged; "
+                             "retrain it (e.g. with a lower learning rate) before compressing it")
 
 
 def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> nn.Module:

@@ -206,3 +206,20 @@ def test_a_bad_option_value_is_named_as_the_option_not_the_recipe(runner: CliRun
     recipe.write_text("train:\n  max_steps: 5\n")
     result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "--lr", "-0.1", "-o", str(tmp_path / "x.safetensors")])
     _assert_clean_failure(result, "train.lr (set by a command-line option): Input should be greater than 0")
+
+
+@pytest.mark.parametrize("command", [["double-prune", "--sparsity", "0.5", "--slimming-ratio", "0"],
+                                     ["quantize", "--bits", "4"], ["prune", "--ratio", "0.5"]])
+def test_a_diverged_checkpoint_is_refused_as_the_input(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                       command: list[str]) -> None:
+    """NaN weights used to fail later, blamed on the fine-tune's learning rate or on an encoding."""
+    import dnnprune
+
+    model = dnnprune.load(lenet_checkpoint)
+    with torch.no_grad():
+        model.classifier[1].weight[0, 0] = float("nan")
+    diverged = dnnprune.save(model, tmp_path / "diverged.safetensors")
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, [command[0], str(diverged), *command[1:], "--no-evaluate", "-o", str(out)])
+    _assert_clean_failure(result, "classifier.1.weight holds NaN or inf", "had diverged")
+    assert not out.exists()
