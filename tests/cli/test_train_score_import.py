@@ -44,6 +44,24 @@ def test_train_from_scratch_on_mnist_files_writes_checkpoint_and_curves(runner: 
     assert meta.lineage[-1].metrics["test_top1"] == report["test"]["top1"] and report["primary_metric"] == "top1"
 
 
+def test_recipe_normalisation_with_the_wrong_channel_count_names_the_recipe_key(runner: CliRunner,
+                                                                                tmp_path: Path) -> None:
+    """It was reported as invalid checkpoint metadata; one value now serves every channel, as at import."""
+    root = tmp_path / "mnist-data"
+    write_mnist(root / "MNIST" / "raw", n_train=120, n_test=40)
+    recipe = tmp_path / "r.yaml"
+    common = ["--dataset", "mnist", "--data-root", str(root), "--max-steps", "1"]
+    recipe.write_text("data:\n  mean: [0.1, 0.2, 0.3]\n")
+    result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "-o", str(tmp_path / "a.safetensors"), *common])
+    assert result.exit_code == 2 and "data.mean has 3 values for 1 input channel(s)" in result.output, result.output
+    recipe.write_text("data:\n  mean: [0.2]\n  std: [0.3]\n")
+    out = tmp_path / "b.safetensors"
+    result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "-o", str(out), *common])
+    assert result.exit_code == 0, result.output
+    meta = dnnprune.meta_of(dnnprune.load(out))
+    assert meta.mean == (0.2,) and meta.std == (0.3,)
+
+
 def test_training_is_deterministic_for_a_seed(runner: CliRunner, tmp_path: Path) -> None:
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     _train_tiny_mnist(runner, tmp_path, first, "--seed", "3")
