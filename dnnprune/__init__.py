@@ -12,12 +12,18 @@ commands are imported on first use, so `import dnnprune` stays light.
 from __future__ import annotations
 
 from importlib import import_module
-from typing import Any
+from importlib.util import find_spec
+from typing import TYPE_CHECKING, Any
 
 from dnnprune._version import __version__
-from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save
 from dnnprune.errors import DnnpruneError
 
+if TYPE_CHECKING:
+    from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save
+
+# Imported on first use too (torch takes seconds to import): the console entry point can then catch a
+# Ctrl-C during start-up and end in one line.
+_CHECKPOINT = ("CheckpointMeta", "load", "meta_of", "save")
 _COMMANDS = {
     "train": "dnnprune.training",
     "analyze": "dnnprune.analysis",
@@ -30,8 +36,12 @@ _COMMANDS = {
 
 
 def __getattr__(name: str) -> Any:
+    if name in _CHECKPOINT:
+        return getattr(import_module("dnnprune.checkpoint"), name)
     if name in _COMMANDS:
         return getattr(import_module(_COMMANDS[name]), name)
+    if not name.startswith("_") and find_spec(f"dnnprune.{name}") is not None:  # `dnnprune.recipe.PruneSection`
+        return import_module(f"dnnprune.{name}")
     raise AttributeError(f"module 'dnnprune' has no attribute {name!r}")
 
 

@@ -1,38 +1,32 @@
-"""Thin command-line layer: parse options, call one library function, write outputs."""
+"""Thin command-line layer: parse options, call one library function, write outputs.
+
+The commands (and torch) are imported on first use, inside `main`, so that a Ctrl-C while they load
+ends in one line like any other interrupt.
+"""
+
+from __future__ import annotations
 
 import sys
-
-import typer
-from rich.text import Text
-
-from dnnprune.cli import analyze, double_prune, export, import_cmd, info, prune, quantize, score, train  # noqa: F401  (registers the commands)
-from dnnprune.cli._app import app, err_console
-
-# click's exception classes, wherever this typer keeps them (its own copy of click from 0.22, click itself before)
-_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+from typing import Any
 
 
 def main() -> None:
     """The console entry point. Usage errors (an unknown option, a value of the wrong type, a missing
     argument) are one line with exit code 2, like every other bad input; click would draw a usage box."""
     try:
-        code = app(standalone_mode=False, prog_name="dnnprune")
-    except _USAGE_ERROR as exc:
-        context = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError":  # `dnnprune` alone: typer has printed the help
-            sys.exit(2)
-        command = context.command_path if context is not None else "dnnprune"
-        message = " ".join(exc.format_message().split()).rstrip(".")
-        err_console.print(Text("error: ", style="bold red") + Text(f"{message}; see '{command} --help'"))
-        sys.exit(2)
-    except _CLICK_ERROR as exc:
-        err_console.print(Text("error: ", style="bold red") + Text(" ".join(exc.format_message().split())))
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err_console.print(Text("interrupted", style="bold red"))
+        from dnnprune.cli._entry import run
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted while starting; nothing was written\n")
         sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+    run()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "app":
+        from dnnprune.cli._entry import app
+
+        return app
+    raise AttributeError(f"module 'dnnprune.cli' has no attribute {name!r}")
 
 
 __all__ = ["app", "main"]

@@ -223,3 +223,30 @@ def test_a_diverged_checkpoint_is_refused_as_the_input(runner: CliRunner, tmp_pa
     result = runner.invoke(app, [command[0], str(diverged), *command[1:], "--no-evaluate", "-o", str(out)])
     _assert_clean_failure(result, "classifier.1.weight holds NaN or inf", "had diverged")
     assert not out.exists()
+
+
+def test_the_entry_point_imports_nothing_heavy_so_a_ctrl_c_while_starting_is_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """torch takes seconds to import; a Ctrl-C then printed a KeyboardInterrupt traceback."""
+    import builtins
+    import subprocess
+    import sys
+
+    probe = "import sys, dnnprune.cli; print(sorted(m for m in ('torch', 'typer', 'rich') if m in sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]"
+
+    from dnnprune.cli import main
+
+    real_import = builtins.__import__
+
+    def interrupted(name: str, *args: object, **kwargs: object) -> object:
+        if name == "dnnprune.cli._entry":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == "interrupted while starting; nothing was written\n"
