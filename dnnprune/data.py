@@ -171,6 +171,24 @@ def default_spec(name: str) -> InputSpec:
     return spec
 
 
+def per_channel(values: Sequence[float], channels: int, name: str) -> tuple[float, ...]:
+    """A normalisation the user gave: one value serves every channel, as numpy broadcasting does;
+    otherwise one value per channel."""
+    if len(values) == 1:
+        return tuple(values) * channels
+    if len(values) != channels:
+        raise DatasetError(f"{name} takes 1 value (for every channel) or {channels}, one per input channel; "
+                           f"got {len(values)}")
+    return tuple(values)
+
+
+def fit_channels(values: Sequence[float], channels: int) -> tuple[float, ...]:
+    """A dataset's default normalisation for a model with another channel count: their average per channel."""
+    if len(values) == channels:
+        return tuple(values)
+    return (sum(values) / len(values),) * channels
+
+
 def tabular_spec(num_features: int) -> InputSpec:
     """Spec for F standardised features laid out as one (1, 1, F) row."""
     return InputSpec((1, 1, num_features), (0.0,), (1.0,))

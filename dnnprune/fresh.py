@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, meta_of
-from dnnprune.data import DATASETS, InputSpec, default_spec, load_splits
-from dnnprune.errors import DatasetError, ModelError, RecipeError
+from dnnprune.data import DATASETS, InputSpec, default_spec, fit_channels, load_splits, per_channel
+from dnnprune.errors import DatasetError, ModelError
 from dnnprune.models import accepts_argument, create_model, model_task
 from dnnprune.recipe import DataSection, ModelSection
 from dnnprune.tasks import TaskSpec
@@ -56,12 +56,8 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
         raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {model.arch!r}; make them agree")
     base, file_classes = _base_spec(dataset, data)
     shape = tuple(data.input_shape or base.shape)
-    for key, given in (("mean", data.mean), ("std", data.std)):
-        if given and len(given) not in (1, shape[0]):
-            raise RecipeError(f"data.{key} has {len(given)} values for {shape[0]} input channel(s); give one per "
-                              "channel, or one for all")
-    mean = tuple(_fit(tuple(data.mean), shape[0]) if data.mean else _fit(base.mean, shape[0]))
-    std = tuple(_fit(tuple(data.std), shape[0]) if data.std else _fit(base.std, shape[0]))
+    mean = per_channel(data.mean, shape[0], "data.mean") if data.mean else fit_channels(base.mean, shape[0])
+    std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
     classes = list(DATASETS[dataset].classes or file_classes)
     task = model.task or TaskSpec(kind=model_task(arch))
     args = {"in_channels": shape[0], **model.args}
@@ -86,6 +82,3 @@ def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str]]:
         return splits.spec, list(splits.classes)
     return default_spec(dataset), []
 
-
-def _fit(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    return values if len(values) == channels else (sum(values) / len(values),) * channels

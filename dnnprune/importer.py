@@ -30,7 +30,7 @@ from dnnprune.checkpoint import (
     meta_of,
     pytorch_file_kind,
 )
-from dnnprune.data import DATASETS, InputSpec, default_spec
+from dnnprune.data import DATASETS, InputSpec, default_spec, fit_channels, per_channel
 from dnnprune.errors import CheckpointError, DnnpruneError
 from dnnprune.files import read_bytes
 from dnnprune.models import create_model
@@ -214,28 +214,11 @@ def _input_spec(dataset: str | None, shape: tuple[int, int, int] | None, mean: t
                 std: tuple[float, ...] | None) -> InputSpec:
     base = default_spec(dataset) if dataset else InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     shape = shape or base.shape
-    mean = _per_channel(mean, shape[0], "--mean") if mean else _fit_channels(base.mean, shape[0])
-    std = _per_channel(std, shape[0], "--std") if std else _fit_channels(base.std, shape[0])
+    mean = per_channel(mean, shape[0], "--mean") if mean else fit_channels(base.mean, shape[0])
+    std = per_channel(std, shape[0], "--std") if std else fit_channels(base.std, shape[0])
     if any(s <= 0 for s in std):
         raise DnnpruneError(f"--std values must be positive (inputs are divided by them); got {','.join(map(str, std))}")
     return InputSpec(shape, mean, std)
-
-
-def _per_channel(values: tuple[float, ...], channels: int, option: str) -> tuple[float, ...]:
-    """One value serves every channel, as numpy broadcasting does; otherwise one value per channel."""
-    if len(values) == 1:
-        return tuple(values) * channels
-    if len(values) != channels:
-        raise DnnpruneError(f"{option} takes 1 value (for every channel) or {channels}, one per input channel; "
-                            f"got {len(values)}")
-    return tuple(values)
-
-
-def _fit_channels(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
-    if len(values) == channels:
-        return values
-    average = sum(values) / len(values)
-    return (average,) * channels
 
 
 def _classes_count(dataset: str | None) -> int | None:

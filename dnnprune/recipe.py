@@ -367,7 +367,7 @@ def _stray_bool(value: Any, annotation: Any) -> bool:
 def load_recipe(path: Path | None, overrides: dict[str, Any] | None = None) -> Recipe:
     """Read YAML, apply `section.key` overrides (None means 'not given'), validate once."""
     raw = _read_yaml(path) if path is not None else {}
-    given = set()
+    given: set[str] = set()
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(raw, dotted, value)
@@ -379,7 +379,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe", from_options: s
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(f"{source}: {format_validation_error(exc, from_options or set())}") from None
+        raise RecipeError(f"{source}: {format_validation_error(exc, from_options)}") from None
 
 
 def format_validation_error(exc: ValidationError, from_options: set[str] | None = None) -> str:
@@ -407,7 +407,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     text = read_text(path, "recipe", error=RecipeError, missing_hint="pass an existing YAML file with -r")
     try:
         raw = yaml.safe_load(text)
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise RecipeError(f"recipe {path} is not valid YAML ({first}); fix the syntax") from None
     if raw is None:

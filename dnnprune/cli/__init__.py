@@ -11,8 +11,8 @@ from typing import Any
 
 
 def main() -> None:
-    """The console entry point. Usage errors (an unknown option, a value of the wrong type, a missing
-    argument) are one line with exit code 2, like every other bad input; click would draw a usage box."""
+    """The console entry point: the commands load inside it, so a Ctrl-C while torch imports ends in one
+    line; `_entry.run` turns usage errors into one line too."""
     try:
         from dnnprune.cli._entry import run
     except KeyboardInterrupt:

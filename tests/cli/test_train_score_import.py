@@ -53,7 +53,7 @@ def test_recipe_normalisation_with_the_wrong_channel_count_names_the_recipe_key(
     common = ["--dataset", "mnist", "--data-root", str(root), "--max-steps", "1"]
     recipe.write_text("data:\n  mean: [0.1, 0.2, 0.3]\n")
     result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "-o", str(tmp_path / "a.safetensors"), *common])
-    assert result.exit_code == 2 and "data.mean has 3 values for 1 input channel(s)" in result.output, result.output
+    assert result.exit_code == 2 and "data.mean takes 1 value (for every channel) or 1, one per input channel; got 3" in result.output, result.output
     recipe.write_text("data:\n  mean: [0.2]\n  std: [0.3]\n")
     out = tmp_path / "b.safetensors"
     result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "-o", str(out), *common])
