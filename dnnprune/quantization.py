@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,7 @@ from dnnprune.observe import NULL_OBSERVER, Observer
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import DataSection, FineTuneSection, LatencySection, QuantizeSection
 from dnnprune.reports import Report
-from dnnprune.tasks import make_task
+from dnnprune.tasks import make_task, paired_drop, within_budget
 from dnnprune.training import evaluate, fit_loop, frozen_teacher, wants_training
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -107,12 +107,14 @@ def plan_layers(model: nn.Module, config: QuantizeSection) -> dict[str, int]:
 
 
 def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: Iterable | None = None,
-                    device: torch.device | str = "cpu", observer: Observer = NULL_OBSERVER) -> QuantizeResult:
+                    val_loader: Iterable | None = None, device: torch.device | str = "cpu",
+                    observer: Observer = NULL_OBSERVER) -> QuantizeResult:
     """Quantize the layers the config selects, in place; records the encodings in the model's metadata.
 
     A layer already stored sparse (pruned) keeps its sparse form, with the codes stacked on it. A layer
     whose codes and codebook would take more bytes than it takes now (a tiny layer at many bits) is left
-    as it is, and the result says so, unless `config.keep_larger` asks for the codes anyway.
+    as it is, and the result says so, unless `config.keep_larger` asks for the codes anyway. With a
+    `val_loader`, the fine-tune is undone when it makes the validation metric worse (`_kept_if_better`).
     """
     plan = plan_layers(model, config)
     teacher = frozen_teacher(model, config.finetune)
@@ -145,8 +147,11 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
     if wants_finetune(config.finetune):
         if train_loader is None:
             raise DnnpruneError("quantize.finetune asks for training but no training data was given")
-        history, changed = finetune_codes(model, encodings, train_loader, config.finetune, device=device,
-                                          observer=observer, seed=config.seed, teacher=teacher)
+        def run() -> tuple[dict[str, Any], dict[str, bool]]:
+            return finetune_codes(model, encodings, train_loader, config.finetune, device=device,  # type: ignore[arg-type]
+                                  observer=observer, seed=config.seed, teacher=teacher)
+        history, changed = (run() if val_loader is None else
+                            _kept_if_better(model, run, val_loader, config.confidence, torch.device(device)))
     layers = [_layer_result(name, model.get_submodule(name), originals[name], encodings[f"{name}.weight"],
                             stored_before[name]) for name in plan if name in originals]
     return QuantizeResult(layers, encodings, history, changed, kept)
@@ -208,6 +213,28 @@ def finetune_codes(model: nn.Module, encodings: dict[str, Encoding], train_loade
     return history.as_dict(), changed
 
 
+def _kept_if_better(model: nn.Module, run: Callable[[], tuple[dict[str, Any], dict[str, bool]]], val_loader: Iterable,
+                    confidence: float, device: torch.device) -> tuple[dict[str, Any], dict[str, bool]]:
+    """Run the fine-tune; undo it when it lowers the validation metric at `confidence` (paired, same samples).
+
+    A fine-tune with too large a step wrecks a quantized model rather than mending it, and the codes
+    alone were the better model; the same paired rule as prune's final fine-tune, so a dip within the
+    noise of the validation subset does not throw the fine-tune away."""
+    task = make_task(meta_of(model).task)
+    before = evaluate(model.to(device), val_loader, device, task=task)
+    saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    history, changed = run()
+    after = evaluate(model.to(device), val_loader, device, task=task)
+    drop, error = paired_drop(before, after, task)
+    kept = within_budget(drop, error, 0.0, confidence)
+    if not kept:
+        model.load_state_dict(saved)
+        changed = dict.fromkeys(changed, False)
+    model.eval()
+    return {**history, "val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,
+            "kept": kept}, changed
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -250,9 +277,11 @@ def quantize(model: nn.Module, section: QuantizeSection, *, data: DataSection, d
     plan_layers(model, section)  # every pattern checked before any data is read
     loader = eval_loader(meta, data, "test", samples=section.samples, seed=section.seed) if section.evaluate else None
     before = evaluate(model.to(device), loader, device, task=task) if loader is not None else None
-    train_data = (train_loader(meta, data, section.finetune.batch_size, section.seed)
-                  if wants_finetune(section.finetune) else None)
-    result = quantize_layers(model, section, train_loader=train_data, device=device, observer=observer)
+    tuning = wants_finetune(section.finetune)
+    train_data = train_loader(meta, data, section.finetune.batch_size, section.seed) if tuning else None
+    val = (eval_loader(meta, data, "val", samples=section.val_samples, seed=section.seed)
+           if tuning and section.evaluate else None)
+    result = quantize_layers(model, section, train_loader=train_data, val_loader=val, device=device, observer=observer)
     after = evaluate(model.to(device), loader, device, task=task) if loader is not None else None
     model.to("cpu")
     int8 = int8_execution(model, meta.input_shape, LatencySection(), loader) if section.int8_execution else None

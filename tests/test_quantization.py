@@ -344,3 +344,38 @@ def test_a_sparse_layer_reports_its_sparse_bytes_as_before_and_the_file_shrinks_
     quantized_file = save(model, tmp_path / "quantized.safetensors")
     saved = sparse_file.stat().st_size - quantized_file.stat().st_size
     assert saved == pytest.approx(row.bytes_before - row.bytes_after, rel=0.05)
+
+
+def test_code_finetune_defaults_to_a_small_lr_and_keeps_one_set_explicitly() -> None:
+    """A centroid takes its weights' summed gradients: the plain fine-tune lr (0.01) wrecked a trained LeNet-5."""
+    assert QuantizeSection().finetune.lr == 1e-3
+    assert QuantizeSection(finetune=FineTuneSection(epochs=1)).finetune.lr == 1e-3
+    assert QuantizeSection(finetune=FineTuneSection(epochs=1, lr=0.05)).finetune.lr == 0.05
+    assert QuantizeSection.model_validate({"finetune": {"epochs": 1}}).finetune.lr == 1e-3
+
+
+def _labelled_by(model: nn.Module) -> DataLoader:
+    """Samples labelled with the model's own predictions: its val top-1 is 1.0 before any fine-tune."""
+    inputs = torch.randn(96, *_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = model(inputs).argmax(1)
+    return DataLoader(TensorDataset(inputs, labels), batch_size=32, shuffle=False)
+
+
+@pytest.mark.parametrize("lr, kept", [(50.0, False), (1e-7, True)])
+def test_a_finetune_that_lowers_val_is_undone(lr: float, kept: bool) -> None:
+    model = _model("mlp", hidden=[32])
+    reference = _model("mlp", hidden=[32])
+    reference.load_state_dict(model.state_dict())
+    q.quantize_layers(reference, QuantizeSection(method="kmeans", bits=3))
+    val = _labelled_by(reference)
+    config = QuantizeSection(method="kmeans", bits=3, finetune=FineTuneSection(epochs=1, max_steps=4, lr=lr))
+    result = q.quantize_layers(model, config, train_loader=_random_loader(), val_loader=val)
+    tune = result.finetune
+    assert tune is not None and tune["kept"] is kept and tune["val_before"] == 1.0
+    state, expected = model.state_dict(), reference.state_dict()
+    same = state.keys() == expected.keys() and all(torch.equal(state[key], expected[key]) for key in state)
+    if kept:
+        assert tune["val_after"] >= 0.95
+    else:
+        assert tune["val_after"] < 0.9 and same and not any(result.weights_changed.values())

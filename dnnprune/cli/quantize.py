@@ -47,6 +47,7 @@ def quantize_command(
     layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="PATTERN=BITS, e.g. type:Conv2d=8; repeatable; replaces the recipe's layer_bits.")] = None,
     finetune_epochs: Annotated[float | None, typer.Option(help="Fine-tune centroids (kmeans) or scales (linear) with codes frozen.")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="Stop fine-tuning after this many steps.")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (default 1e-3: a centroid takes its weights' summed gradients).")] = None,
     samples: Annotated[int | None, typer.Option(help="Measure accuracy on a class-stratified test subset of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure accuracy before and after.")] = None,
     int8_execution: Annotated[bool | None, typer.Option("--int8-execution/--no-int8-execution", help="Also time torch's int8 Linear execution on the CPU.")] = None,
@@ -61,7 +62,7 @@ def quantize_command(
     """Quantize the selected layers' weights; the checkpoint stores them packed and reloads them exactly."""
     overrides = {"quantize.bits": bits, "quantize.method": method, "quantize.layers": list(layers) if layers else None,
                  "quantize.layer_bits": _parse_layer_bits(layer_bits), "quantize.finetune.epochs": finetune_epochs,
-                 "quantize.finetune.max_steps": finetune_steps, "quantize.samples": samples, "quantize.evaluate": evaluate,
+                 "quantize.finetune.max_steps": finetune_steps, "quantize.finetune.lr": finetune_lr, "quantize.samples": samples, "quantize.evaluate": evaluate,
                  "quantize.int8_execution": int8_execution, **distill_overrides(("quantize.finetune",), distill, teacher), **common_overrides(device, data_root, dataset, download)}
     config = recipe_with(recipe, overrides)
     inputs = command_inputs(checkpoint, recipe, config)
@@ -108,6 +109,10 @@ def _summary(body: QuantizeReport, output: Path, report_path: Path) -> str:
     lines.append(f"file {before:,} -> {totals['disk_bytes_after']:,} bytes ({totals['compression']:.2f}x), "
                  f"{totals['effective_bits_per_weight']:.2f} bits per weight, predicted {totals['predicted_file_bytes']:,}")
     acc, key = body.metrics, body.primary_metric
+    tune = body.finetune or {}
+    if "kept" in tune:
+        verdict = "kept" if tune["kept"] else "undone (it lowered val; the codes before it are kept; try a smaller --finetune-lr)"
+        lines.append(f"fine-tune {verdict}: val {key} {tune['val_before']:.4f} -> {tune['val_after']:.4f}")
     if acc["before"] and acc["after"]:
         lines.append(f"test {key} {acc['before'][key]:.4f} -> {acc['after'][key]:.4f} on {acc['after']['samples']} samples")
     int8 = body.int8_execution

@@ -98,3 +98,20 @@ def test_quantize_measures_accuracy_and_int8_execution(runner: CliRunner, tmp_pa
     assert int8["linear_layers"] == 3 and int8["latency"][0]["int8_median_ms"] > 0
     scored = runner.invoke(app, ["score", str(out), "--samples", "200", "--no-latency", "--json"])
     assert scored.exit_code == 0, scored.output
+
+
+@needs_fmnist
+def test_the_finetune_lr_option_reaches_the_fine_tune_and_its_verdict_is_reported(runner: CliRunner, tmp_path: Path,
+                                                                                   lenet_checkpoint: Path) -> None:
+    out = tmp_path / "q.safetensors"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("quantize:\n  val_samples: 300\n  finetune:\n    batch_size: 32\n")
+    result = runner.invoke(app, ["quantize", str(lenet_checkpoint), "-r", str(recipe), "-o", str(out), "--samples", "200",
+                                 "--bits", "4", "--finetune-epochs", "1", "--finetune-steps", "3", "--finetune-lr", "0.002"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert report["section"]["finetune"]["lr"] == 0.002 and report["finetune"]["steps"] == 3
+    tune = report["finetune"]
+    assert isinstance(tune["kept"], bool) and 0.0 <= tune["val_before"] <= 1.0
+    verdict = "kept" if tune["kept"] else "undone"
+    assert f"fine-tune {verdict}: val top1 {tune['val_before']:.4f} -> {tune['val_after']:.4f}" in result.output
