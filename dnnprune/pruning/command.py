@@ -299,11 +299,8 @@ class _Job:
 
     def _fastest(self, plan_at: Callable[[float], Plan]) -> Callable[[float], Plan]:
         """The plan family with every width moved to the fastest nearby width (measured layer times)."""
-        config = self.config
-        grow = config.target == "latency"
-        return lambda knob: latency_widths(self.model, self.graph, plan_at(knob), self.layer_table, self.shape,
-                                           self.limits, search=config.width_search, may_grow=grow)
-
+        adjust = self._fastest_widths(may_grow=self.config.target == "latency")
+        return lambda knob: adjust(self.model, self.graph, plan_at(knob))
 
     def _layer_cost(self) -> LayerCost | None:
         """What a cost-aware plan prices: MACs, or layer times measured on the runtime speed is reported on."""
@@ -311,10 +308,11 @@ class _Job:
             return layer_macs
         return self.layer_table.layer_ms if self.config.plan_cost == "latency" else None
 
-    def _fastest_widths(self) -> Callable[[nn.Module, ChannelGraph, Plan], Plan]:
+    def _fastest_widths(self, may_grow: bool = False) -> Callable[[nn.Module, ChannelGraph, Plan], Plan]:
+        """Moves a plan's widths to the fastest nearby widths; only a latency target may keep more channels."""
         config = self.config
         return lambda model, graph, plan: latency_widths(model, graph, plan, self.layer_table, self.shape,
-                                                         self.limits, search=config.width_search)
+                                                         self.limits, search=config.width_search, may_grow=may_grow)
 
     def _measured_speedup(self, scores: dict[str, torch.Tensor], plan: Plan, repeats: int) -> float:
         """The pruned copy's speedup, timed interleaved with the original (so the ratio survives machine load)."""
