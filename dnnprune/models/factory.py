@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from dnnprune.errors import ModelError
 from dnnprune.models import zoo  # noqa: F401  (importing the zoo runs its @register_model decorators)
+from dnnprune.models.plugins import PLUGINS_VARIABLE, load_plugins
 from dnnprune.models.registry import _REGISTRY, _TASKS, TORCHVISION_PREFIX, TaskKind
 
 
@@ -32,27 +33,40 @@ def create_model(name: str, **args: Any) -> nn.Module:
         from dnnprune.models.tv import create_torchvision
 
         return create_torchvision(name[len(TORCHVISION_PREFIX):], **args)
-    if name not in _REGISTRY:
-        raise ModelError(
-            f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())} "
-            f"or torchvision.NAME (e.g. torchvision.resnet18)"
-        )
+    _require(name)
     try:
         return _REGISTRY[name](**args)
     except TypeError as exc:
-        raise ModelError(f"bad arguments for {name!r}: {exc}") from None
+        raise ModelError(f"bad arguments for {name!r}: {exc} (a model built from data or imported weights is "
+                         f"given num_classes and in_channels; its constructor must take them)") from None
 
 
 def model_task(name: str) -> TaskKind:
     """The task an architecture serves (every torchvision model is a classifier)."""
     if name.startswith(TORCHVISION_PREFIX):
         return "classification"
-    if name not in _TASKS:
-        raise ModelError(f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())} or torchvision.NAME")
+    _require(name)
     return _TASKS[name]
 
 
 def accepts_argument(name: str, argument: str) -> bool:
     """Whether a zoo constructor takes `argument` (torchvision constructors are not inspected)."""
-    factory = _REGISTRY.get(name)
-    return factory is not None and argument in inspect.signature(factory).parameters
+    if name.startswith(TORCHVISION_PREFIX) or not _registered(name):
+        return False
+    return argument in inspect.signature(_REGISTRY[name]).parameters
+
+
+def _registered(name: str) -> bool:
+    """Whether the zoo or a plugin has this name; the plugins are imported the first time a name is missing."""
+    if name not in _REGISTRY:
+        load_plugins()
+    return name in _REGISTRY
+
+
+def _require(name: str) -> None:
+    if not _registered(name):
+        raise ModelError(
+            f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())}, torchvision.NAME "
+            f"(e.g. torchvision.resnet18), or register your own with dnnprune.models.register_model in a "
+            f"module named by {PLUGINS_VARIABLE}"
+        )

@@ -18,6 +18,9 @@ TORCHVISION_PREFIX = "torchvision."
 def register_model(name: str, *, task: TaskKind = "classification") -> Callable[[ModelFactory], ModelFactory]:
     """Register a constructor and the task it serves; a duplicate name fails at import."""
 
+    if name.startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"model {name!r}: names that start with {TORCHVISION_PREFIX!r} are torchvision's; choose another")
+
     def decorator(factory: ModelFactory) -> ModelFactory:
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
