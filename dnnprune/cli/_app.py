@@ -35,6 +35,20 @@ app = typer.Typer(
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from dnnprune import __version__
+
+        console.print(f"dnnprune {__version__} (torch {torch.__version__})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version (and torch's) and exit.")] = False) -> None:
+    """Make trained PyTorch networks smaller and faster while keeping their accuracy."""
+
 RecipeOption = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; options override its values.")]
 OutputOption = Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.safetensors).")]
 ReportOption = Annotated[Path | None, typer.Option("--report", help="JSON report path \\[default: next to the output; for score, next to the checkpoint].")]

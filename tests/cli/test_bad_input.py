@@ -201,6 +201,20 @@ def test_the_entry_point_passes_on_success_and_domain_errors(monkeypatch: pytest
     assert "not found" in capsys.readouterr().err
 
 
+def test_version_prints_dnnprune_and_torch_and_exits_zero(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    import dnnprune
+    from dnnprune.cli import main
+
+    monkeypatch.setattr("sys.argv", ["dnnprune", "--version"])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == f"dnnprune {dnnprune.__version__} (torch {torch.__version__})"
+
+
 def test_a_bad_option_value_is_named_as_the_option_not_the_recipe(runner: CliRunner, tmp_path: Path) -> None:
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text("train:\n  max_steps: 5\n")
