@@ -120,6 +120,7 @@ class CheckpointMeta(_Strict):
     std: Annotated[tuple[Annotated[float, Field(gt=0, allow_inf_nan=False)], ...], Field(max_length=4096)] = (1.0,)
     dataset: Annotated[str, StringConstraints(max_length=200)] | None = None
     classes: Annotated[list[ShortText], Field(max_length=1_000_000)] | None = None
+    features: Annotated[list[ShortText], Field(max_length=4096)] | None = None  # a table's column names, in order
     task: TaskSpec = TaskSpec()
     structure: dict[ModulePath, dict[Identifier, AttributeValue]] = Field(default_factory=dict)
     replaced: dict[ModulePath, Replacement] = Field(default_factory=dict)

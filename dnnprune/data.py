@@ -23,9 +23,11 @@ import json
 import os
 import shutil
 import uuid
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -33,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 from torch.utils.data.dataloader import default_collate
 
+from dnnprune.checkpoint import first_line
 from dnnprune.errors import DatasetError
 from dnnprune.files import check_regular
 
@@ -105,7 +108,7 @@ class Splits:
     test: Dataset
     classes: list[str]
     spec: InputSpec
-    num_features: int | None = None
+    features: list[str] | None = None  # a table's feature columns, in file order
 
 
 _IMAGENET = InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -151,7 +154,9 @@ _SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"), "mni
 _INSTALL_HINTS = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, what PIL's convert("L") uses
 _DEFAULT_TEST_FRACTION = 0.15
+MAX_FEATURES = 4096  # the largest input dimension a checkpoint may declare
 _CREDITCARD = "creditcard.csv"
+CREDITCARD_FEATURES = ["Time", *(f"V{i}" for i in range(1, 29)), "Amount"]
 
 
 def _info(name: str) -> DatasetInfo:
@@ -250,11 +255,17 @@ def resolve_root(name: str, data_root: Path | None) -> Path:
     _info(name)
     if name in ("imagefolder", "csv") and data_root is None:
         raise DatasetError(f"{name} needs a location: pass --data-root {'FILE.csv' if name == 'csv' else 'DIR'}")
-    bases = _search_bases(name, data_root)
-    for base in bases:
-        found = _find_in(name, base)
-        if found is not None:
-            return found
+    try:
+        bases = _search_bases(name, data_root)
+        for base in bases:
+            found = _find_in(name, base)
+            if found is not None:
+                return found
+    except (OSError, RuntimeError) as exc:  # unreadable folder, name too long, ~user that does not exist
+        where = data_root if data_root is not None else os.environ.get("DNNPRUNE_DATA", "the standard places")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
+        raise DatasetError(f"cannot look for {name} in {str(where)[:200]} ({reason}); pass a readable --data-root "
+                           "(or DNNPRUNE_DATA)") from None
     raise DatasetError(f"{name} not found; looked in {', '.join(map(str, bases))}; {_how_to_get(name)}")
 
 
@@ -448,19 +459,25 @@ def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool = False, seed: in
 
 
 def _read_error(name: str, where: Path, exc: BaseException, fetch: bool = False) -> DatasetError:
+    reason = first_line(exc, 200) if str(exc).strip() else f"{type(exc).__name__}: the files are not in the expected format"
     if fetch:
-        return DatasetError(f"cannot download {name} into {where}: {exc}; check the network or fetch it by hand")
-    return DatasetError(f"cannot read {name} from {where}: {exc}; re-download it or point --data-root elsewhere")
+        return DatasetError(f"cannot download {name} into {where}: {reason}; check the network or fetch it by hand")
+    return DatasetError(f"cannot read {name} from {where}: {reason}; replace the files (--download fetches a fresh copy) "
+                        "or point --data-root elsewhere")
 
 
-_READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError, KeyError, AssertionError)
+_READ_ERRORS = (RuntimeError, ValueError, TypeError, OSError, EOFError, KeyError, AssertionError, zlib.error)
 
 
 def _download_root(data_root: Path | None) -> Path:
-    if data_root is not None:
-        return Path(data_root).expanduser()
     env = os.environ.get("DNNPRUNE_DATA")
-    return Path(env).expanduser() if env else cache_dir()
+    where = Path(data_root) if data_root is not None else Path(env) if env else None
+    if where is None:
+        return cache_dir()
+    try:
+        return where.expanduser()
+    except RuntimeError:
+        raise DatasetError(f"cannot expand {str(where)[:200]}: that user's home is unknown; give a full path") from None
 
 
 def _locate(name: str, data_root: Path | None, download: bool) -> tuple[Path, bool]:
@@ -505,7 +522,7 @@ def _bridge_idx(name: str, src: Path) -> Path:
             os.replace(dest, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, dest)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         if not _bridged(dest, raw):  # a concurrent run may have won the rename
             raise _read_error(name, src, exc) from None
     finally:
@@ -537,8 +554,22 @@ def _load_torchvision(
         test = cls(str(tv_root), train=False)
     except _READ_ERRORS as exc:
         raise _read_error(name, root, exc, fetch) from None
+    for split, dataset in (("training", train), ("test", test)):
+        _check_labels(name, root, split, dataset)
     adapt = _Adapter(spec, 1 if name in _IDX else 3)
     return _in_memory(train, adapt), _in_memory(test, adapt), list(train.classes)
+
+
+def _check_labels(name: str, root: Path, split: str, dataset: Any) -> None:
+    """One label per image, each a valid class: torchvision's readers check neither."""
+    images, labels = len(dataset.data), len(dataset.targets)
+    if images != labels:
+        raise DatasetError(f"{name} in {root}: the {split} split has {images:,} images but {labels:,} labels; the image "
+                           "and label files do not belong together (replace them)")
+    targets = torch.as_tensor(dataset.targets)
+    if labels and (int(targets.min()) < 0 or int(targets.max()) >= len(dataset.classes)):
+        raise DatasetError(f"{name} in {root}: the {split} labels run from {int(targets.min())} to {int(targets.max())}, "
+                           f"but {name} has {len(dataset.classes)} classes; the label file is corrupt (replace it)")
 
 
 def _in_memory(ds: Any, adapt: _Adapter) -> _InMemory:
@@ -561,18 +592,32 @@ def _pil_transform(spec: InputSpec) -> Callable[[Any], torch.Tensor]:
 
 
 def _image_folder(path: Path, spec: InputSpec) -> Dataset:
-    from torchvision import datasets
+    from dnnprune.image_folder import ImageFolder
 
     try:
-        return datasets.ImageFolder(str(path), transform=_pil_transform(spec))
+        return ImageFolder(path, transform=_pil_transform(spec))
     except _READ_ERRORS as exc:
-        raise _read_error("imagefolder", path, exc) from None
+        raise DatasetError(f"cannot read the image folder {path}: {first_line(exc, 200)}; check the folder") from None
+
+
+def _held_out(root: Path) -> Path | None:
+    """root/test (or root/val) where root/train exists beside it: the folder's own test split."""
+    if not (root / "train").is_dir():
+        return None
+    return next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
+
+
+def image_folder_classes(root: Path) -> list[str]:
+    """The class names of an image folder (of its train part, where it has one), without reading images."""
+    from dnnprune.image_folder import class_names
+
+    return class_names(root / "train" if _held_out(root) is not None else root)
 
 
 def _load_imagefolder(root: Path, spec: InputSpec, val_fraction: float, test_fraction: float, seed: int) -> Splits:
     """root/train + root/test (or root/val) when present, else a seeded three-way split of root."""
-    held_out = next((root / s for s in ("test", "val") if (root / s).is_dir()), None)
-    if (root / "train").is_dir() and held_out is not None:
+    held_out = _held_out(root)
+    if held_out is not None:
         full, test = _image_folder(root / "train", spec), _image_folder(held_out, spec)
         if full.classes != test.classes:
             msg = f"class folders differ between {root / 'train'} and {held_out}: {full.classes} vs {test.classes}"
@@ -586,28 +631,93 @@ def _load_imagefolder(root: Path, spec: InputSpec, val_fraction: float, test_fra
 
 
 def _read_csv(path: Path, label_column: str) -> tuple[list[str], np.ndarray, list[str]]:
-    """(feature names, float64 features, raw label strings); numpy's C parser, no pandas."""
+    """(feature names, float64 features, raw label strings); numpy's C parser, no pandas.
+
+    Every row must have the header's width (numpy would ignore a surplus cell, and a decimal comma
+    shifts every column after it), every feature must be finite and every row labelled: each is a
+    wrong model, not a slower one, when it passes unnoticed."""
     check_regular(path, "CSV file", error=DatasetError)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            header = next(csv.reader(f), [])
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _read_error("csv", path, exc) from None
-    if label_column not in header:
-        raise DatasetError(f"{path} has no label column {label_column!r}; columns are {', '.join(header) or '(none)'}")
+    header = _csv_header(path)
+    _check_header(path, header, label_column)
     li = header.index(label_column)
     cols = [i for i in range(len(header)) if i != li]
     if not cols:
         raise DatasetError(f"{path} has no feature columns besides {label_column!r}")
-    opts = dict(delimiter=",", skiprows=1, quotechar='"', encoding="utf-8-sig", ndmin=2)
+    rows = _check_row_widths(path, len(header))
+    if rows == 0:
+        raise DatasetError(f"{path} has a header but no rows")
+    opts = dict(delimiter=",", skiprows=1, quotechar='"', encoding="utf-8-sig", ndmin=2, comments=None)
     try:
-        x = np.loadtxt(path, usecols=cols, dtype=np.float64, **opts)
-        y = np.loadtxt(path, usecols=[li], dtype=str, **opts)[:, 0]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = np.loadtxt(path, usecols=cols, dtype=np.float64, **opts)
+            y = np.loadtxt(path, usecols=[li], dtype=str, **opts)[:, 0]
     except ValueError as exc:
         raise DatasetError(f"{path}: every column except {label_column!r} must be numeric: {exc}") from None
-    if len(y) == 0:
-        raise DatasetError(f"{path} has a header but no rows")
-    return [header[i] for i in cols], x, list(y)
+    names = [header[i] for i in cols]
+    _check_finite(path, x, names)
+    _check_labelled(path, y, label_column)
+    return names, x, list(y)
+
+
+def _csv_rows(path: Path) -> Iterator[list[str]]:
+    """The file's rows through the csv module, every way it can fail turned into one DatasetError."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            yield from csv.reader(f)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(f"cannot read {path} as CSV ({first_line(exc, 200)}); save it as UTF-8, comma-separated "
+                           "text") from None
+
+
+def _csv_header(path: Path) -> list[str]:
+    return [name.strip() for name in next(_csv_rows(path), [])]
+
+
+def _check_header(path: Path, header: list[str], label_column: str) -> None:
+    shown = ", ".join(repr(name[:40]) for name in header[:20]) + (f", ... ({len(header)} columns)" if len(header) > 20 else "")
+    if label_column not in header:
+        hint = ("; the file seems to separate values with ';', and dnnprune reads comma-separated files"
+                if len(header) == 1 and ";" in header[0] else "; set data.label_column to the column that holds the labels")
+        raise DatasetError(f"{path} has no label column {label_column!r}; columns are {shown or '(none)'}{hint}")
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise DatasetError(f"{path}: column names must be unique; {', '.join(map(repr, repeated[:5]))} appear more "
+                           "than once; rename them in the header")
+
+
+def _check_row_widths(path: Path, width: int) -> int:
+    """The number of data rows; a row of another width (a stray or missing comma) is an error naming its line."""
+    count = 0
+    for line, row in enumerate(_csv_rows(path), start=1):
+        if line == 1 or not row:  # the header; blank lines are skipped, as numpy does
+            continue
+        if len(row) != width:
+            raise DatasetError(f"{path}: line {line} has {len(row)} cells but the header has {width}; fix that row "
+                               "(a decimal comma or an unquoted comma in a value splits a cell)")
+        count += 1
+    return count
+
+
+def _check_finite(path: Path, x: np.ndarray, names: list[str]) -> None:
+    """NaN, inf, or a value too large to standardise (1e308 overflows the squares): refuse, naming the first."""
+    with np.errstate(all="ignore"):
+        bad = ~np.isfinite(x) | ~np.isfinite(x * x)
+    if bad.any():
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        raise DatasetError(f"{path}: data row {row + 1}, column {names[col]!r} holds {float(x[row, col]):g} "
+                           f"({int(bad.sum())} such value(s) in all); features must be finite numbers below about "
+                           "1e150: fill or drop those rows")
+
+
+_MISSING_LABELS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+
+
+def _check_labelled(path: Path, labels: np.ndarray, label_column: str) -> None:
+    missing = [i for i, value in enumerate(labels) if value.strip().lower() in _MISSING_LABELS]
+    if missing:
+        raise DatasetError(f"{path}: {len(missing)} row(s) have no label in {label_column!r} (empty or NA; the first "
+                           f"is data row {missing[0] + 1}); label them or drop them")
 
 
 def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
@@ -642,7 +752,14 @@ def _load_csv(
 ) -> Splits:
     """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test)."""
     names, x, raw = _read_csv(path, label_column)
+    if len(names) > MAX_FEATURES:
+        raise DatasetError(f"{path} has {len(names):,} feature columns; a model takes at most {MAX_FEATURES:,} "
+                           "inputs: select or reduce the features first")
     classes, y = _label_names(raw)
+    if len(classes) > max(100, len(y) // 4):
+        raise DatasetError(f"{path}: the label column {label_column!r} holds {len(classes):,} distinct values in "
+                           f"{len(y):,} rows, so it looks like a measurement, not a class; set data.label_column "
+                           "to the column of class labels")
     spec = spec or tabular_spec(len(names))
     if spec.shape != (1, 1, len(names)):
         raise DatasetError(
@@ -659,7 +776,7 @@ def _load_csv(
     z = ((x - mu) / sd - spec.mean[0]) / spec.std[0]
     full = _InMemory(torch.from_numpy(z.astype(np.float32)).view(len(y), 1, 1, len(names)), y)
     train, val, test = (Subset(full, p) for p in parts)
-    return Splits(train, val, test, classes, spec, num_features=len(names))
+    return Splits(train, val, test, classes, spec, features=names)
 
 
 def load_splits(
@@ -683,7 +800,11 @@ def load_splits(
     if spec is None and info.kind == "image":
         spec = default_spec(name)
     if info.kind == "tabular":
-        splits = _load_csv(resolve_root(name, path or data_root), spec, label_column, val_fraction, test_fraction, seed)
+        table = resolve_root(name, path or data_root)
+        splits = _load_csv(table, spec, label_column, val_fraction, test_fraction, seed)
+        if name == "creditcard" and splits.features != CREDITCARD_FEATURES:
+            raise DatasetError(f"{table} is not Kaggle's {_CREDITCARD}: its columns are {', '.join(splits.features or [])[:200]}, "
+                               f"not Time, V1..V28, Amount; use --dataset csv for other tables")
     elif name == "imagefolder":
         root = resolve_root(name, path or data_root)
         splits = _load_imagefolder(root, spec, val_fraction, test_fraction, seed)  # type: ignore[arg-type]

@@ -8,8 +8,17 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, meta_of
-from dnnprune.data import DATASETS, InputSpec, default_spec, fit_channels, load_splits, per_channel
+from dnnprune.checkpoint import CheckpointMeta, attach_meta, check_runs, load, meta_of
+from dnnprune.data import (
+    DATASETS,
+    InputSpec,
+    default_spec,
+    fit_channels,
+    image_folder_classes,
+    load_splits,
+    per_channel,
+    resolve_root,
+)
 from dnnprune.errors import DatasetError, ModelError
 from dnnprune.models import accepts_argument, create_model, model_task
 from dnnprune.recipe import DataSection, ModelSection
@@ -54,7 +63,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
     if model.arch and model.arch != arch:
         raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {model.arch!r}; make them agree")
-    base, file_classes = _base_spec(dataset, data)
+    base, file_classes, features = _base_spec(dataset, data)
     shape = tuple(data.input_shape or base.shape)
     mean = per_channel(data.mean, shape[0], "data.mean") if data.mean else fit_channels(base.mean, shape[0])
     std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
@@ -69,16 +78,21 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
         args["input_shape"] = list(shape)
     seed_everything(seed)
     built = create_model(arch, **args)
+    check_runs(built, arch, shape, fix=f"choose an architecture that takes {dataset}'s input (set data.input_shape, "
+                                       "or for a table's rows use mlp, a2e or a2e_classifier)")
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
-                          classes=classes or None, task=task)
+                          classes=classes or None, features=features, task=task)
     return attach_meta(built, meta)
 
 
-def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str]]:
-    """Tabular data's input shape and classes come from the file, images' from the dataset's defaults."""
+def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str], list[str] | None]:
+    """(input spec, classes, feature columns): a table's come from the file, an image folder's classes from
+    its sub-folders, the rest from the dataset's defaults."""
     if DATASETS[dataset].kind == "tabular":
         splits = load_splits(dataset, None, data_root=data.root, path=data.path, label_column=data.label_column,
                              val_fraction=data.val_fraction, seed=data.split_seed)
-        return splits.spec, list(splits.classes)
-    return default_spec(dataset), []
+        return splits.spec, list(splits.classes), splits.features
+    if dataset == "imagefolder":
+        return default_spec(dataset), image_folder_classes(resolve_root(dataset, data.path or data.root)), None
+    return default_spec(dataset), [], None
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
+from pydantic import BaseModel
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
 
 from dnnprune.checkpoint import CheckpointMeta
@@ -40,8 +41,46 @@ def dataset_name(meta: CheckpointMeta, section: DataSection) -> str:
 
 
 def splits_for(meta: CheckpointMeta, section: DataSection) -> Splits:
-    return _cached_splits(dataset_name(meta, section), spec_for(meta), section.root, section.path, section.download,
-                          section.val_fraction, section.split_seed, section.label_column, section.train_limit)
+    name = dataset_name(meta, section)
+    splits = _cached_splits(name, spec_for(meta), section.root, section.path, section.download,
+                            section.val_fraction, section.split_seed, section.label_column, section.train_limit)
+    check_fits(meta, splits, name)
+    return splits
+
+
+def check_fits(meta: CheckpointMeta, splits: Splits, name: str) -> None:
+    """The data must be what the model was built for: a table's columns in the same order, the same class
+    names where it is the same dataset, no more classes than outputs, something left to call anomalous.
+    Each mismatch would otherwise score a model on shuffled inputs or labels, or crash mid-run."""
+    if meta.features and splits.features is not None and list(meta.features) != splits.features:
+        _different_columns(list(meta.features), splits.features, name)
+    classes = list(splits.classes)
+    if meta.task.kind == "classification" and classes:
+        if meta.classes and name == meta.dataset and list(meta.classes) != classes:
+            raise DatasetError(f"this {name} data has classes {_listed(classes)} but the model was trained on "
+                               f"{_listed(list(meta.classes))}; use data labelled the same way")
+        outputs = meta.arch_args.get("num_classes")
+        if isinstance(outputs, int) and outputs < len(classes):
+            raise DatasetError(f"the model has {outputs} outputs but {name} has {len(classes)} classes; use data with "
+                               f"at most {outputs} classes, or a model built for this data")
+    normal = set(meta.task.normal_classes)
+    if normal and classes and normal >= set(range(len(classes))):
+        raise DatasetError(f"model.task.normal_classes {sorted(normal)} covers every class of {name} "
+                           f"({_listed(classes)}), so nothing is left to detect; leave at least one class out")
+
+
+def _different_columns(trained: list[str], given: list[str], name: str) -> None:
+    position = next((i for i, (a, b) in enumerate(zip(trained, given)) if a != b), min(len(trained), len(given)))
+    have = repr(given[position]) if position < len(given) else "missing"
+    want = repr(trained[position]) if position < len(trained) else "absent"
+    raise DatasetError(f"this {name} file's feature columns differ from the model's: column {position + 1} is {have}, "
+                       f"the model's is {want} ({len(given)} columns against {len(trained)}); give the columns in the "
+                       "order the model was trained on")
+
+
+def _listed(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})" if len(names) > most else f"[{shown}]"
 
 
 @lru_cache(maxsize=4)
@@ -55,6 +94,15 @@ def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, 
                   seed: int = 0) -> Dataset:
     dataset = getattr(splits_for(meta, section), split)
     return stratified_subset(dataset, samples, seed) if samples else dataset
+
+
+def subset_size(section: BaseModel, field: str, meta: CheckpointMeta, data: DataSection, split: SplitName) -> int | None:
+    """The section's subset size for `split`; a default the user did not set, larger than a small dataset's
+    split, takes the whole split instead of failing on a number the user never chose."""
+    wanted = getattr(section, field)
+    if wanted is None or field in section.model_fields_set:
+        return wanted
+    return min(wanted, len(split_dataset(meta, data, split)))
 
 
 def eval_loader(meta: CheckpointMeta, section: DataSection, split: SplitName = "test", samples: int | None = None,

@@ -38,7 +38,7 @@ from dnnprune.codecs import (
 from dnnprune.constraints import held_encodings
 from dnnprune.errors import DnnpruneError
 from dnnprune.lineage import command
-from dnnprune.loaders import eval_loader, train_loader
+from dnnprune.loaders import eval_loader, subset_size, train_loader
 from dnnprune.metrics import count_parameters, measure_latency
 from dnnprune.observe import NULL_OBSERVER, Observer
 from dnnprune.patterns import select_layers
@@ -279,7 +279,7 @@ def quantize(model: nn.Module, section: QuantizeSection, *, data: DataSection, d
     before = evaluate(model.to(device), loader, device, task=task) if loader is not None else None
     tuning = wants_finetune(section.finetune)
     train_data = train_loader(meta, data, section.finetune.batch_size, section.seed) if tuning else None
-    val = (eval_loader(meta, data, "val", samples=section.val_samples, seed=section.seed)
+    val = (eval_loader(meta, data, "val", samples=subset_size(section, "val_samples", meta, data, "val"), seed=section.seed)
            if tuning and section.evaluate else None)
     result = quantize_layers(model, section, train_loader=train_data, val_loader=val, device=device, observer=observer)
     after = evaluate(model.to(device), loader, device, task=task) if loader is not None else None

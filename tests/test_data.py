@@ -263,7 +263,7 @@ def test_imagefolder_train_test_subfolders(tmp_path: Path) -> None:
 def test_csv_fraud_layout_stratified_and_standardised(tmp_path: Path) -> None:
     _write_fraud_csv(tmp_path / "creditcard.csv")
     s = load_splits("csv", None, data_root=tmp_path, val_fraction=0.15, test_fraction=0.15)
-    assert s.num_features == 30 and s.spec.shape == (1, 1, 30) and s.classes == ["0", "1"]
+    assert s.features is not None and len(s.features) == 30 and s.spec.shape == (1, 1, 30) and s.classes == ["0", "1"]
     assert (len(s.train), len(s.val), len(s.test)) == (140, 30, 30)
     assert [int(dataset_targets(d).sum()) for d in (s.train, s.val, s.test)] == [14, 3, 3]
     xb, _ = next(iter(make_loader(s.train, 200)))

@@ -16,7 +16,7 @@ from dnnprune.analysis.report import AnalyzeReport, Timing, build_report
 from dnnprune.checkpoint import meta_of
 from dnnprune.errors import RecipeError
 from dnnprune.lineage import command
-from dnnprune.loaders import calibration_inputs, split_dataset
+from dnnprune.loaders import calibration_inputs, split_dataset, subset_size
 from dnnprune.observe import Observer
 from dnnprune.recipe import AnalyzeSection, DataSection
 from dnnprune.training import task_of
@@ -46,7 +46,8 @@ def analyze(model: nn.Module, section: AnalyzeSection, *, data: DataSection, dev
     if getattr(analysis, "needs_calibration", False):
         analysis.calibration = calibration_inputs(meta, data, section.calibration_samples, section.seed).to(device)  # type: ignore[attr-defined]
     batch_size = section.batch_size or data.batch_size
-    dataset = val_data if val_data is not None else split_dataset(meta, data, "val", section.samples, section.seed)
+    dataset = val_data if val_data is not None else split_dataset(
+        meta, data, "val", subset_size(section, "samples", meta, data, "val"), section.seed)
     batches = load_batches(dataset, batch_size, device, section.channels_last)
     measurement = analysis.measure(batches, task, observer, rank=rank, world=world)
     seconds = time.perf_counter() - start

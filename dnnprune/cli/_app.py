@@ -17,10 +17,11 @@ from rich.text import Text
 
 from dnnprune.checkpoint import check_output_path, save
 from dnnprune.cli._observer import RichObserver, RowFormatter
+from dnnprune.data import DATASETS, resolve_root
 from dnnprune.distributed import distributed_env, init_distributed, leave_distributed, process_device
 from dnnprune.errors import DnnpruneError, OutputError
 from dnnprune.lineage import resolve_device
-from dnnprune.recipe import Recipe, load_recipe
+from dnnprune.recipe import DataSection, Recipe, load_recipe
 from dnnprune.reports import Report, default_report_path, envelope, write_report
 
 R = TypeVar("R", bound=Report)
@@ -160,16 +161,27 @@ def check_report_path(path: Path, *, force: bool, inputs: tuple[Path, ...] = ())
     check_output_path(path, force=force, protect=inputs, kind="report", option="--report")
 
 
-_FILE_FIELDS = frozenset({"analysis", "teacher", "path"})
+_FILE_FIELDS = frozenset({"analysis", "teacher", "path", "root"})
 
 
 def command_inputs(checkpoint: Path | None, recipe: Path | None, config: Recipe | None = None) -> tuple[Path, ...]:
     """Every file a command reads: the checkpoint, the recipe and the files the recipe names (analysis,
-    teachers, a CSV). No output or report may land on one of them, --force or not."""
+    teachers, a CSV or data root, the CSV found inside it). No output or report may land on one of them,
+    --force or not."""
     paths = [path for path in (checkpoint, recipe) if path is not None]
     if config is not None:
-        paths += _named_files(config)
+        paths += _named_files(config) + _table_file(config.data)
     return tuple(paths)
+
+
+def _table_file(data: DataSection) -> list[Path]:
+    """The CSV a tabular dataset is read from, where --data-root names the folder that holds it."""
+    if data.dataset not in DATASETS or DATASETS[data.dataset].kind != "tabular":
+        return []
+    try:
+        return [resolve_root(data.dataset, data.path or data.root)]
+    except DnnpruneError:  # not found: the command itself will say so
+        return []
 
 
 def _named_files(section: BaseModel) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -34,8 +35,14 @@ def mlp(
     in_channels: int = 1,
     input_size: int = 28,
     hidden: Sequence[int] = (300, 100),
+    input_shape: Sequence[int] | None = None,
 ) -> nn.Module:
-    """`hidden` is a tuple by default (no mutable default); a JSON list from a checkpoint works too."""
+    """`hidden` is a tuple by default (no mutable default); a JSON list from a checkpoint works too.
+    `input_shape` (C,H,W), where given, sets the input width: a table's rows (1, 1, F) are not square."""
     hidden = list(hidden)
     check_positive("mlp", num_classes=num_classes, in_channels=in_channels, input_size=input_size, hidden=hidden)
-    return MLP(num_classes, in_channels * input_size * input_size, hidden)
+    features = in_channels * input_size * input_size
+    if input_shape is not None:
+        check_positive("mlp", input_shape=list(input_shape))
+        features = math.prod(int(d) for d in input_shape)
+    return MLP(num_classes, features, hidden)
