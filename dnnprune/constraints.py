@@ -3,8 +3,10 @@
 - sparse: pruned positions stay zero. The weight becomes `original * mask`: pruned entries get no
   gradient, and momentum, weight decay or Adam cannot move what the model sees.
 - kmeans: Deep Compression's centroid fine-tuning. The codes are frozen and each centroid is a
-  parameter trained by the summed gradient of its weights; the zero centroid stays at 0.
-- linear: the codes are frozen and the per-channel scales are trained.
+  parameter trained by the mean gradient of its weights (Deep Compression sums them, which makes a
+  float learning rate thousands of times too large); the zero centroid stays at 0.
+- linear: the codes are frozen and the per-channel scales are trained, each by its codes'
+  projection of their weights' gradients.
 On exit, also after an exception, the parametrizations are removed and every weight is put back
 exactly on its grid (`codecs.on_grid`), so `save` re-encodes it.
 """
@@ -50,31 +52,40 @@ class _Masked(_Holder):
 
 
 class _SharedWeight(_Holder):
-    """weight = codebook[codes]: autograd sums the gradients of a cluster's weights into its centroid."""
+    """weight = codebook[codes]. Autograd sums a cluster's gradients into its centroid; dividing by the
+    cluster's size makes the step the float step projected onto the centroid (its members' mean), so
+    the learning rate that trains the float model trains the codes too. Summed, a centroid of thousands
+    of weights moved thousands of times too far: training a k-means LeNet-5 at lr 0.05 ended at chance."""
 
     def __init__(self, codes: torch.Tensor, codebook: torch.Tensor, shape: torch.Size) -> None:
         super().__init__()
         self.register_buffer("codes", codes)
-        self.register_buffer("trainable", (codebook != 0).float())
+        sizes = torch.bincount(codes.reshape(-1).long(), minlength=codebook.numel()).clamp(min=1)
+        self.register_buffer("step", (codebook != 0).float() / sizes.to(codebook.dtype))
         self.codebook = nn.Parameter(codebook.clone())
-        self.codebook.register_hook(lambda grad: grad * self.trainable)
+        self.codebook.register_hook(lambda grad: grad * self.step)
         self.shape = shape
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:
         return self.codebook[self.codes].reshape(self.shape)
 
     def settled(self, original: torch.Tensor) -> torch.Tensor:
-        codebook = torch.where(self.trainable.bool(), self.codebook.detach(), torch.zeros_like(self.codebook))
+        codebook = torch.where(self.step > 0, self.codebook.detach(), torch.zeros_like(self.codebook))
         return codebook.cpu().float()[self.codes.cpu()].reshape(self.shape)
 
 
 class _ScaledCodes(_Holder):
-    """weight = codes x scale per output channel, with the scales trained."""
+    """weight = codes x scale per output channel, with the scales trained. A scale's gradient is divided
+    by its channel's sum of squared codes: the float step projected onto that channel's codes, for the
+    same reason as the centroids."""
 
     def __init__(self, codes: torch.Tensor, scales: torch.Tensor, shape: torch.Size) -> None:
         super().__init__()
         self.register_buffer("codes", codes)
+        norms = codes.reshape(codes.shape[0], -1).to(scales.dtype).pow(2).sum(1).clamp(min=1)
+        self.register_buffer("step", 1.0 / norms)
         self.scales = nn.Parameter(scales.clone())
+        self.scales.register_hook(lambda grad: grad * self.step)
         self.shape = shape
 
     def forward(self, _original: torch.Tensor) -> torch.Tensor:

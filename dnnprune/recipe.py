@@ -242,14 +242,6 @@ class PruneSection(Section):
         return value
 
 
-class CodeFineTuneSection(FineTuneSection):
-    """A fine-tune with codes frozen. A k-means centroid takes the summed gradients of all its weights, so
-    the plain fine-tune's lr (0.01) moves it hundreds of times further than one weight moves: on a
-    trained LeNet-5 at 3 bits it took test top-1 from 0.89 to 0.19, where 1e-3 kept 0.89."""
-
-    lr: float = Field(1e-3, gt=0.0)
-
-
 class QuantizeSection(Section):
     method: Literal["linear", "kmeans"] = "kmeans"
     bits: int = Field(5, ge=2, le=8, description="bits per weight (linear: symmetric per output channel; kmeans: 2^bits centroids)")
@@ -258,9 +250,9 @@ class QuantizeSection(Section):
     layer_bits: dict[str, int] = Field(default_factory=dict,
                                        description="pattern -> bits; its layers are quantized too (the last matching pattern wins)")
     iterations: int = Field(50, gt=0, description="k-means iterations at most (stops earlier when assignments settle)")
-    finetune: CodeFineTuneSection = Field(default_factory=CodeFineTuneSection,
-                                          description="train with codes frozen: a kmeans centroid gets the summed gradients of its "
-                                                      "weights (hence the small default lr, 1e-3), a linear layer its scales")
+    finetune: FineTuneSection = Field(default_factory=FineTuneSection,
+                                      description="train with codes frozen: a kmeans centroid moves by its weights' mean "
+                                                  "gradient, a linear layer's scale by its codes' projection of theirs")
     val_samples: int = Field(2000, gt=0, description="with a fine-tune and evaluate: the stratified validation subset "
                                                      "that decides whether the fine-tune is kept")
     confidence: float = Field(0.95, ge=0.0, lt=1.0, description="undo the fine-tune only when it lowers the validation "
@@ -272,14 +264,6 @@ class QuantizeSection(Section):
     int8_execution: bool = Field(False, description="also time torch's dynamic int8 Linear execution on the CPU "
                                                     "(batch sizes and repeats from score.latency_config)")
     seed: Seed = 0
-
-    @field_validator("finetune", mode="before")
-    @classmethod
-    def _code_finetune(cls, value: Any) -> Any:
-        """A plain FineTuneSection from a library caller keeps what it set; the rest takes this section's defaults."""
-        if isinstance(value, FineTuneSection) and not isinstance(value, CodeFineTuneSection):
-            return value.model_dump(exclude_unset=True)
-        return value
 
     @field_validator("layers")
     @classmethod

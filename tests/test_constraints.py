@@ -125,6 +125,47 @@ def test_linear_trains_scales_and_keeps_its_grid() -> None:
     assert torch.equal(c.on_grid(layer.weight.detach(), encoding), layer.weight.detach())
 
 
+def _float_step(model: nn.Module, layer: str, batch: tuple[torch.Tensor, torch.Tensor],
+                lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight before, weight after one plain SGD step): held when `model` holds encodings, float otherwise."""
+    weight = model.get_submodule(layer).weight
+    before = weight.detach().clone()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    F.cross_entropy(model(batch[0]), batch[1]).backward()
+    optimizer.step()
+    return before, model.get_submodule(layer).weight.detach().clone()
+
+
+@pytest.mark.parametrize("codec", ["kmeans", "linear"])
+def test_a_held_step_is_the_float_step_projected_onto_what_may_move(codec: str) -> None:
+    """A centroid moves by its members' mean float step, a scale by its codes' projection of theirs, so the
+    float model's learning rate suits the codes (summed, a 3-bit LeNet-5 trained at lr 0.05 ended at chance)."""
+    encoding = {"values": {"codec": codec, "bits": 3}}
+    model = _lenet()
+    _put_on_grid(model.classifier[1], encoding)
+    twin = _lenet()
+    twin.load_state_dict(model.state_dict())
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(16, *_SHAPE, generator=generator), torch.randint(0, 10, (16,), generator=generator)
+    grid, floated = _float_step(twin, "classifier.1", batch, lr=0.1)
+    with held_encodings(model, {"classifier.1.weight": encoding}):
+        _, held = _float_step(model, "classifier.1", batch, lr=0.1)
+    float_step = (floated - grid).reshape(grid.shape[0], -1)
+    held_step = (held - grid).reshape(grid.shape[0], -1)
+    if codec == "kmeans":
+        values, codes = torch.unique(grid, return_inverse=True)
+        for code, value in enumerate(values.tolist()):
+            members = codes.reshape(grid.shape[0], -1) == code
+            expected = 0.0 if value == 0 else float(float_step[members].mean())
+            assert torch.allclose(held_step[members], torch.full_like(held_step[members], expected), atol=1e-7)
+    else:
+        codes, _ = c.linear_codes(grid, 3)
+        q = codes.reshape(grid.shape[0], -1).float()
+        projected = q * ((q * float_step).sum(1) / (q * q).sum(1).clamp(min=1))[:, None]
+        assert torch.allclose(held_step, projected, atol=1e-6)
+    assert float(held_step.abs().max()) > 0
+
+
 def test_after_training_the_model_saves_and_reloads_bit_for_bit(tmp_path: Path) -> None:
     model = _lenet()
     _prune(model.classifier[1], 0.2)

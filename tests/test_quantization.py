@@ -346,14 +346,6 @@ def test_a_sparse_layer_reports_its_sparse_bytes_as_before_and_the_file_shrinks_
     assert saved == pytest.approx(row.bytes_before - row.bytes_after, rel=0.05)
 
 
-def test_code_finetune_defaults_to_a_small_lr_and_keeps_one_set_explicitly() -> None:
-    """A centroid takes its weights' summed gradients: the plain fine-tune lr (0.01) wrecked a trained LeNet-5."""
-    assert QuantizeSection().finetune.lr == 1e-3
-    assert QuantizeSection(finetune=FineTuneSection(epochs=1)).finetune.lr == 1e-3
-    assert QuantizeSection(finetune=FineTuneSection(epochs=1, lr=0.05)).finetune.lr == 0.05
-    assert QuantizeSection.model_validate({"finetune": {"epochs": 1}}).finetune.lr == 1e-3
-
-
 def _labelled_by(model: nn.Module) -> DataLoader:
     """Samples labelled with the model's own predictions: its val top-1 is 1.0 before any fine-tune."""
     inputs = torch.randn(96, *_SHAPE, generator=torch.Generator().manual_seed(1))

@@ -47,7 +47,7 @@ def quantize_command(
     layer_bits: Annotated[list[str] | None, typer.Option("--layer-bits", help="PATTERN=BITS, e.g. type:Conv2d=8; repeatable; replaces the recipe's layer_bits.")] = None,
     finetune_epochs: Annotated[float | None, typer.Option(help="Fine-tune centroids (kmeans) or scales (linear) with codes frozen.")] = None,
     finetune_steps: Annotated[int | None, typer.Option(help="Stop fine-tuning after this many steps.")] = None,
-    finetune_lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate (default 1e-3: a centroid takes its weights' summed gradients).")] = None,
+    finetune_lr: Annotated[float | None, typer.Option(help="Fine-tune learning rate \\[default 0.01].")] = None,
     samples: Annotated[int | None, typer.Option(help="Measure accuracy on a class-stratified test subset of this size.")] = None,
     evaluate: Annotated[bool | None, typer.Option("--evaluate/--no-evaluate", help="Measure accuracy before and after.")] = None,
     int8_execution: Annotated[bool | None, typer.Option("--int8-execution/--no-int8-execution", help="Also time torch's int8 Linear execution on the CPU.")] = None,
