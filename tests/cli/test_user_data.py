@@ -1,0 +1,95 @@
+"""A user's own data through the CLI: an image folder of many classes, an MLP on a table, a small dataset
+under the commands' default subset sizes, a shuffled table at score, and the data file never written over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+import dnnprune
+from dnnprune.cli import app
+from tests.cli.test_bad_input import _assert_clean_failure
+
+
+def _table(path: Path, rows: int = 240, columns: tuple[str, ...] = ("a", "b", "c", "d")) -> Path:
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=(rows, len(columns)))
+    labels = (values[:, 0] + values[:, 1] > 0).astype(int)
+    lines = [",".join([*columns, "Class"])] + [",".join([*(f"{v:.5f}" for v in row), str(y)])
+                                               for row, y in zip(values, labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _recipe(path: Path, body: str = "") -> Path:
+    path.write_text("train:\n  epochs: 1\n  batch_size: 32\n" + body)
+    return path
+
+
+def test_an_mlp_trains_on_a_table_and_a_reordered_table_is_refused_at_score(runner: CliRunner, tmp_path: Path) -> None:
+    data = _table(tmp_path / "data.csv")
+    out = tmp_path / "mlp.safetensors"
+    result = runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                                 "--data-root", str(data), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert dnnprune.meta_of(dnnprune.load(out)).features == ["a", "b", "c", "d"]
+    lines = [line.split(",") for line in data.read_text().splitlines()]
+    swapped = tmp_path / "swapped.csv"
+    swapped.write_text("\n".join(",".join([r[1], r[0], *r[2:]]) for r in lines) + "\n")
+    scored = runner.invoke(app, ["score", str(out), "--data-root", str(swapped), "--no-latency"])
+    _assert_clean_failure(scored, "column 1 is 'b', the model's is 'a'")
+
+
+def test_a_report_or_a_side_output_never_lands_on_the_data_file(runner: CliRunner, tmp_path: Path) -> None:
+    data = _table(tmp_path / "data.json")
+    before = data.read_bytes()
+    result = runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                                 "--data-root", str(data), "-o", str(tmp_path / "m.safetensors"), "--report", str(data),
+                                 "--force"])
+    _assert_clean_failure(result, "is an input file")
+    (tmp_path / "folder").mkdir()
+    table = _table(tmp_path / "folder" / "table.csv")
+    result = runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                                 "--data-root", str(table.parent), "-o", str(tmp_path / "m.safetensors"),
+                                 "--report", str(table.with_suffix(".json"))])
+    assert result.exit_code == 0, result.output
+    analyzed = runner.invoke(app, ["analyze", str(tmp_path / "m.safetensors"), "--data-root", str(table), "-o",
+                                   str(table.with_suffix(".json")), "--force", "--ratios", "0.5"])
+    _assert_clean_failure(analyzed, "is an input file")
+    assert data.read_bytes() == before and table.read_text().startswith("a,b,c,d,Class")
+
+
+def test_a_small_dataset_runs_under_the_default_subset_sizes(runner: CliRunner, tmp_path: Path) -> None:
+    """analyze's 2,000 validation samples are a default the user never chose: a table of 240 rows (24 in val)
+    is analysed on all of its validation split instead of failing on that number."""
+    data = _table(tmp_path / "data.csv")
+    out = tmp_path / "mlp.safetensors"
+    assert runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                               "--data-root", str(data), "-o", str(out)]).exit_code == 0
+    result = runner.invoke(app, ["analyze", str(out), "--data-root", str(data), "--ratios", "0.5",
+                                 "-o", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "a.json").read_text())["samples"] == 24
+    asked = runner.invoke(app, ["analyze", str(out), "--data-root", str(data), "--ratios", "0.5", "--samples", "500",
+                                "-o", str(tmp_path / "b.json")])
+    _assert_clean_failure(asked, "asked for 500 samples")
+
+
+def test_an_image_folder_of_three_classes_trains_a_three_way_classifier(runner: CliRunner, tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for index, name in enumerate(("cat", "dog", "fox")):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(10):
+            pixels = np.clip(rng.normal(60 + 70 * index, 20, (16, 16, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "imgs" / name / f"{i}.png")
+    recipe = _recipe(tmp_path / "r.yaml", "data:\n  input_shape: [3, 16, 16]\n  val_fraction: 0.2\n")
+    out = tmp_path / "net.safetensors"
+    result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "--dataset", "imagefolder",
+                                 "--data-root", str(tmp_path / "imgs"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = dnnprune.meta_of(dnnprune.load(out))
+    assert meta.classes == ["cat", "dog", "fox"] and meta.arch_args["num_classes"] == 3

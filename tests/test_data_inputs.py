@@ -1,0 +1,193 @@
+"""A user's own data files, wrong in the ways real files are wrong: each is refused in one DatasetError that
+names the file and the fix, before a model is trained or scored on shuffled, mislabelled or missing data."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dnnprune.checkpoint import CheckpointMeta
+from dnnprune.data import InputSpec, image_folder_classes, load_splits, make_loader
+from dnnprune.errors import DatasetError
+from dnnprune.image_folder import read_image
+from dnnprune.loaders import check_fits
+from dnnprune.recipe import TaskSpec
+from tests.fakedata import idx_bytes, write_creditcard, write_mnist
+
+_GOOD = "a,b,c,Class\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 2},{i % 2}\n" for i in range(60))
+
+
+def _csv(tmp_path: Path, text: str, name: str = "t.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("a,a,Class\n1,2,0\n3,4,1\n", "column names must be unique; 'a' appear"),
+    (_GOOD.replace("1,3,1,1\n", "1,3,1,1,9\n", 1), "has 5 cells but the header has 4"),
+    (_GOOD.replace("1,3,1,1\n", "1,5,3,1,1\n", 1), "has 5 cells but the header has 4"),
+    (_GOOD.replace("1,3,1,1\n", "1,nan,1,1\n", 1), "column 'b' holds nan"),
+    (_GOOD.replace("1,3,1,1\n", "1,inf,1,1\n", 1), "column 'b' holds inf"),
+    (_GOOD.replace("1,3,1,1\n", "1e308,3,1,1\n", 1), "column 'a' holds 1e+308"),
+    (_GOOD.replace("1,3,1,1\n", "1,3,1,\n", 1), "1 row(s) have no label in 'Class'"),
+    (_GOOD.replace("1,3,1,1\n", "1,3,1,NA\n", 1), "1 row(s) have no label in 'Class'"),
+    ("a;b;Class\n1;2;0\n", "separate values with ';'"),
+    ("x" * 200_000 + ",Class\n1,0\n", "cannot read"),
+    ("a,b,Class\n" + "".join(f"{i},{i},{i * 0.37:.3f}\n" for i in range(400)), "looks like a measurement"),
+    ("a,b,Class\n# a comment\n1,2,0\n", "line 2 has 1 cells"),
+])
+def test_a_malformed_table_is_refused_with_its_row_or_column(tmp_path: Path, text: str, fragment: str) -> None:
+    with pytest.raises(DatasetError) as caught:
+        load_splits("csv", None, path=_csv(tmp_path, text))
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_table_wider_than_a_model_input_names_the_limit(tmp_path: Path) -> None:
+    header = ",".join(f"f{i}" for i in range(5000)) + ",Class\n"
+    rows = "".join(",".join(["0.5"] * 5000) + f",{i % 2}\n" for i in range(40))
+    with pytest.raises(DatasetError, match="5,000 feature columns; a model takes at most 4,096"):
+        load_splits("csv", None, path=_csv(tmp_path, header + rows))
+
+
+def test_a_clean_table_loads_without_a_warning_and_blank_lines_are_skipped(tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        splits = load_splits("csv", None, path=_csv(tmp_path, " a , b ,c, Class\r\n" + _GOOD.split("\n", 1)[1] + "\n\n"))
+    assert splits.features == ["a", "b", "c"] and splits.classes == ["0", "1"]
+
+
+def test_creditcard_must_have_kaggles_columns(tmp_path: Path) -> None:
+    path = write_creditcard(tmp_path / "creditcard.csv", rows=400)
+    assert load_splits("creditcard", None, data_root=tmp_path).features[-1] == "Amount"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(",".join(line.split(",")[:-2] + line.split(",")[-1:]) for line in lines) + "\n")
+    with pytest.raises(DatasetError, match="is not Kaggle's creditcard.csv.*use --dataset csv"):
+        load_splits("creditcard", None, data_root=tmp_path)
+
+
+# ----------------------------------------------------------------------------- the data must fit the model
+
+
+def _tabular_meta(features: list[str], classes: list[str], **task: object) -> CheckpointMeta:
+    return CheckpointMeta(arch="mlp", arch_args={"num_classes": len(classes)}, input_shape=(1, 1, len(features)),
+                          dataset="csv", classes=classes, features=features, task=TaskSpec(**task))
+
+
+def test_a_table_whose_columns_moved_is_refused(tmp_path: Path) -> None:
+    reordered = "c,b,a,Class\n" + "".join(",".join(reversed(row.split(",")[:3])) + "," + row.split(",")[3] + "\n"
+                                          for row in _GOOD.splitlines()[1:])
+    splits = load_splits("csv", None, path=_csv(tmp_path, reordered))
+    with pytest.raises(DatasetError, match="column 1 is 'c', the model's is 'a'"):
+        check_fits(_tabular_meta(["a", "b", "c"], ["0", "1"]), splits, "csv")
+    check_fits(_tabular_meta(["c", "b", "a"], ["0", "1"]), splits, "csv")
+
+
+def test_other_class_names_too_many_classes_and_no_anomaly_left_are_refused(tmp_path: Path) -> None:
+    splits = load_splits("csv", None, path=_csv(tmp_path, _GOOD))
+    with pytest.raises(DatasetError, match=r"has classes \['0', '1'\] but the model was trained on \['3', '7'\]"):
+        check_fits(_tabular_meta(["a", "b", "c"], ["3", "7"]), splits, "csv")
+    narrow = CheckpointMeta(arch="mlp", arch_args={"num_classes": 1}, input_shape=(1, 1, 3), dataset="other")
+    with pytest.raises(DatasetError, match="the model has 1 outputs but csv has 2 classes"):
+        check_fits(narrow, splits, "csv")
+    with pytest.raises(DatasetError, match=r"normal_classes \[0, 1\] covers every class"):
+        check_fits(_tabular_meta(["a", "b", "c"], ["0", "1"], kind="reconstruction", normal_classes=[0, 1]), splits, "csv")
+
+
+# ----------------------------------------------------------------------------- IDX files
+
+
+def _rewrite(folder: Path, name: str, array: np.ndarray) -> None:
+    (folder / name).write_bytes(idx_bytes(array))
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    (np.arange(40, dtype=np.uint8) % 10, "has 50 images but 40 labels"),
+    (np.arange(60, dtype=np.uint8) % 10, "has 50 images but 60 labels"),
+    (np.full(50, 11, dtype=np.uint8), "labels run from 11 to 11, but mnist has 10 classes"),
+])
+def test_idx_labels_must_match_their_images(tmp_path: Path, labels: np.ndarray, fragment: str,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(tmp_path / "cache"))
+    write_mnist(tmp_path / "m")
+    _rewrite(tmp_path / "m", "train-labels-idx1-ubyte", labels)
+    with pytest.raises(DatasetError, match=fragment):
+        load_splits("mnist", None, data_root=tmp_path / "m")
+
+
+def test_a_corrupt_deflate_stream_is_a_dataset_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DNNPRUNE_CACHE", str(tmp_path / "cache"))
+    write_mnist(tmp_path / "m", gz=True)
+    target = tmp_path / "m" / "train-images-idx3-ubyte.gz"
+    blob = bytearray(target.read_bytes())
+    blob[10:12] = b"\xff\xff"  # the first deflate block header: "invalid block type"
+    target.write_bytes(bytes(blob))
+    with pytest.raises(DatasetError, match="cannot read mnist"):
+        load_splits("mnist", None, data_root=tmp_path / "m")
+
+
+@pytest.mark.parametrize("root", ["a" * 5000, "~no_such_user_dnnprune/x"])
+def test_a_data_root_the_system_cannot_look_in_is_one_error(root: str) -> None:
+    with pytest.raises(DatasetError, match="cannot look for mnist in"):
+        load_splits("mnist", None, data_root=Path(root))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _pngs(folder: Path, per_class: int = 6, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(per_class):
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).convert(mode).save(folder / f"{i}.png")
+
+
+_SPEC = InputSpec((3, 8, 8), (0.5,) * 3, (0.25,) * 3)
+
+
+def test_an_image_folder_keeps_every_class_skips_hidden_folders_links_back_and_fifos(tmp_path: Path) -> None:
+    for name in ("cat", "dog", "fox", ".ipynb_checkpoints"):
+        _pngs(tmp_path / name)
+    (tmp_path / "cat" / "up").symlink_to("..")  # would repeat every class under cat
+    os.mkfifo(tmp_path / "dog" / "pipe.png")  # would block the reader for ever
+    assert image_folder_classes(tmp_path) == ["cat", "dog", "fox"]
+    splits = load_splits("imagefolder", _SPEC, data_root=tmp_path, val_fraction=0.2, test_fraction=0.2)
+    assert splits.classes == ["cat", "dog", "fox"]
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 18
+
+
+def test_an_image_folder_of_one_class_is_refused(tmp_path: Path) -> None:
+    _pngs(tmp_path / "cat")
+    _pngs(tmp_path / ".hidden")
+    with pytest.raises(DatasetError, match="at least two \\(found only 'cat'\\)"):
+        load_splits("imagefolder", _SPEC, data_root=tmp_path)
+
+
+@pytest.mark.parametrize("content", [b"", b"not an image at all", None])
+def test_an_unreadable_image_is_named_when_its_batch_is_read(tmp_path: Path, content: bytes | None) -> None:
+    _pngs(tmp_path / "cat")
+    _pngs(tmp_path / "dog")
+    bad = tmp_path / "dog" / "0.png"
+    if content is None:  # a truncated file
+        bad.write_bytes(bad.read_bytes()[:60])
+    else:
+        bad.write_bytes(content)
+    splits = load_splits("imagefolder", _SPEC, data_root=tmp_path, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(DatasetError, match=f"cannot read the image {bad}"):
+        for split in (splits.train, splits.val, splits.test):
+            list(make_loader(split, 4))
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    pixels = np.asarray(read_image(str(tmp_path / "deep.png")))[..., 0]
+    assert len(np.unique(pixels)) > 200 and pixels.max() == 255 and pixels.min() == 0
+    assert torch.tensor(pixels).float().mean().item() == pytest.approx(127.5, abs=2)
