@@ -45,7 +45,7 @@ from dnnprune._version import __version__
 from dnnprune.codecs import Encoding, declared_tensors, decode_state, encode_state
 from dnnprune.codecs.spec import one_line
 from dnnprune.errors import CheckpointError, DnnpruneError, OutputError
-from dnnprune.files import check_regular, read_bytes
+from dnnprune.files import check_regular, read_bytes, shown
 from dnnprune.models import create_model
 from dnnprune.tasks import TaskSpec
 
@@ -295,9 +295,35 @@ def save(model: nn.Module, path: Path | str, meta: CheckpointMeta | None = None,
 def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = (), kind: str = "output",
                       option: str = "-o") -> None:
     """Refuse, before any work is done, a path that would overwrite an input, clobber a file without
-    --force, or fail to be written (a folder that is missing, read-only or not a folder)."""
+    --force, or fail to be written (a folder that is missing, read-only or not a folder, a name too long
+    for the temporary file the atomic write puts beside it, a symlink loop)."""
+    size = len(os.fsencode(path.name))
+    if size + _TEMP_NAME_EXTRA > _NAME_MAX:
+        raise OutputError(f"{kind} file name is {size} bytes long; at most {_NAME_MAX - _TEMP_NAME_EXTRA} fit (the "
+                          f"atomic write's temporary file adds {_TEMP_NAME_EXTRA}); choose a shorter {option} name")
+    try:
+        _check_output_path(path, force=force, protect=protect, kind=kind, option=option)
+    except (OSError, RuntimeError) as exc:  # a link loop, a path the OS cannot take
+        reason = getattr(exc, "strerror", None) or first_line(exc, 120)
+        raise OutputError(f"cannot use {kind} path {shown(path)} ({reason}); choose another {option} path") from None
+
+
+def _exists(path: Path) -> bool:
+    """Whether an input exists; one the OS cannot even look up (too long, a loop) is reported by its own check."""
+    try:
+        return path.exists()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+_NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+_TEMP_NAME_EXTRA = len(".") + len(".") + 8 + len(".tmp")  # atomic_write_bytes: ".{name}.XXXXXXXX.tmp"
+
+
+def _check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...], kind: str, option: str) -> None:
+    path.resolve()  # a symlink loop raises here, not later in a comparison
     for guarded in protect:
-        if guarded.exists() and path.exists() and path.resolve() == guarded.resolve():
+        if _exists(guarded) and path.exists() and path.resolve() == guarded.resolve():
             raise OutputError(f"{kind} {path} is an input file; choose another {option} path (inputs are never overwritten)")
     if path.exists() and path.is_dir():
         raise OutputError(f"{kind} {path} is a directory; give {option} a file path")

@@ -6,6 +6,7 @@ before anything reads it; an unreadable one (/proc/self/mem, a bad disk) is an i
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 from dnnprune.errors import DnnpruneError
@@ -15,13 +16,24 @@ def check_regular(path: Path, what: str, *, error: type[DnnpruneError] = Dnnprun
                   missing_hint: str = "check the path") -> Path:
     """`path` if it is a regular file (symlinks followed); otherwise one line saying what it is instead."""
     path = Path(path)
-    if path.is_dir():
-        raise error(f"{what} {path} is a directory; give the path of a file")
-    if not path.exists():
-        raise error(f"{what} {path} not found; {missing_hint}")
-    if not path.is_file():
-        raise error(f"{what} {path} is not a regular file (a pipe, socket or device); give the path of a saved file")
+    try:
+        mode = path.stat().st_mode  # follows symlinks
+    except FileNotFoundError:
+        raise error(f"{what} {shown(path)} not found; {missing_hint}") from None
+    except (OSError, ValueError) as exc:  # a name too long, a link loop, a file used as a folder, a NUL byte
+        reason = getattr(exc, "strerror", None) or type(exc).__name__
+        raise error(f"cannot open {what} {shown(path)} ({reason}); check the path") from None
+    if stat.S_ISDIR(mode):
+        raise error(f"{what} {shown(path)} is a directory; give the path of a file")
+    if not stat.S_ISREG(mode):
+        raise error(f"{what} {shown(path)} is not a regular file (a pipe, socket or device); give the path of a saved file")
     return path
+
+
+def shown(path: Path | str, limit: int = 160) -> str:
+    """A path for a one-line message: a 5,000-character one is cut in the middle."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
 def read_bytes(path: Path, what: str, *, error: type[DnnpruneError] = DnnpruneError,

@@ -164,3 +164,36 @@ def test_a_recipe_for_another_architecture_is_refused_before_any_work(runner: Cl
     before = sorted(p.name for p in tmp_path.iterdir())
     _assert_clean_failure(runner.invoke(app, args), "'lenet5' checkpoint", "model.arch is 'resnet20'")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("role, length, fragment", [
+    ("output", 300, "output file name is 312 bytes long; at most 241 fit"),
+    ("output", 243, "output file name is 255 bytes long; at most 241 fit"),  # legal, but its temporary file is not
+    ("report", 300, "report file name is 305 bytes long"),
+    ("checkpoint", 300, "(File name too long); check the path"),
+    ("recipe", 300, "(File name too long); check the path"),
+    ("data-root", 300, "(File name too long); pass a readable --data-root"),
+])
+def test_names_the_system_cannot_take_are_refused_before_any_work(runner: CliRunner, tmp_path: Path,
+                                                                  lenet_checkpoint: Path, role: str, length: int,
+                                                                  fragment: str) -> None:
+    long = tmp_path / ("n" * length)
+    args = {"output": ["-o", f"{long}.safetensors"], "report": ["-o", str(tmp_path / "q.safetensors"),
+                                                                "--report", f"{long}.json"],
+            "checkpoint": ["-o", str(tmp_path / "q.safetensors")], "recipe": ["-r", f"{long}.yaml", "-o",
+                                                                             str(tmp_path / "q.safetensors")],
+            "data-root": ["--data-root", str(long), "-o", str(tmp_path / "q.safetensors")]}[role]
+    source = f"{long}.safetensors" if role == "checkpoint" else str(lenet_checkpoint)
+    evaluate = [] if role == "data-root" else ["--no-evaluate"]
+    result = runner.invoke(app, ["quantize", source, "--bits", "4", *evaluate, *args])
+    _assert_clean_failure(result, fragment)
+    assert not (tmp_path / "q.safetensors").exists() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_an_output_that_is_a_symlink_loop_is_refused(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    (tmp_path / "a.safetensors").symlink_to(tmp_path / "b.safetensors")
+    (tmp_path / "b.safetensors").symlink_to(tmp_path / "a.safetensors")
+    result = runner.invoke(app, ["quantize", str(lenet_checkpoint), "--no-evaluate", "-o", str(tmp_path / "a.safetensors"),
+                                 "--force"])
+    _assert_clean_failure(result, "Symlink loop")
+    assert (tmp_path / "a.safetensors").is_symlink()
