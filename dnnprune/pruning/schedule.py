@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dnnprune.checkpoint import first_line
 from dnnprune.errors import PruningError
 from dnnprune.files import read_text
 from dnnprune.pruning.structured import Limits, Metric, model_size
@@ -48,7 +51,67 @@ def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
                            f"({len(graph.all_groups)} groups); run `dnnprune analyze` on this checkpoint")
     if not isinstance(report.get("order"), list):
         raise PruningError(f"analysis report {path} has no layer order; re-run `dnnprune analyze`")
+    _check_contents(report, graph, path)
     return report
+
+
+class _Cell(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    ratio: float = Field(ge=0.0, lt=1.0)
+    removed: int = Field(0, ge=0)
+
+
+class _Layer(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+    width: int | None = Field(None, ge=1)
+    suggested_ratio: float = Field(0.0, ge=0.0, lt=1.0)
+    cells: list[_Cell] = []
+
+
+class _Planned(BaseModel):
+    """What the planner reads of an analysis report, typed and bounded."""
+
+    model_config = ConfigDict(extra="ignore")
+    layers: list[_Layer] = []
+    order: list[str]
+    baseline: dict[str, Any] = {}
+    primary_metric: str = "top1"
+
+
+def _check_contents(report: dict[str, Any], graph: ChannelGraph, path: Path) -> None:
+    """Every number the planner reads, typed and in range: an edited or damaged report would otherwise crash
+    the plan half-way, or steer it with a NaN, a negative ratio or a layer that is not there."""
+    try:
+        parsed = _Planned.model_validate(report)
+    except ValidationError as exc:
+        raise PruningError(f"analysis report {path} is malformed ({first_line(exc, 200)}); re-run `dnnprune analyze`") from None
+    problem = _content_problem(parsed, {group.name for group in graph.all_groups})
+    if problem:
+        raise PruningError(f"analysis report {path}: {problem}; re-run `dnnprune analyze` on this checkpoint")
+
+
+def _content_problem(report: _Planned, groups: set[str]) -> str | None:
+    names = [layer.name for layer in report.layers]
+    if len(set(names)) != len(names) or not set(names) <= groups:
+        return "its layers are repeated or are not this model's layer groups"
+    if len(set(report.order)) != len(report.order) or not set(report.order) <= groups:
+        return "its order names a layer twice or one this model does not have"
+    measured = any(layer.cells for layer in report.layers)
+    if measured and not _finite(report.baseline.get(report.primary_metric)):
+        return f"its baseline {report.primary_metric} is not a finite number"
+    for layer in report.layers:
+        if layer.cells and layer.width is None:
+            return f"layer {layer.name!r} has cells but no width"
+        for cell in layer.cells:
+            value = (cell.model_extra or {}).get(report.primary_metric)
+            if not (value is None or _finite(value)):
+                return f"layer {layer.name!r} has a cell at ratio {cell.ratio} whose {report.primary_metric} is {value!r}"
+    return None
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # ----------------------------------------------------------------------------- orders

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
 import pytest
 from typer.testing import CliRunner
@@ -281,3 +282,48 @@ def test_fine_tune_distils_from_the_named_teacher(runner: CliRunner, tmp_path: P
     if given_by == "options":
         assert config["step_finetune"]["teacher"] == str(original)
         assert config["finetune"]["distill"] == config["step_finetune"]["distill"] == 0.7
+
+
+def _measured_analysis(path: Path, checkpoint: Path) -> dict:
+    """A hand-made analysis with a cell grid per layer, as `analyze` writes it."""
+    _write_analysis(path, checkpoint)
+    report = json.loads(path.read_text())
+    graph = ChannelGraph(dnnprune.load(checkpoint), dnnprune.meta_of(dnnprune.load(checkpoint)).input_shape)
+    report["primary_metric"] = "top1"
+    report["layers"] = [{"name": g.name, "width": g.width, "suggested_ratio": 0.2,
+                         "cells": [{"ratio": r, "removed": int(g.width * r), "top1": 0.1 - r / 10} for r in (0.3, 0.6)]}
+                        for g in graph.groups]
+    return report
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda r: r["layers"][0]["cells"][0].update(top1="x"), "whose top1 is 'x'"),
+    (lambda r: r["layers"][0]["cells"][0].update(top1=float("nan")), "whose top1 is nan"),
+    (lambda r: r["layers"][0]["cells"][0].update(ratio="abc"), "is malformed"),
+    (lambda r: r["layers"][0]["cells"][0].update(ratio=-3), "is malformed"),
+    (lambda r: r["layers"].__setitem__(0, None), "is malformed"),
+    (lambda r: r["baseline"].update(top1=None), "baseline top1 is not a finite number"),
+    (lambda r: r["layers"][0].update(suggested_ratio=5.0), "is malformed"),
+    (lambda r: r["order"].append("no.such.layer"), "one this model does not have"),
+    (lambda r: r["layers"].append(dict(r["layers"][0])), "repeated"),
+    (lambda r: r["layers"][0].pop("width"), "has cells but no width"),
+])
+def test_a_damaged_analysis_is_refused_in_one_line(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
+                                                   edit: Callable[[dict], object], fragment: str) -> None:
+    path = tmp_path / "analysis.json"
+    report = _measured_analysis(path, lenet_checkpoint)
+    edit(report)
+    path.write_text(json.dumps(report))
+    out = tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "--target", "params:2", "--order", "sensitivity",
+                                 "--analysis", str(path), "--no-evaluate", "-o", str(out)])
+    _assert_clean_failure(result, fragment)
+    assert not out.exists()
+
+
+def test_an_intact_hand_made_analysis_still_plans(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path) -> None:
+    path = tmp_path / "analysis.json"
+    path.write_text(json.dumps(_measured_analysis(path, lenet_checkpoint)))
+    result = runner.invoke(app, ["prune", str(lenet_checkpoint), "--target", "params:2", "--order", "sensitivity",
+                                 "--analysis", str(path), "--no-evaluate", "-o", str(tmp_path / "out.safetensors")])
+    assert result.exit_code == 0, result.output
