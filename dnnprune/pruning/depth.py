@@ -102,7 +102,8 @@ def load_layer_analysis(path: Path, arch: str, units: Sequence[Unit]) -> tuple[l
         raise PruningError(f"layer analysis {path} was made for another model; run `dnnprune analyze --granularity "
                            "layer` on this checkpoint")
     names = {u.name for u in units}
-    order = [n for n in report["order"] if n in names] + [u.name for u in units if u.name not in report["order"]]
+    listed = [n for n in report["order"] if isinstance(n, str) and n in names]
+    order = list(dict.fromkeys(listed)) + [u.name for u in units if u.name not in listed]
     return order, _report_drops(report, names)
 
 
