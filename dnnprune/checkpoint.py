@@ -161,6 +161,15 @@ class CheckpointMeta(_Strict):
                 raise ValueError(f"{key} has {len(values)} values for {channels} input channel(s); give one per channel")
         return self
 
+    @model_validator(mode="after")
+    def _one_name_per_output(self) -> CheckpointMeta:
+        outputs = self.arch_args.get("num_classes")
+        named = self.classes
+        if self.task.kind == "classification" and named and isinstance(outputs, int) and len(named) != outputs:
+            raise ValueError(f"the class list has {len(named)} names but the model has {outputs} outputs; give one name "
+                             "per output")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, validated again so a file is never written that could not be read back."""
         data = _validated(dict(self.__dict__)).model_dump(mode="json")

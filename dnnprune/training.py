@@ -206,7 +206,10 @@ def _checked_teacher(student: nn.Module, path: Path) -> nn.Module:
     """Load a teacher checkpoint that sees the same inputs and predicts the same outputs as the student."""
     teacher = load(path)
     mine, theirs = meta_of(student), meta_of(teacher)
-    for field_name in ("input_shape", "mean", "std", "task"):
+    compared = ["input_shape", "mean", "std", "task"]
+    compared += ["classes"] if mine.classes and theirs.classes else []  # the same names in the same order
+    compared += ["features"] if mine.features and theirs.features else []  # a table's columns, in order
+    for field_name in compared:
         if getattr(mine, field_name) != getattr(theirs, field_name):
             raise RecipeError(f"teacher {path} has {field_name} {getattr(theirs, field_name)!r}, the model being "
                               f"fine-tuned {getattr(mine, field_name)!r}; name a teacher trained on the same "

@@ -151,6 +151,7 @@ def _huge_sparse_head(payload: bytes) -> bytes:
     """num_classes 10^9 with the last layer stored as an all-zero sparse tensor: a tiny file, a 336 GB model."""
     meta, tensors = _meta(payload), st_load(payload)
     meta["arch_args"]["num_classes"] = 10**9
+    meta["classes"] = None  # ten names for 10^9 outputs would be refused before the memory budget is reached
     empty = c.Encoding(sparse=c.SparseSpec())
     for name, shape in (("classifier.5.weight", (10**9, 84)), ("classifier.5.bias", (10**9,))):
         del tensors[name]
@@ -188,8 +189,12 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "arch-args-not-a-mapping": (_meta_case(_set("arch_args", [1, 2])), "arch_args"),
     "arch-args-rejected": (_meta_case(_set("arch_args/depth", 3)), "lenet5"),
     "arch-args-nested-too-deep": (_meta_case(_set("arch_args/x", [[[[[[1]]]]]])), "nested"),
-    "huge-num-classes": (_meta_case(_set("arch_args/num_classes", 10**12)), "classifier.5"),
-    "negative-num-classes": (_meta_case(_set("arch_args/num_classes", -3)), "num_classes"),
+    "huge-num-classes": (_meta_case(_set("arch_args/num_classes", 10**12)), "the class list has 10 names"),
+    "huge-num-classes-unnamed": (_meta_case(lambda m: (_set("arch_args/num_classes", 10**12)(m), _set("classes", None)(m))),
+                                 "classifier.5"),
+    "negative-num-classes": (_meta_case(lambda m: (_set("arch_args/num_classes", -3)(m), _set("classes", None)(m))),
+                             "num_classes"),
+    "classes-for-other-outputs": (_meta_case(_set("classes", ["a", "b"])), "the class list has 2 names but the model has 10"),
     "zero-input-size": (_meta_case(_set("input_shape", [0, 28, 28])), "input_shape"),
     "too-large-input": (_meta_case(_set("input_shape", [1, 28, 10**6])), "input_shape"),
     "nan-mean": (_meta_case(_set("mean", [float("nan")])), "mean"),

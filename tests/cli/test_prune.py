@@ -203,6 +203,15 @@ def _teacher_recipe(tmp_path: Path, teacher: Path, distill: float = 0.5) -> Path
     return recipe
 
 
+def _reordered_classes(source: Path, path: Path) -> Path:
+    """The same model with its class list reversed: distilling from it would teach the wrong labels."""
+    model = dnnprune.load(source)
+    meta = dnnprune.meta_of(model)
+    meta.classes = list(reversed(meta.classes or []))
+    dnnprune.save(model, path)
+    return path
+
+
 @pytest.mark.parametrize("teacher_kind, distill, fragments", [
     ("same", 0.0, ("teacher is set", "distill > 0")),
     ("missing", 0.5, ("missing.safetensors",)),
@@ -210,6 +219,7 @@ def _teacher_recipe(tmp_path: Path, teacher: Path, distill: float = 0.5) -> Path
     ("other-classes", 0.5, ("outputs shape", "same classes")),
     ("other-input", 0.5, ("input_shape", "same inputs")),
     ("unrunnable", 0.5, ("wide.safetensors: lenet5 cannot run on its input shape 1x32x32",)),
+    ("reordered-classes", 0.5, ("has classes ['Ankle boot'", "same inputs and task")),
 ])
 def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                     teacher_kind: str, distill: float,
@@ -220,7 +230,8 @@ def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path
                 "pickle": tmp_path / "teacher.safetensors",
                 "other-classes": make_checkpoint(tmp_path / "five.safetensors", num_classes=5),
                 "other-input": make_checkpoint(tmp_path / "other.safetensors", "resnet20", input_shape=(1, 32, 32)),
-                "unrunnable": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32))}
+                "unrunnable": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32)),
+                "reordered-classes": _reordered_classes(lenet_checkpoint, tmp_path / "reordered.safetensors")}
     torch.save({"weight": torch.zeros(2)}, tmp_path / "teacher.safetensors")  # a pickle under a safetensors name
     out = tmp_path / "out.safetensors"
     recipe = _teacher_recipe(tmp_path, teachers[teacher_kind], distill)
