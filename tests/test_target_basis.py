@@ -88,3 +88,17 @@ def test_with_no_earlier_step_the_basis_is_the_input(runner: CliRunner, tmp_path
     target = json.loads(out.with_suffix(".json").read_text())["target"]
     assert target["input_reduction_of_original"] == 1.0 and target["factor"] == 2.0
     assert _macs(original) / _macs(out) >= 2.0
+
+
+def test_a_double_prune_step_counts_towards_the_original(runner: CliRunner, tmp_path: Path) -> None:
+    """double-prune records its reductions in the lineage, so a prune after it can count from the original."""
+    original = make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+    slim, out = tmp_path / "slim.safetensors", tmp_path / "out.safetensors"
+    result = runner.invoke(app, ["double-prune", str(original), "--slimming-ratio", "0.3", "--sparsity", "0",
+                                 "--sparsity-steps", "0", "--finetune-steps", "0", "--no-evaluate", "-o", str(slim)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["prune", str(slim), "--target", "params:4", "--target-basis", "original",
+                                 "--no-evaluate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    params = [sum(p.numel() for p in dnnprune.load(path).parameters()) for path in (original, slim, out)]
+    assert params[0] / params[1] > 1.2 and params[0] / params[2] >= 4.0

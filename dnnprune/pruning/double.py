@@ -55,8 +55,11 @@ class DoublePruneReport(Report):
     seconds: dict[str, float]
 
     def lineage_metrics(self) -> dict[str, Any]:
-        final = self.stages[-1]
+        first, final = self.stages[0], self.stages[-1]
         metrics = {"params": final["params"], "nonzero_params": final["nonzero_params"], "macs": final["macs"]}
+        for key in ("params", "macs"):  # what `prune --target-basis original` counts back from
+            if final[key]:
+                metrics[f"{key}_reduction"] = first[key] / final[key]
         if final.get("test"):
             metrics[f"test_{self.primary_metric}"] = final["test"].get(self.primary_metric)
         return metrics
