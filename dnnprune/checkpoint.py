@@ -527,7 +527,24 @@ def tensor_index(path: Path | str) -> dict[str, tuple[str, tuple[int, ...], int]
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path} has a malformed header entry for {_short(name, 80)!r}; the file is corrupt") from None
         index[name] = (dtype, tuple(shape), end - start)
+    _check_offsets(path, header)
     return index
+
+
+def _check_offsets(path: Path, header: dict[str, Any]) -> None:
+    """The tensors' byte ranges tile the data section exactly, as a safetensors reader requires: no gap, no
+    overlap, nothing past the end (checked from the header and the file size, without reading the data)."""
+    spans = sorted(tuple(entry["data_offsets"]) for name, entry in header.items() if name != "__metadata__")
+    with path.open("rb") as handle:
+        data_bytes = path.stat().st_size - 8 - int.from_bytes(handle.read(8), "little")
+    position = 0
+    for start, end in spans:
+        if start != position:
+            raise CheckpointError(f"{path} has tensors whose byte ranges overlap or leave gaps; the file is corrupt")
+        position = end
+    if position != data_bytes:
+        raise CheckpointError(f"{path} declares {position:,} bytes of tensors but holds {data_bytes:,}; the file is "
+                              "corrupt or truncated")
 
 
 def read_safetensors_metadata(path: Path, payload: bytes) -> dict[str, str]:
@@ -588,6 +605,19 @@ def looks_like_safetensors(payload: bytes) -> bool:
     return True
 
 
+class _DuplicateKey(Exception):
+    """A JSON object with a key twice: json keeps the last, a safetensors reader may take either."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
 def _parse_header(path: Path, payload: bytes) -> dict[str, Any]:
     if len(payload) < 8:
         raise CheckpointError(f"{path} is too short to be a safetensors file; it may be truncated")
@@ -597,7 +627,9 @@ def _parse_header(path: Path, payload: bytes) -> dict[str, Any]:
     if 8 + header_len > len(payload):
         raise CheckpointError(f"{path} is not a safetensors file (header runs past the end); it may be truncated")
     try:
-        header = json.loads(payload[8 : 8 + header_len])
+        header = json.loads(payload[8 : 8 + header_len], object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path} names {_short(str(exc), 80)!r} twice in its header; the file is corrupt") from None
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{path} is not a safetensors file (unreadable header)") from None
     if not isinstance(header, dict):

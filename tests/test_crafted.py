@@ -170,6 +170,32 @@ def _lying_offsets(payload: bytes) -> bytes:
     return _raw(header, payload[8 + length:])
 
 
+def _split(payload: bytes) -> tuple[str, bytes]:
+    length = int.from_bytes(payload[:8], "little")
+    return payload[8:8 + length].decode(), payload[8 + length:]
+
+
+def _duplicate_tensor_name(payload: bytes) -> bytes:
+    """A second entry under an existing name: json keeps the last one, a safetensors reader may not."""
+    text, data = _split(payload)
+    header = json.loads(text)
+    first, second = [k for k in header if k != "__metadata__"][:2]
+    extra = json.dumps({first: header[second]})[1:-1]
+    text = "{" + extra + "," + text[1:]
+    return len(text.encode()).to_bytes(8, "little") + text.encode() + data
+
+
+def _overlapping_offsets(payload: bytes) -> bytes:
+    """Two tensors of one size stored over the same bytes, leaving a gap where the second was."""
+    text, data = _split(payload)
+    header = json.loads(text)
+    entries = [(k, v) for k, v in header.items() if k != "__metadata__"]
+    size = lambda entry: entry["data_offsets"][1] - entry["data_offsets"][0]  # noqa: E731
+    a, b = next((x, y) for i, x in enumerate(entries) for y in entries[i + 1:] if size(x[1]) == size(y[1]))
+    header[b[0]]["data_offsets"] = list(a[1]["data_offsets"])
+    return _raw(header, data)
+
+
 def _zip(_payload: bytes) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -234,6 +260,8 @@ CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
     "sparse-count-lies": (_tensor_case(lambda t: t.update({"features.3.weight::count": torch.tensor([10**6])})), "entries"),
     "sparse-declares-a-huge-model": (_huge_sparse_head, "DNNPRUNE_MAX_MODEL_BYTES"),
     "header-lies-about-offsets": (_lying_offsets, "safetensors"),
+    "duplicate-tensor-name": (_duplicate_tensor_name, "twice in its header"),
+    "overlapping-offsets": (_overlapping_offsets, "safetensors"),
     "header-length-huge": (lambda p: (1 << 60).to_bytes(8, "little") + p[8:], "header"),
     "header-not-json": (lambda p: _raw({})[:8] + b"{" + b" " * 1, "header"),
     "header-not-a-mapping": (lambda p: _raw([1, 2]), "mapping"),  # type: ignore[arg-type]
