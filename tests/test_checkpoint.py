@@ -150,8 +150,13 @@ def test_read_meta_and_tensor_index_read_only_the_header(tmp_path: Path, lenet_c
     full = dnnprune.meta_of(dnnprune.load(lenet_checkpoint))
     header_only = tmp_path / "header-only.safetensors"
     payload = lenet_checkpoint.read_bytes()
-    header_only.write_bytes(payload[: 8 + int.from_bytes(payload[:8], "little")])  # no tensor bytes at all
+    head = payload[: 8 + int.from_bytes(payload[:8], "little")]
+    header_only.write_bytes(head)  # no tensor bytes at all: the metadata reads, the byte ranges do not fit
     assert read_meta(header_only).to_json() == full.to_json()
+    with pytest.raises(CheckpointError, match="truncated"):
+        tensor_index(header_only)
+    with header_only.open("r+b") as handle:  # the data section as a hole of zeros: never read, only its size
+        handle.truncate(len(payload))
     index = tensor_index(header_only)
     assert index["classifier.1.weight"] == ("F32", (120, 400), 120 * 400 * 4)
     assert set(index) == set(create_model("lenet5", num_classes=10, in_channels=1).state_dict())
