@@ -36,6 +36,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 from torch.utils.data.dataloader import default_collate
 
 from dnnprune.checkpoint import first_line
+from dnnprune.cifar import LAYOUTS, has_files, refuse_pickled
+from dnnprune.cifar import read_split as read_cifar
 from dnnprune.errors import DatasetError
 from dnnprune.files import check_regular
 
@@ -148,7 +150,6 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 _IDX = {"fashion-mnist": "FashionMNIST", "mnist": "MNIST"}  # name -> torchvision class (and folder) name
-_CIFAR = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "cifar100": ("CIFAR100", "cifar-100-python")}
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 _SYSTEM_DIRS = {"fashion-mnist": Path("/usr/share/datasets/fashion-mnist"), "mnist": Path("/usr/share/datasets/mnist")}
 _INSTALL_HINTS = {"fashion-mnist": "apt-get install dataset-fashion-mnist"}
@@ -228,11 +229,16 @@ def _find_in(name: str, base: Path) -> Path | None:
     if name in _IDX:
         cands = [base, base / name, base / _IDX[name] / "raw", base / name / _IDX[name] / "raw"]
         return next((c for c in cands if _has_idx(c)), None)
-    if name in _CIFAR:
-        folder = _CIFAR[name][1]
-        if base.name == folder and base.is_dir():
-            return base.parent
-        return next((c for c in (base, base / name) if (c / folder).is_dir()), None)
+    if name in LAYOUTS:
+        layout = LAYOUTS[name]
+        for candidate in (base.parent, base, base / name):
+            if has_files(candidate / layout.folder, name):
+                return candidate
+        pickled = next((c / layout.pickled_folder for c in (base.parent, base, base / name)
+                        if (c / layout.pickled_folder).is_dir()), None)
+        if pickled is not None:
+            raise refuse_pickled(pickled, name)
+        return None
     if name == "csv":
         return _find_csv(base)
     if name == "creditcard":
@@ -540,13 +546,30 @@ def _unpack(source: Path, target: Path) -> None:
         shutil.copyfileobj(fin, fout, 1 << 20)
 
 
+def _load_cifar(name: str, spec: InputSpec, data_root: Path | None, download: bool) -> tuple[Dataset, Dataset, list[str]]:
+    """CIFAR's binary version read with numpy (`cifar.py`); --download fetches that version."""
+    root, fetch = _locate(name, data_root, download)
+    if fetch:
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        try:
+            download_and_extract_archive(LAYOUTS[name].url, str(root))
+        except _READ_ERRORS as exc:
+            raise _read_error(name, root, exc, fetch=True) from None
+    adapt = _Adapter(spec, 3)
+    (train_x, train_y), (test_x, test_y) = (read_cifar(root, name, split) for split in ("train", "test"))
+    return _InMemory(train_x, train_y, adapt), _InMemory(test_x, test_y, adapt), list(DATASETS[name].classes or [])
+
+
 def _load_torchvision(
     name: str, spec: InputSpec, data_root: Path | None, download: bool
 ) -> tuple[Dataset, Dataset, list[str]]:
-    """MNIST family and CIFAR through torchvision's own readers, then held in memory as uint8 NCHW."""
+    """The MNIST family through torchvision's reader (CIFAR through `_load_cifar`), held in memory as uint8 NCHW."""
     from torchvision import datasets
 
-    cls = getattr(datasets, _IDX[name] if name in _IDX else _CIFAR[name][0])
+    if name in LAYOUTS:
+        return _load_cifar(name, spec, data_root, download)
+    cls = getattr(datasets, _IDX[name])
     root, fetch = _locate(name, data_root, download)
     tv_root = _idx_torchvision_root(name, root) if name in _IDX and not fetch else root
     try:

@@ -48,3 +48,22 @@ def write_creditcard(path: Path, rows: int = 3000, fraud_rate: float = 0.02, see
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_cifar_binary(root: Path, name: str = "cifar10", per_file: int = 20) -> Path:
+    """CIFAR's binary version: records of label byte(s) then the 3,072 R, G, B plane bytes. Image i of a file
+    has label i % classes and every pixel of its red plane equal to i, so a reader can be checked exactly."""
+    folder, files, label_bytes, classes = {
+        "cifar10": ("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"], 1, 10),
+        "cifar100": ("cifar-100-binary", ["train.bin", "test.bin"], 2, 100)}[name]
+    (root / folder).mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for file in files:
+        records = []
+        for i in range(per_file):
+            labels = [i % 20, i % classes] if label_bytes == 2 else [i % classes]
+            planes = rng.integers(0, 256, 3 * 1024, dtype=np.uint8)
+            planes[:1024] = i
+            records.append(bytes(labels) + planes.tobytes())
+        (root / folder / file).write_bytes(b"".join(records))
+    return root / folder

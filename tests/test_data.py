@@ -3,7 +3,6 @@ official formats everywhere else (MNIST IDX, CIFAR-10 python batches, image fold
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from dnnprune.data import (
     stratified_subset,
 )
 from dnnprune.errors import DatasetError
+from tests.fakedata import write_cifar_binary
 from tests.fakedata import write_mnist as _write_mnist
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -50,28 +50,8 @@ def fashion_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
 # ---------------------------------------------------------------- file writers (official formats)
 
 
-def _write_cifar10(root: Path, monkeypatch: pytest.MonkeyPatch, per_batch: int = 20) -> None:
-    """Mimic cifar-10-batches-py; torchvision checks md5s of the real files, so point it at ours."""
-    from torchvision.datasets import CIFAR10
-
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        batch = {
-            "batch_label": name,
-            "labels": [i % 10 for i in range(per_batch)],
-            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-            "filenames": [f"img{i}.png" for i in range(per_batch)],
-        }
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {"label_names": list(DATASETS["cifar10"].classes), "num_cases_per_batch": per_batch, "num_vis": 3072}
-    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
-    md5 = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in folder.iterdir()}
-    monkeypatch.setattr(CIFAR10, "train_list", [[n, md5[n]] for n in names[:5]])
-    monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
-    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5["batches.meta"]})
+def _write_cifar10(root: Path, per_batch: int = 20) -> None:
+    write_cifar_binary(root, "cifar10", per_batch)
 
 
 def _write_pngs(folder: Path, classes: tuple[str, ...], per_class: int, size: tuple[int, int] = (12, 10)) -> None:
@@ -223,14 +203,51 @@ def test_truncated_gz_leaves_no_half_written_cache(tmp_path: Path) -> None:
 
 
 def test_cifar10_official_batches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_cifar10(tmp_path, monkeypatch)
+    _write_cifar10(tmp_path)
     s = load_splits("cifar10", None, data_root=tmp_path, val_fraction=0.1)
     assert (len(s.train), len(s.val), len(s.test)) == (90, 10, 20)
     assert s.classes == DATASETS["cifar10"].classes
     xb, yb = next(iter(make_loader(s.test, 8)))
     assert xb.shape == (8, 3, 32, 32) and yb.tolist() == list(range(8))
-    gray = load_splits("cifar10", InputSpec((1, 24, 24), (0.5,), (0.5,)), data_root=tmp_path / "cifar-10-batches-py")
+    gray = load_splits("cifar10", InputSpec((1, 24, 24), (0.5,), (0.5,)), data_root=tmp_path / "cifar-10-batches-bin")
     assert gray.test[0][0].shape == (1, 24, 24)
+
+
+class _Trap:
+    """Unpickling this creates a file: the proof that a reader unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("name, folder", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python")])
+def test_cifars_python_version_is_refused_without_unpickling_it(tmp_path: Path, name: str, folder: str) -> None:
+    marker = tmp_path / "unpickled"
+    (tmp_path / folder).mkdir()
+    for file in ("data_batch_1", "test_batch", "train", "test", "batches.meta", "meta"):
+        (tmp_path / folder / file).write_bytes(pickle.dumps(_Trap(marker)))
+    for root in (tmp_path, tmp_path / folder):
+        with pytest.raises(DatasetError, match="python version, a set of pickles, which dnnprune never loads"):
+            load_splits(name, None, data_root=root)
+    assert not marker.exists()
+
+
+def test_cifar100_binary_reads_fine_labels_and_planes_exactly(tmp_path: Path) -> None:
+    write_cifar_binary(tmp_path, "cifar100", per_file=30)
+    s = load_splits("cifar100", InputSpec((3, 32, 32), (0.0,) * 3, (1.0,) * 3), data_root=tmp_path, val_fraction=0.2)
+    x, y = next(iter(make_loader(s.test, 30)))
+    assert y.tolist() == list(range(30)) and s.classes == DATASETS["cifar100"].classes
+    assert torch.allclose(x[:, 0], (torch.arange(30, dtype=torch.float32) / 255.0)[:, None, None].expand(30, 32, 32))
+
+
+def test_a_truncated_cifar_file_is_one_error(tmp_path: Path) -> None:
+    folder = write_cifar_binary(tmp_path, "cifar10")
+    (folder / "test_batch.bin").write_bytes((folder / "test_batch.bin").read_bytes()[:-100])
+    with pytest.raises(DatasetError, match="not whole 3,073-byte CIFAR records"):
+        load_splits("cifar10", None, data_root=tmp_path)
 
 
 # ---------------------------------------------------------------- ImageFolder (generated PNGs)
