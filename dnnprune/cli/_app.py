@@ -116,8 +116,17 @@ def run_and_save(function: Callable[..., tuple[nn.Module, R]], model: nn.Module,
 
 
 def fail(message: str) -> None:
-    err_console.print(Text("error: ", style="bold red") + Text(" ".join(message.split())))
+    err_console.print(Text("error: ", style="bold red") + Text(" ".join(_original(message).split())))
     raise typer.Exit(2)
+
+
+def _original(message: str) -> str:
+    """A DataLoader worker re-raises an error with the worker's traceback in its message; the user's one
+    line is the original message, on the traceback's last line after the exception's name."""
+    if "Original Traceback" not in message:
+        return message
+    last = message.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
 
 
 def recipe_with(path: Path | None, overrides: dict[str, Any]) -> Recipe:

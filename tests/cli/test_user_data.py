@@ -93,3 +93,17 @@ def test_an_image_folder_of_three_classes_trains_a_three_way_classifier(runner: 
     assert result.exit_code == 0, result.output
     meta = dnnprune.meta_of(dnnprune.load(out))
     assert meta.classes == ["cat", "dog", "fox"] and meta.arch_args["num_classes"] == 3
+
+
+def test_an_unreadable_image_read_by_a_loader_worker_is_still_one_line(runner: CliRunner, tmp_path: Path) -> None:
+    """A DataLoader worker re-raises the error with its own traceback in the message; the user sees the one line."""
+    for name in ("cat", "dog"):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(np.full((16, 16, 3), 30 * i, dtype=np.uint8)).save(tmp_path / "imgs" / name / f"{i}.png")
+    (tmp_path / "imgs" / "dog" / "3.png").write_bytes(b"not a png")
+    recipe = _recipe(tmp_path / "r.yaml", "data:\n  input_shape: [3, 16, 16]\n  workers: 1\n")
+    result = runner.invoke(app, ["train", "lenet5", "-r", str(recipe), "--dataset", "imagefolder",
+                                 "--data-root", str(tmp_path / "imgs"), "-o", str(tmp_path / "net.safetensors")])
+    _assert_clean_failure(result, "cannot read the image", "dog/3.png")
+    assert "Traceback" not in result.output and "worker" not in result.output
