@@ -44,9 +44,14 @@ def make_checkpoint(path: Path, arch: str = "lenet5", **args: object) -> Path:
     model = create_model(arch, **arch_args)
     meta = CheckpointMeta(arch=arch, arch_args=arch_args, input_shape=shape, mean=spec.mean * shape[0] if len(spec.mean) != shape[0] else spec.mean,
                           std=spec.std * shape[0] if len(spec.std) != shape[0] else spec.std,
-                          dataset="fashion-mnist", classes=list(DATASETS["fashion-mnist"].classes))
+                          dataset="fashion-mnist", classes=_names(DATASETS["fashion-mnist"].classes, arch_args["num_classes"]))
     save(attach_meta(model, meta), path)
     return path
+
+
+def _names(classes: list[str] | None, outputs: object) -> list[str] | None:
+    """The dataset's class names where the model has one output per class; none for another head."""
+    return list(classes) if classes and outputs == len(classes) else None
 
 
 @pytest.fixture

@@ -46,13 +46,25 @@ def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
                            "(`dnnprune analyze CKPT`), or prune with --granularity layer")
     made_for = report["model"]
     if made_for.get("fingerprint") != model_fingerprint(arch, graph):
-        raise PruningError(f"analysis {path} was made for another model ({made_for.get('arch')}, "
-                           f"{len(made_for.get('groups') or [])} layer groups) than this {arch} checkpoint "
-                           f"({len(graph.all_groups)} groups); run `dnnprune analyze` on this checkpoint")
+        raise PruningError(f"analysis {path} was made for another model than this {arch} checkpoint "
+                           f"({_difference(made_for, arch, graph)}); run `dnnprune analyze` on this checkpoint")
     if not isinstance(report.get("order"), list):
         raise PruningError(f"analysis report {path} has no layer order; re-run `dnnprune analyze`")
     _check_contents(report, graph, path)
     return report
+
+
+def _difference(made_for: dict[str, Any], arch: str, graph: ChannelGraph) -> str:
+    """What tells the two models apart: the architecture, or the first layer groups whose widths differ."""
+    if made_for.get("arch") != arch:
+        return f"it is for {str(made_for.get('arch'))[:80]!r}"
+    theirs = made_for.get("groups") if isinstance(made_for.get("groups"), list) else []
+    listed = {str(g[0]): g[1] for g in theirs if isinstance(g, (list, tuple)) and len(g) == 2}
+    ours = {group.name: group.width for group in graph.all_groups}
+    changed = [f"{name} {listed[name]} -> {width}" for name, width in ours.items() if name in listed and listed[name] != width]
+    if changed:
+        return "widths differ: " + ", ".join(changed[:4]) + (", ..." if len(changed) > 4 else "")
+    return f"{len(listed)} layer groups there, {len(ours)} here"
 
 
 class _Cell(BaseModel):

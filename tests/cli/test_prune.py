@@ -178,8 +178,19 @@ def test_analysis_from_another_model(runner: CliRunner, tmp_path: Path, lenet_ch
     out = tmp_path / "out.safetensors"
     result = runner.invoke(app, ["prune", str(lenet_checkpoint), "-o", str(out), "--target", "macs:2", "--no-evaluate",
                                  "--order", "sensitivity", "--analysis", str(analysis)])
-    _assert_clean_failure(result, "another model", "dnnprune analyze")
+    _assert_clean_failure(result, "another model", "it is for 'resnet20'", "dnnprune analyze")
     assert not out.exists()
+
+
+def test_analysis_of_an_older_width_names_the_layers_that_changed(runner: CliRunner, tmp_path: Path,
+                                                                  lenet_checkpoint: Path) -> None:
+    analysis = _write_analysis(tmp_path / "analysis.json", lenet_checkpoint)
+    narrower = tmp_path / "narrower.safetensors"
+    assert runner.invoke(app, ["prune", str(lenet_checkpoint), "--ratio", "0.5", "--no-evaluate",
+                               "-o", str(narrower)]).exit_code == 0
+    result = runner.invoke(app, ["prune", str(narrower), "-o", str(tmp_path / "out.safetensors"), "--target", "macs:2",
+                                 "--no-evaluate", "--order", "sensitivity", "--analysis", str(analysis)])
+    _assert_clean_failure(result, "widths differ: features.0 6 -> 3")
 
 
 def test_prune_removes_exactly_the_named_units_in_the_given_order(runner: CliRunner, tmp_path: Path,
