@@ -579,7 +579,7 @@ def _load_torchvision(
         raise _read_error(name, root, exc, fetch) from None
     for split, dataset in (("training", train), ("test", test)):
         _check_labels(name, root, split, dataset)
-    adapt = _Adapter(spec, 1 if name in _IDX else 3)
+    adapt = _Adapter(spec, 1)
     return _in_memory(train, adapt), _in_memory(test, adapt), list(train.classes)
 
 
@@ -596,9 +596,8 @@ def _check_labels(name: str, root: Path, split: str, dataset: Any) -> None:
 
 
 def _in_memory(ds: Any, adapt: _Adapter) -> _InMemory:
-    """torchvision keeps MNIST as an (N,H,W) tensor and CIFAR as (N,H,W,3) numpy; both become NCHW."""
-    images = torch.as_tensor(ds.data)
-    images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2).contiguous()
+    """torchvision keeps MNIST as an (N,H,W) tensor; it becomes NCHW."""
+    images = torch.as_tensor(ds.data).unsqueeze(1)
     return _InMemory(images, torch.as_tensor(ds.targets), adapt)
 
 

@@ -80,7 +80,7 @@ def _different_columns(trained: list[str], given: list[str], name: str) -> None:
 
 def _listed(names: list[str], most: int = 6) -> str:
     shown = ", ".join(repr(n) for n in names[:most])
-    return f"[{shown}{', ...' if len(names) > most else ''}] ({len(names)})" if len(names) > most else f"[{shown}]"
+    return f"[{shown}, ...] ({len(names)})" if len(names) > most else f"[{shown}]"
 
 
 @lru_cache(maxsize=4)

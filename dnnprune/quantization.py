@@ -44,8 +44,8 @@ from dnnprune.observe import NULL_OBSERVER, Observer
 from dnnprune.patterns import select_layers
 from dnnprune.recipe import DataSection, FineTuneSection, LatencySection, QuantizeSection
 from dnnprune.reports import Report
-from dnnprune.tasks import make_task, paired_drop, within_budget
-from dnnprune.training import evaluate, fit_loop, frozen_teacher, wants_training
+from dnnprune.tasks import make_task
+from dnnprune.training import evaluate, fit_loop, frozen_teacher, undone_if_worse, wants_training
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -215,24 +215,12 @@ def finetune_codes(model: nn.Module, encodings: dict[str, Encoding], train_loade
 
 def _kept_if_better(model: nn.Module, run: Callable[[], tuple[dict[str, Any], dict[str, bool]]], val_loader: Iterable,
                     confidence: float, device: torch.device) -> tuple[dict[str, Any], dict[str, bool]]:
-    """Run the fine-tune; undo it when it lowers the validation metric at `confidence` (paired, same samples).
-
-    A fine-tune with too large a step wrecks a quantized model rather than mending it, and the codes
-    alone were the better model; the same paired rule as prune's final fine-tune, so a dip within the
-    noise of the validation subset does not throw the fine-tune away."""
-    task = make_task(meta_of(model).task)
-    before = evaluate(model.to(device), val_loader, device, task=task)
-    saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
-    history, changed = run()
-    after = evaluate(model.to(device), val_loader, device, task=task)
-    drop, error = paired_drop(before, after, task)
-    kept = within_budget(drop, error, 0.0, confidence)
-    if not kept:
-        model.load_state_dict(saved)
-        changed = dict.fromkeys(changed, False)
+    """The fine-tune, undone when it lowers the validation metric: a step too large wrecks a quantized model
+    rather than mending it, and the codes alone were the better model."""
+    (history, changed), verdict = undone_if_worse(model, run, val_loader, device, task=make_task(meta_of(model).task),
+                                                  confidence=confidence)
     model.eval()
-    return {**history, "val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,
-            "kept": kept}, changed
+    return {**history, **verdict}, changed if verdict["kept"] else dict.fromkeys(changed, False)
 
 
 # ----------------------------------------------------------------------------- the command

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,7 @@ from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.observe import NULL_OBSERVER, Observer
 from dnnprune.recipe import DataSection, FineTuneSection, TrainSection
 from dnnprune.reports import Report
-from dnnprune.tasks import Metrics, Task, make_task
+from dnnprune.tasks import Metrics, Task, make_task, paired_drop, within_budget
 
 AfterStep = Callable[[nn.Module], None]
 
@@ -68,6 +68,26 @@ def evaluate(model: nn.Module, loader: Iterable, device: torch.device | str = "c
     finally:
         model.train(was_training)
     return tally.result()
+
+
+T = TypeVar("T")
+
+
+def undone_if_worse(model: nn.Module, run: Callable[[], T], val: Iterable, device: torch.device | str, *,
+                    task: Task, confidence: float) -> tuple[T, dict[str, Any]]:
+    """Run a fine-tune; put the weights back when it lowered the validation metric at `confidence`, paired on
+    the same samples (`tasks.within_budget`), so a dip within the subset's noise keeps the fine-tune.
+    Returns what `run` returned and the verdict (val before and after, drop and its error, kept)."""
+    before = evaluate(model.to(device), val, device, task=task)
+    saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
+    result = run()
+    after = evaluate(model.to(device), val, device, task=task)
+    drop, error = paired_drop(before, after, task)
+    kept = within_budget(drop, error, 0.0, confidence)
+    if not kept:
+        model.load_state_dict(saved)
+    return result, {"val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,
+                    "kept": kept}
 
 
 @dataclass

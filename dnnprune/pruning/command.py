@@ -69,8 +69,8 @@ from dnnprune.pruning.structured import (
 from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneSection
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
-from dnnprune.tasks import Task, make_task, paired_drop, within_budget
-from dnnprune.training import evaluate, fit_loop, frozen_teacher, total_steps, wants_training
+from dnnprune.tasks import Task, make_task
+from dnnprune.training import evaluate, fit_loop, frozen_teacher, total_steps, undone_if_worse, wants_training
 
 
 class PruneReport(Report):
@@ -438,16 +438,9 @@ class _Job:
         if not self.config.accuracy_aware or not self._has_steps(self.config.finetune):
             return self.finetune(model, self.config.finetune, "final fine-tune")
         val = self.feeds.eval("val", self.config.val_samples or self.config.samples, self.config.seed)
-        before = evaluate(model, val, self.device, task=self.task)
-        saved = {key: value.detach().clone() for key, value in model.state_dict().items()}
-        history = self.finetune(model, self.config.finetune, "final fine-tune") or {}
-        after = evaluate(model, val, self.device, task=self.task)
-        drop, error = paired_drop(before, after, self.task)
-        kept = within_budget(drop, error, 0.0, self.config.confidence)
-        if not kept:
-            model.load_state_dict(saved)
-        return {**history, "val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,
-                "kept": kept}
+        history, verdict = undone_if_worse(model, lambda: self.finetune(model, self.config.finetune, "final fine-tune"),
+                                           val, self.device, task=self.task, confidence=self.config.confidence)
+        return {**(history or {}), **verdict}
 
     def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
         size = model_size(model, self.shape)
