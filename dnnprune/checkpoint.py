@@ -483,13 +483,16 @@ def check_runs(model: nn.Module, arch: str, input_shape: tuple[int, ...] | list[
     model.eval()
     try:
         with torch.inference_mode():
-            model(torch.zeros(1, *input_shape, device=device))
+            output = model(torch.zeros(1, *input_shape, device=device))
     except Exception as exc:  # any failure of the probe means the shape does not fit
         shape = "x".join(str(d) for d in input_shape)
         raise CheckpointError(f"{arch} cannot run on its input shape {shape} ({type(exc).__name__}: "
                               f"{first_line(exc, 160)}); {fix}") from None
     finally:
         model.train(was_training)
+    if not isinstance(output, torch.Tensor):
+        raise CheckpointError(f"{arch}'s forward returns {type(output).__name__}, not a tensor; dnnprune compresses "
+                              "models whose forward returns one tensor (wrap it to return the logits)")
 
 
 def read_checkpoint_bytes(path: Path) -> bytes:

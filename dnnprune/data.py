@@ -231,11 +231,11 @@ def _find_in(name: str, base: Path) -> Path | None:
         return next((c for c in cands if _has_idx(c)), None)
     if name in LAYOUTS:
         layout = LAYOUTS[name]
-        for candidate in (base.parent, base, base / name):
+        candidates = ([base.parent] if base.name in (layout.folder, layout.pickled_folder) else []) + [base, base / name]
+        for candidate in candidates:
             if has_files(candidate / layout.folder, name):
                 return candidate
-        pickled = next((c / layout.pickled_folder for c in (base.parent, base, base / name)
-                        if (c / layout.pickled_folder).is_dir()), None)
+        pickled = next((c / layout.pickled_folder for c in candidates if (c / layout.pickled_folder).is_dir()), None)
         if pickled is not None:
             raise refuse_pickled(pickled, name)
         return None

@@ -31,6 +31,12 @@ def class_names(root: Path) -> list[str]:
         entries = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
     except OSError as exc:
         raise DatasetError(f"cannot list {root} ({exc.strerror or exc}); check that it is a readable folder") from None
+    top = root.resolve()
+    for name in entries:
+        target = (root / name).resolve()
+        if top == target or top.is_relative_to(target):
+            raise DatasetError(f"class folder {root / name} links to {target}, which holds the data folder itself; "
+                               "remove the link")
     if len(entries) < 2:
         found = f"only {entries[0]!r}" if entries else "none"
         raise DatasetError(f"{root} needs a sub-folder per class, at least two (found {found}); a classifier "

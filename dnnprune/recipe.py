@@ -64,7 +64,7 @@ class TrainSection(Section):
     max_steps: int | None = Field(None, gt=0)
     batch_size: int = Field(128, gt=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    lr: float = Field(0.05, gt=0.0)
+    lr: float = Field(0.05, gt=0.0, le=100.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     nesterov: bool = False
     weight_decay: float = Field(5e-4, ge=0.0)
@@ -111,7 +111,7 @@ class ScoreSection(Section):
 class FineTuneSection(Section):
     epochs: float = Field(0.0, ge=0.0)
     max_steps: int | None = Field(None, gt=0)
-    lr: float = Field(0.01, gt=0.0)
+    lr: float = Field(0.01, gt=0.0, le=100.0)
     batch_size: int = Field(128, gt=0)
     optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
     weight_decay: float = Field(5e-4, ge=0.0)

@@ -83,7 +83,8 @@ def undone_if_worse(model: nn.Module, run: Callable[[], T], val: Iterable, devic
     result = run()
     after = evaluate(model.to(device), val, device, task=task)
     drop, error = paired_drop(before, after, task)
-    kept = within_budget(drop, error, 0.0, confidence)
+    finite = all(math.isfinite(v) for v in after.as_dict().values() if isinstance(v, float))
+    kept = finite and within_budget(drop, error, 0.0, confidence)  # NaN logits can tie top-1 at chance
     if not kept:
         model.load_state_dict(saved)
     return result, {"val_before": before.value, "val_after": after.value, "drop": drop, "drop_stderr": error,

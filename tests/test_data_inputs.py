@@ -191,3 +191,21 @@ def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path: Path) -> None:
     pixels = np.asarray(read_image(str(tmp_path / "deep.png")))[..., 0]
     assert len(np.unique(pixels)) > 200 and pixels.max() == 255 and pixels.min() == 0
     assert torch.tensor(pixels).float().mean().item() == pytest.approx(127.5, abs=2)
+
+
+def test_a_cifar_data_root_is_never_left_for_its_parent(tmp_path: Path) -> None:
+    from tests.fakedata import write_cifar_binary
+
+    folder = write_cifar_binary(tmp_path, "cifar10")
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "nonexistent", tmp_path / "empty"):
+        with pytest.raises(DatasetError, match="cifar10 not found"):
+            load_splits("cifar10", None, data_root=root)
+    assert len(load_splits("cifar10", None, data_root=folder).test) == 20  # the layout folder itself: its parent
+
+
+def test_a_class_folder_linking_back_to_the_data_is_refused(tmp_path: Path) -> None:
+    _pngs(tmp_path / "data" / "cat")
+    (tmp_path / "data" / "dog").symlink_to("..")
+    with pytest.raises(DatasetError, match="holds the data folder itself; remove the link"):
+        image_folder_classes(tmp_path / "data")

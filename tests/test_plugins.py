@@ -87,6 +87,9 @@ def test_without_the_variable_the_name_is_unknown_and_the_error_says_how_to_add_
      "model 'lenet5' is registered twice"),
     ("from dnnprune.models import register_model\n@register_model('torchvision.x')\ndef f(): pass\n", "userplug_b",
      "are torchvision's"),
+    ("from dnnprune.models import register_model\n@register_model('x', task='segmentation')\ndef f(): pass\n",
+     "userplug_b", "task must be one of classification, reconstruction"),
+    ("import sys\nsys.exit('plugin says no')\n", "userplug_b", "called sys.exit('plugin says no')"),
 ])
 def test_every_way_the_variable_can_be_wrong_is_one_error(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch,
                                                          source: str | None, spec: str, fragment: str) -> None:
@@ -96,6 +99,28 @@ def test_every_way_the_variable_can_be_wrong_is_one_error(plugin_dir: Path, monk
     with pytest.raises(ModelError, match="DNNPRUNE_PLUGINS") as caught:
         create_model("usernet_b")
     assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("raise RuntimeError('boom in ctor')", "building 'usernet_d' failed (RuntimeError: boom in ctor)"),
+    ("return 3", "returned int, not a torch.nn.Module"),
+])
+def test_a_constructor_that_fails_or_builds_no_module_is_one_error(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   body: str, fragment: str) -> None:
+    source = f"from dnnprune.models import register_model\n@register_model('usernet_d')\ndef build(**args):\n    {body}\n"
+    (plugin_dir / "userplug_d.py").write_text(source)
+    monkeypatch.setenv(plugins.PLUGINS_VARIABLE, "userplug_d")
+    with pytest.raises(ModelError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        create_model("usernet_d")
+
+
+def test_a_plugin_that_prints_leaves_stdout_to_the_json(plugin_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (plugin_dir / "userplug_e.py").write_text("print('HELLO FROM PLUGIN')\n" + _MODULE.format(name="usernet_e"))
+    monkeypatch.setenv(plugins.PLUGINS_VARIABLE, "userplug_e")
+    create_model("usernet_e")
+    captured = capsys.readouterr()
+    assert "HELLO" not in captured.out and "HELLO FROM PLUGIN" in captured.err
 
 
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -371,3 +371,25 @@ def test_a_finetune_that_lowers_val_is_undone(lr: float, kept: bool) -> None:
         assert tune["val_after"] >= 0.95
     else:
         assert tune["val_after"] < 0.9 and same and not any(result.weights_changed.values())
+
+
+def test_a_finetune_that_makes_outputs_non_finite_is_undone_even_when_top1_ties() -> None:
+    """NaN logits put every argmax on class 0, which ties top-1 on data labelled 0: the loss must decide."""
+    from dnnprune.tasks import make_task
+    from dnnprune.training import undone_if_worse
+
+    model = _model("mlp", hidden=[32])
+    inputs = torch.randn(96, *_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        labels = model(inputs).argmax(1)
+    val = DataLoader(TensorDataset(inputs, torch.zeros_like(labels)), batch_size=32)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def ruin() -> str:
+        with torch.no_grad():
+            model.classifier[3].weight.fill_(float("nan"))
+        return "ran"
+
+    result, verdict = undone_if_worse(model, ruin, val, "cpu", task=make_task(), confidence=0.95)
+    assert result == "ran" and verdict["kept"] is False
+    assert all(torch.equal(model.state_dict()[key], before[key]) for key in before)

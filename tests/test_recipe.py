@@ -110,3 +110,9 @@ def test_cli_refuses_a_yes_no_bits_in_one_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["quantize", str(checkpoint), "-r", str(tmp_path / "recipe.yaml"), "-o", str(out)])
     _assert_clean_failure(result, "quantize.bits", "give a number")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("key", ["train.lr", "prune.finetune.lr", "quantize.finetune.lr"])
+def test_a_learning_rate_past_any_use_is_refused_before_it_overflows_a_step(key: str) -> None:
+    with pytest.raises(RecipeError, match="less than or equal to 100"):
+        load_recipe(None, {key: 1e308})

@@ -35,10 +35,19 @@ def create_model(name: str, **args: Any) -> nn.Module:
         return create_torchvision(name[len(TORCHVISION_PREFIX):], **args)
     _require(name)
     try:
-        return _REGISTRY[name](**args)
+        model = _REGISTRY[name](**args)
+    except ModelError:
+        raise
     except TypeError as exc:
-        raise ModelError(f"bad arguments for {name!r}: {exc} (a model built from data or imported weights is "
-                         f"given num_classes and in_channels; its constructor must take them)") from None
+        raise ModelError(f"bad arguments for {name!r}, or a type error in its constructor: {exc} (a model built from "
+                         "data or imported weights is given num_classes and in_channels; its constructor must take "
+                         "them)") from None
+    except Exception as exc:  # a user's constructor (DNNPRUNE_PLUGINS) may raise anything
+        raise ModelError(f"building {name!r} failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); fix "
+                         "its constructor or its arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"the constructor of {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
 
 
 def model_task(name: str) -> TaskKind:

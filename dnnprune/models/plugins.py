@@ -8,8 +8,10 @@ error with its reason, not a name quietly missing from the registry.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import sys
 from importlib import import_module
 
 from dnnprune.errors import ModelError
@@ -42,7 +44,11 @@ def load_plugins(spec: str | None = None) -> list[str]:
 
 def _import(name: str) -> None:
     try:
-        import_module(name)
+        with contextlib.redirect_stdout(sys.stderr):  # a chatty plugin must not break `--json` output
+            import_module(name)
+    except SystemExit as exc:
+        raise ModelError(f"{PLUGINS_VARIABLE}: importing {name!r} called sys.exit({exc.code!r}); a plugin module must "
+                         "only define and register models") from None
     except ModuleNotFoundError as exc:
         if exc.name is not None and name.startswith(exc.name):
             raise ModelError(f"{PLUGINS_VARIABLE}: no module named {name!r}; put the folder that holds it on "

@@ -4,7 +4,7 @@ It imports nothing of the zoo (the zoo imports it); `factory` imports both and b
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, get_args
 
 import torch.nn as nn
 
@@ -18,6 +18,10 @@ TORCHVISION_PREFIX = "torchvision."
 def register_model(name: str, *, task: TaskKind = "classification") -> Callable[[ModelFactory], ModelFactory]:
     """Register a constructor and the task it serves; a duplicate name fails at import."""
 
+    if task not in get_args(TaskKind):
+        raise ValueError(f"model {name!r}: task must be one of {', '.join(get_args(TaskKind))}, not {task!r}")
+    if not name or any(c in name for c in ", \n"):
+        raise ValueError(f"model name {name!r} must be non-empty, without spaces or commas")
     if name.startswith(TORCHVISION_PREFIX):
         raise ValueError(f"model {name!r}: names that start with {TORCHVISION_PREFIX!r} are torchvision's; choose another")
 
