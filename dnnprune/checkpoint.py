@@ -121,6 +121,9 @@ class CheckpointMeta(_Strict):
     dataset: Annotated[str, StringConstraints(max_length=200)] | None = None
     classes: Annotated[list[ShortText], Field(max_length=1_000_000)] | None = None
     features: Annotated[list[ShortText], Field(max_length=4096)] | None = None  # a table's column names, in order
+    # a table's standardisation, from the training split it was built on: later files are scaled the same way
+    feature_mean: Annotated[list[FiniteFloat], Field(max_length=4096)] | None = None
+    feature_std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(max_length=4096)] | None = None
     task: TaskSpec = TaskSpec()
     structure: dict[ModulePath, dict[Identifier, AttributeValue]] = Field(default_factory=dict)
     replaced: dict[ModulePath, Replacement] = Field(default_factory=dict)
@@ -159,6 +162,16 @@ class CheckpointMeta(_Strict):
                 object.__setattr__(self, key, values * channels)
             elif len(values) != channels:
                 raise ValueError(f"{key} has {len(values)} values for {channels} input channel(s); give one per channel")
+        return self
+
+    @model_validator(mode="after")
+    def _one_scale_per_feature(self) -> CheckpointMeta:
+        if (self.feature_mean is None) != (self.feature_std is None):
+            raise ValueError("feature_mean and feature_std come together")
+        if self.feature_mean is not None and len(self.feature_mean) != len(self.feature_std or []):
+            raise ValueError("feature_mean and feature_std must have one value per feature")
+        if self.feature_mean is not None and self.features is not None and len(self.features) != len(self.feature_mean):
+            raise ValueError("feature_mean must have one value per feature column")
         return self
 
     @model_validator(mode="after")

@@ -111,6 +111,7 @@ class Splits:
     classes: list[str]
     spec: InputSpec
     features: list[str] | None = None  # a table's feature columns, in file order
+    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # a table's (mean, std) per feature
 
 
 _IMAGENET = InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -770,9 +771,12 @@ def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.
 
 
 def _load_csv(
-    path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int
+    path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int,
+    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Splits:
-    """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test)."""
+    """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test): this
+    file's, or `scaling`, the ones the model was trained with (another file in other units, or with another
+    class mix, would otherwise be scaled to look like the training file)."""
     names, x, raw = _read_csv(path, label_column)
     if len(names) > MAX_FEATURES:
         raise DatasetError(f"{path} has {len(names):,} feature columns; a model takes at most {MAX_FEATURES:,} "
@@ -784,21 +788,23 @@ def _load_csv(
                            "to the column of class labels")
     spec = spec or tabular_spec(len(names))
     if spec.shape != (1, 1, len(names)):
-        raise DatasetError(
-            f"{path} has {len(names)} feature columns but the model input is {spec.shape};"
-            f" expected (1, 1, {len(names)})"
-        )
+        raise DatasetError(f"{path} has {len(names)} feature columns but the model takes {spec.shape[-1]}; give the "
+                           "table the model was trained on")
     if len(classes) < 2:
         raise DatasetError(f"{path}: the label column {label_column!r} holds one class only ({classes[0]!r}); a "
                            "classifier or an anomaly detector needs at least two (check the column or the file)")
     parts = _three_way_indices(y, val_fraction, test_fraction, seed)
     _check_every_split_has_every_class(path, classes, y, parts)
-    mu, sd = x[parts[0]].mean(0), x[parts[0]].std(0)
-    sd[sd == 0] = 1.0
+    if scaling is not None and len(scaling[0]) == len(names):
+        mu, sd = np.asarray(scaling[0], dtype=np.float64), np.asarray(scaling[1], dtype=np.float64)
+    else:
+        mu, sd = x[parts[0]].mean(0), x[parts[0]].std(0)
+        sd[sd == 0] = 1.0
     z = ((x - mu) / sd - spec.mean[0]) / spec.std[0]
     full = _InMemory(torch.from_numpy(z.astype(np.float32)).view(len(y), 1, 1, len(names)), y)
     train, val, test = (Subset(full, p) for p in parts)
-    return Splits(train, val, test, classes, spec, features=names)
+    return Splits(train, val, test, classes, spec, features=names,
+                  scaling=(tuple(float(v) for v in mu), tuple(float(v) for v in sd)))
 
 
 def load_splits(
@@ -813,6 +819,7 @@ def load_splits(
     path: Path | None = None,
     train_limit: int | None = None,
     test_fraction: float = _DEFAULT_TEST_FRACTION,
+    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
 ) -> Splits:
     """Seeded train/val/test adapted to `spec` (None: the dataset's default, or inferred for csv).
 
@@ -823,7 +830,7 @@ def load_splits(
         spec = default_spec(name)
     if info.kind == "tabular":
         table = resolve_root(name, path or data_root)
-        splits = _load_csv(table, spec, label_column, val_fraction, test_fraction, seed)
+        splits = _load_csv(table, spec, label_column, val_fraction, test_fraction, seed, scaling)
         if name == "creditcard" and splits.features != CREDITCARD_FEATURES:
             raise DatasetError(f"{table} is not Kaggle's {_CREDITCARD}: its columns are {', '.join(splits.features or [])[:200]}, "
                                f"not Time, V1..V28, Amount; use --dataset csv for other tables")

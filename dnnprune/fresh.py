@@ -12,6 +12,7 @@ from dnnprune.checkpoint import CheckpointMeta, attach_meta, check_runs, load, m
 from dnnprune.data import (
     DATASETS,
     InputSpec,
+    Splits,
     default_spec,
     fit_channels,
     image_folder_classes,
@@ -63,7 +64,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
         raise DatasetError(f"unknown dataset {dataset!r}; choose one of {', '.join(sorted(DATASETS))}")
     if model.arch and model.arch != arch:
         raise ModelError(f"the command names {arch!r} but the recipe's model.arch is {model.arch!r}; make them agree")
-    base, file_classes, features = _base_spec(dataset, data)
+    base, file_classes, table = _base_spec(dataset, data)
     shape = tuple(data.input_shape or base.shape)
     mean = per_channel(data.mean, shape[0], "data.mean") if data.mean else fit_channels(base.mean, shape[0])
     std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
@@ -81,17 +82,19 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     check_runs(built, arch, shape, fix=f"choose an architecture that takes {dataset}'s input (set data.input_shape, "
                                        "or for a table's rows use mlp, a2e or a2e_classifier)")
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
-                          classes=classes or None, features=features, task=task)
+                          classes=classes or None, features=table.features if table else None,
+                          feature_mean=list(table.scaling[0]) if table and table.scaling else None,
+                          feature_std=list(table.scaling[1]) if table and table.scaling else None, task=task)
     return attach_meta(built, meta)
 
 
-def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str], list[str] | None]:
+def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str], Splits | None]:
     """(input spec, classes, feature columns): a table's come from the file, an image folder's classes from
     its sub-folders, the rest from the dataset's defaults."""
     if DATASETS[dataset].kind == "tabular":
         splits = load_splits(dataset, None, data_root=data.root, path=data.path, label_column=data.label_column,
                              val_fraction=data.val_fraction, seed=data.split_seed)
-        return splits.spec, list(splits.classes), splits.features
+        return splits.spec, list(splits.classes), splits
     if dataset == "imagefolder":
         return default_spec(dataset), image_folder_classes(resolve_root(dataset, data.path or data.root)), None
     return default_spec(dataset), [], None

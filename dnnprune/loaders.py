@@ -42,8 +42,9 @@ def dataset_name(meta: CheckpointMeta, section: DataSection) -> str:
 
 def splits_for(meta: CheckpointMeta, section: DataSection) -> Splits:
     name = dataset_name(meta, section)
+    scaling = (tuple(meta.feature_mean), tuple(meta.feature_std)) if meta.feature_mean and meta.feature_std else None
     splits = _cached_splits(name, spec_for(meta), section.root, section.path, section.download,
-                            section.val_fraction, section.split_seed, section.label_column, section.train_limit)
+                            section.val_fraction, section.split_seed, section.label_column, section.train_limit, scaling)
     check_fits(meta, splits, name)
     return splits
 
@@ -85,9 +86,10 @@ def _listed(names: list[str], most: int = 6) -> str:
 
 @lru_cache(maxsize=4)
 def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | None, download: bool,
-                   val_fraction: float, seed: int, label_column: str, train_limit: int | None) -> Splits:
+                   val_fraction: float, seed: int, label_column: str, train_limit: int | None,
+                   scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Splits:
     return load_splits(name, spec, data_root=root, download=download, val_fraction=val_fraction, seed=seed,
-                       label_column=label_column, path=path, train_limit=train_limit)
+                       label_column=label_column, path=path, train_limit=train_limit, scaling=scaling)
 
 
 def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, samples: int | None = None,

@@ -209,3 +209,17 @@ def test_a_class_folder_linking_back_to_the_data_is_refused(tmp_path: Path) -> N
     (tmp_path / "data" / "dog").symlink_to("..")
     with pytest.raises(DatasetError, match="holds the data folder itself; remove the link"):
         image_folder_classes(tmp_path / "data")
+
+
+def test_a_table_is_scaled_with_the_statistics_it_was_trained_with(tmp_path: Path) -> None:
+    """Another file in other units (or with another class mix) must not be standardised to look like the first."""
+    first = load_splits("csv", None, path=_csv(tmp_path, _GOOD))
+    assert first.scaling is not None
+    rows = [line.split(",") for line in _GOOD.splitlines()[1:]]
+    scaled = "a,b,c,Class\n" + "".join(f"{float(a) * 1000 + 1000},{b},{c},{y}\n" for a, b, c, y in rows)
+    second = load_splits("csv", None, path=_csv(tmp_path, scaled, "kilo.csv"), scaling=first.scaling)
+    x, _ = next(iter(make_loader(second.test, 1000)))
+    mean, std = first.scaling[0][0], first.scaling[1][0]
+    raw = torch.tensor([float(rows[i][0]) * 1000 + 1000 for i in second.test.indices])
+    assert torch.allclose(x[:, 0, 0, 0], ((raw - mean) / std).float(), rtol=1e-5)
+    assert float(x[:, 0, 0, 0].abs().min()) > 100  # scaled as the model knows the column: far out, not re-centred

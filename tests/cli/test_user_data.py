@@ -107,3 +107,15 @@ def test_an_unreadable_image_read_by_a_loader_worker_is_still_one_line(runner: C
                                  "--data-root", str(tmp_path / "imgs"), "-o", str(tmp_path / "net.safetensors")])
     _assert_clean_failure(result, "cannot read the image", "dog/3.png")
     assert "Traceback" not in result.output and "worker" not in result.output
+
+
+def test_the_table_scaling_travels_in_the_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
+    from dnnprune.data import load_splits
+
+    data = _table(tmp_path / "data.csv")
+    out = tmp_path / "mlp.safetensors"
+    assert runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                               "--data-root", str(data), "-o", str(out)]).exit_code == 0
+    meta = dnnprune.meta_of(dnnprune.load(out))
+    scaling = load_splits("csv", None, path=data).scaling
+    assert scaling is not None and meta.feature_mean == list(scaling[0]) and meta.feature_std == list(scaling[1])
