@@ -64,8 +64,12 @@ def _read_file(path: Path, layout: Layout) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def has_files(folder: Path, name: str) -> bool:
+    return folder.is_dir() and not missing_files(folder, name)
+
+
+def missing_files(folder: Path, name: str) -> list[str]:
     layout = LAYOUTS[name]
-    return all((folder / file).is_file() for file in layout.train + layout.test)
+    return [file for file in layout.train + layout.test if not (folder / file).is_file()]
 
 
 def refuse_pickled(folder: Path, name: str) -> DatasetError:

@@ -36,7 +36,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorD
 from torch.utils.data.dataloader import default_collate
 
 from dnnprune.checkpoint import first_line
-from dnnprune.cifar import LAYOUTS, has_files, refuse_pickled
+from dnnprune.cifar import LAYOUTS, has_files, missing_files, refuse_pickled
 from dnnprune.cifar import read_split as read_cifar
 from dnnprune.errors import DatasetError
 from dnnprune.files import check_regular
@@ -236,6 +236,10 @@ def _find_in(name: str, base: Path) -> Path | None:
         for candidate in candidates:
             if has_files(candidate / layout.folder, name):
                 return candidate
+            if (candidate / layout.folder).is_dir():
+                missing = missing_files(candidate / layout.folder, name)
+                raise DatasetError(f"{candidate / layout.folder} lacks {', '.join(missing)}; unpack the binary version "
+                                   f"again ({layout.url}) or add --download")
         pickled = next((c / layout.pickled_folder for c in candidates if (c / layout.pickled_folder).is_dir()), None)
         if pickled is not None:
             raise refuse_pickled(pickled, name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.datasets import DatasetFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -92,7 +92,8 @@ def read_image(path: str) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as opened:
                 opened.load()
-                image = opened.copy() if opened.mode in _WIDE_MODES else opened.convert("RGB")
+                upright = ImageOps.exif_transpose(opened)  # a phone's portrait photo is stored sideways
+                image = upright.copy() if upright.mode in _WIDE_MODES else upright.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning, Image.DecompressionBombError) as exc:
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise DatasetError(f"cannot read the image {path} ({reason}); replace it or move it out of the data folder") from None

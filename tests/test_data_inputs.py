@@ -223,3 +223,20 @@ def test_a_table_is_scaled_with_the_statistics_it_was_trained_with(tmp_path: Pat
     raw = torch.tensor([float(rows[i][0]) * 1000 + 1000 for i in second.test.indices])
     assert torch.allclose(x[:, 0, 0, 0], ((raw - mean) / std).float(), rtol=1e-5)
     assert float(x[:, 0, 0, 0].abs().min()) > 100  # scaled as the model knows the column: far out, not re-centred
+
+
+def test_a_cifar_folder_missing_a_file_names_it(tmp_path: Path) -> None:
+    from tests.fakedata import write_cifar_binary
+
+    folder = write_cifar_binary(tmp_path, "cifar10")
+    (folder / "data_batch_3.bin").unlink()
+    with pytest.raises(DatasetError, match="lacks data_batch_3.bin"):
+        load_splits("cifar10", None, data_root=tmp_path)
+
+
+def test_a_photo_is_read_upright(tmp_path: Path) -> None:
+    image = Image.new("RGB", (60, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to view
+    image.save(tmp_path / "portrait.jpg", exif=exif)
+    assert read_image(str(tmp_path / "portrait.jpg")).size == (30, 60)
