@@ -166,12 +166,11 @@ class CheckpointMeta(_Strict):
 
     @model_validator(mode="after")
     def _one_scale_per_feature(self) -> CheckpointMeta:
-        if (self.feature_mean is None) != (self.feature_std is None):
-            raise ValueError("feature_mean and feature_std come together")
-        if self.feature_mean is not None and len(self.feature_mean) != len(self.feature_std or []):
-            raise ValueError("feature_mean and feature_std must have one value per feature")
-        if self.feature_mean is not None and self.features is not None and len(self.features) != len(self.feature_mean):
-            raise ValueError("feature_mean must have one value per feature column")
+        if self.feature_mean is None and self.feature_std is None:
+            return self
+        counts = {len(values) for values in (self.feature_mean, self.feature_std, self.features) if values is not None}
+        if self.feature_mean is None or self.feature_std is None or len(counts) > 1:
+            raise ValueError("feature_mean and feature_std come together, one value per feature column")
         return self
 
     @model_validator(mode="after")

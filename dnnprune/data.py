@@ -101,6 +101,9 @@ class DatasetInfo:
     kind: Kind
 
 
+Scaling = tuple[tuple[float, ...], tuple[float, ...]]  # a table's per-column (mean, std) from its training split
+
+
 @dataclass
 class Splits:
     """The three splits plus what a model built for them must know."""
@@ -111,7 +114,7 @@ class Splits:
     classes: list[str]
     spec: InputSpec
     features: list[str] | None = None  # a table's feature columns, in file order
-    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # a table's (mean, std) per feature
+    scaling: Scaling | None = None  # a table's (mean, std) per feature
 
 
 _IMAGENET = InputSpec((3, 224, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -776,7 +779,7 @@ def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.
 
 def _load_csv(
     path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int,
-    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    scaling: Scaling | None = None,
 ) -> Splits:
     """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test): this
     file's, or `scaling`, the ones the model was trained with (another file in other units, or with another
@@ -823,7 +826,7 @@ def load_splits(
     path: Path | None = None,
     train_limit: int | None = None,
     test_fraction: float = _DEFAULT_TEST_FRACTION,
-    scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    scaling: Scaling | None = None,
 ) -> Splits:
     """Seeded train/val/test adapted to `spec` (None: the dataset's default, or inferred for csv).
 

@@ -69,6 +69,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     mean = per_channel(data.mean, shape[0], "data.mean") if data.mean else fit_channels(base.mean, shape[0])
     std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
     classes = list(DATASETS[dataset].classes or file_classes)
+    scaling = table.scaling if table is not None else None
     task = model.task or TaskSpec(kind=model_task(arch))
     args = {"in_channels": shape[0], **model.args}
     if task.kind == "classification":
@@ -82,9 +83,9 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     check_runs(built, arch, shape, fix=f"choose an architecture that takes {dataset}'s input (set data.input_shape, "
                                        "or for a table's rows use mlp, a2e or a2e_classifier)")
     meta = CheckpointMeta(arch=arch, arch_args=args, input_shape=shape, mean=mean, std=std, dataset=dataset,
-                          classes=classes or None, features=table.features if table else None,
-                          feature_mean=list(table.scaling[0]) if table and table.scaling else None,
-                          feature_std=list(table.scaling[1]) if table and table.scaling else None, task=task)
+                          classes=classes or None, features=table.features if table is not None else None,
+                          feature_mean=list(scaling[0]) if scaling else None,
+                          feature_std=list(scaling[1]) if scaling else None, task=task)
     return attach_meta(built, meta)
 
 

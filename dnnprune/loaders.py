@@ -13,6 +13,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from dnnprune.checkpoint import CheckpointMeta
 from dnnprune.data import (
     InputSpec,
+    Scaling,
     Splits,
     collate,
     dataset_targets,
@@ -87,7 +88,7 @@ def _listed(names: list[str], most: int = 6) -> str:
 @lru_cache(maxsize=4)
 def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | None, download: bool,
                    val_fraction: float, seed: int, label_column: str, train_limit: int | None,
-                   scaling: tuple[tuple[float, ...], tuple[float, ...]] | None = None) -> Splits:
+                   scaling: Scaling | None = None) -> Splits:
     return load_splits(name, spec, data_root=root, download=download, val_fraction=val_fraction, seed=seed,
                        label_column=label_column, path=path, train_limit=train_limit, scaling=scaling)
 
