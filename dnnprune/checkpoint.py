@@ -110,6 +110,9 @@ class LineageEntry(_Strict):
         return {key: _json_value(item, depth=8, finite=False) for key, item in value.items()}
 
 
+_OMITTED_WHEN_UNSET = ("features", "feature_mean", "feature_std")  # added after format 2 first shipped
+
+
 class CheckpointMeta(_Strict):
     """Everything besides the tensors; stored as one JSON string in the safetensors header."""
 
@@ -185,6 +188,9 @@ class CheckpointMeta(_Strict):
     def to_dict(self) -> dict[str, Any]:
         """The JSON form, validated again so a file is never written that could not be read back."""
         data = _validated(dict(self.__dict__)).model_dump(mode="json")
+        for key in _OMITTED_WHEN_UNSET:  # a file that does not use them stays readable by earlier versions
+            if data.get(key) is None:
+                data.pop(key, None)
         data["format_version"] = FORMAT_VERSION
         return {"format": FORMAT, **data}
 

@@ -306,3 +306,12 @@ def test_quantize_stacks_its_codes_on_a_sparse_layer(tmp_path: Path) -> None:
     assert torch.equal(twin.classifier[1].weight, layer.weight)
     assert report.layers[0]["bytes_after"] == result.layers[0].bytes_after
     assert dnnprune.meta_of(twin).lineage[-1].command == "quantize"
+
+
+def test_fields_a_checkpoint_does_not_use_are_not_written(tmp_path: Path, lenet_checkpoint: Path) -> None:
+    """An image model's file carries no table fields, so a dnnprune from before them still reads it."""
+    text = json.loads(dnnprune.meta_of(dnnprune.load(lenet_checkpoint)).to_json())
+    assert not {"features", "feature_mean", "feature_std"} & set(text)
+    meta = CheckpointMeta(arch="mlp", arch_args={"num_classes": 2}, input_shape=(1, 1, 2), features=["a", "b"],
+                          feature_mean=[0.0, 1.0], feature_std=[1.0, 2.0])
+    assert CheckpointMeta.from_json(meta.to_json()).feature_std == [1.0, 2.0]
