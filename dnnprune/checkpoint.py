@@ -46,7 +46,8 @@ from dnnprune.codecs import Encoding, declared_tensors, decode_state, encode_sta
 from dnnprune.codecs.spec import one_line
 from dnnprune.errors import CheckpointError, DnnpruneError, OutputError
 from dnnprune.files import check_regular, read_bytes, shown
-from dnnprune.models import create_model
+from dnnprune.models import create_model, is_registered
+from dnnprune.models.plugins import PLUGINS_VARIABLE
 from dnnprune.tasks import TaskSpec
 
 FORMAT = "dnnprune"
@@ -713,6 +714,10 @@ def _skeleton_model(arch: str, arch_args: dict[str, Any]) -> nn.Module:
 
 
 def _skeleton(meta: CheckpointMeta) -> nn.Module:
+    if not is_registered(meta.arch):
+        raise CheckpointError(f"its architecture {_short(meta.arch, 80)!r} is neither built in nor registered here; "
+                              f"if it is your own, set {PLUGINS_VARIABLE} to the module that registers it (with its "
+                              "folder on PYTHONPATH), as when the file was made")
     skeleton = _skeleton_model(meta.arch, meta.arch_args)
     _apply_changes(skeleton, meta)
     return skeleton

@@ -69,7 +69,7 @@ def describe(path: Path | str, *, count_nonzero: bool = False, build: bool = Fal
     encodings = {name: as_encoding(spec) for name, spec in meta.encodings.items()}
     small = _small_parts(path, index, encodings)
     shapes = _decoded_shapes(index, small)
-    structure = skeleton(meta)
+    structure = _structure(path, meta)
     check_header_tensors(path, meta, structure, _header_tensors(index, small))
     layers = _layers(meta.arch, meta.arch_args, shapes, encodings, small, list(structure.state_dict()), meta.replaced)
     parameters = {name for name, _ in structure.named_parameters()}
@@ -89,6 +89,13 @@ def describe(path: Path | str, *, count_nonzero: bool = False, build: bool = Fal
         params=params, nonzero_params=nonzero, nonzero_note=nonzero_note, macs=macs, macs_note=macs_note,
         layers=layers, replaced={k: _plain(v) for k, v in meta.replaced.items()},
         lineage=[_plain(entry) for entry in meta.lineage], built=build)
+
+
+def _structure(path: Path, meta: Any) -> torch.nn.Module:
+    try:
+        return skeleton(meta)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _check_length(path: Path, index: dict[str, tuple[str, tuple[int, ...], int]]) -> None:

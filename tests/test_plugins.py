@@ -76,6 +76,18 @@ def test_without_the_variable_the_name_is_unknown_and_the_error_says_how_to_add_
         create_model("usernet_missing")
 
 
+def test_the_unknown_name_error_stays_one_short_line_when_plugins_register_hundreds(
+        plugin_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = ("from dnnprune.models import register_model\nimport torch.nn as nn\n"
+              "for i in range(500):\n    register_model(f'usernet_many_{i}')(nn.Identity)\n")
+    (plugin_dir / "userplug_many.py").write_text(source)
+    monkeypatch.setenv(plugins.PLUGINS_VARIABLE, "userplug_many")
+    with pytest.raises(ModelError) as caught:
+        create_model("usernet_typo")
+    message = str(caught.value)
+    assert len(message) < 1000 and "more (dnnprune.models.list_models())" in message and "usernet_many_499" not in message
+
+
 @pytest.mark.parametrize("source, spec, fragment", [
     (None, "userplug_none", "no module named 'userplug_none'; put the folder that holds it on PYTHONPATH"),
     (None, "./userplug.py", "'./userplug.py' is not a module name"),
@@ -164,4 +176,5 @@ def test_a_user_architecture_goes_through_import_prune_quantize_info_and_reloads
     assert int(stem) < 16 and int(down) < 32 and shape.strip() == "(2, 10)"
     without = _cli(["info", "c.safetensors"], {k: v for k, v in env.items() if k != plugins.PLUGINS_VARIABLE}, tmp_path)
     assert without.returncode == 2 and "Traceback" not in without.stderr
-    assert "unknown architecture 'usernet_c'" in without.stderr and "DNNPRUNE_PLUGINS" in without.stderr
+    assert without.stderr.startswith("error: c.safetensors: its architecture 'usernet_c' is neither built in nor registered")
+    assert "set DNNPRUNE_PLUGINS to the module that registers it" in without.stderr and without.stdout == ""

@@ -69,8 +69,12 @@ class RichObserver(Observer):
             self.console.print(line, highlight=False)
 
     def close(self) -> None:
+        """Stop the bars; in a log (not a terminal) the kept bars end their line, and no bars print nothing
+        (rich's own `stop` adds a blank line there, which landed before error lines)."""
         if self.progress is not None:
-            self.progress.stop()
+            self.progress.live.stop()
+            if self.progress.task_ids and not self.console.is_interactive:
+                self.console.print()
             self.progress = None
 
     def __enter__(self) -> "RichObserver":

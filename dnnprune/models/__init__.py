@@ -3,6 +3,7 @@
 from dnnprune.models.factory import (
     accepts_argument,
     create_model,
+    is_registered,
     list_models,
     model_task,
     torchvision_names,
@@ -10,5 +11,5 @@ from dnnprune.models.factory import (
 )
 from dnnprune.models.registry import register_model
 
-__all__ = ["accepts_argument", "create_model", "list_models", "model_task", "register_model", "torchvision_names",
+__all__ = ["accepts_argument", "create_model", "is_registered", "list_models", "model_task", "register_model", "torchvision_names",
            "zoo_names"]

@@ -65,8 +65,15 @@ def accepts_argument(name: str, argument: str) -> bool:
     return argument in inspect.signature(_REGISTRY[name]).parameters
 
 
+def is_registered(name: str) -> bool:
+    """Whether the zoo or a plugin has this name (torchvision names are checked when built); the plugins are
+    imported the first time a name is missing."""
+    if name.startswith(TORCHVISION_PREFIX):
+        return True
+    return _registered(name)
+
+
 def _registered(name: str) -> bool:
-    """Whether the zoo or a plugin has this name; the plugins are imported the first time a name is missing."""
     if name not in _REGISTRY:
         load_plugins()
     return name in _REGISTRY
@@ -75,7 +82,14 @@ def _registered(name: str) -> bool:
 def _require(name: str) -> None:
     if not _registered(name):
         raise ModelError(
-            f"unknown architecture {name!r}; choose one of {', '.join(zoo_names())}, torchvision.NAME "
+            f"unknown architecture {name!r}; choose one of {_some(zoo_names())}, torchvision.NAME "
             f"(e.g. torchvision.resnet18), or register your own with dnnprune.models.register_model in a "
             f"module named by {PLUGINS_VARIABLE}"
         )
+
+
+def _some(names: list[str], shown: int = 24) -> str:
+    """A list short enough for one error line: plugins may register hundreds of names."""
+    if len(names) <= shown:
+        return ", ".join(names)
+    return f"{', '.join(names[:shown])} and {len(names) - shown} more (dnnprune.models.list_models())"
