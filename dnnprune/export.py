@@ -5,11 +5,17 @@ exported with their decoded (dense float32) weights; the report lists them. The 
 dynamic. The export is only kept if onnxruntime reproduces the PyTorch outputs on a random batch
 within the tolerance, relative to the outputs' scale (float32 rounding grows with it); otherwise
 nothing is written and the command fails with the difference.
+
+A deployed model needs its inputs prepared as in training. The ONNX file's metadata (`dnnprune`, a JSON
+string) says how: shape, per-channel mean and std, a table's columns and scaling, the classes. With
+`raw_inputs` the scaling is inside the graph instead, so it takes pixels in [0, 1] (or a table's raw
+values) at the model's shape; resizing and colour conversion stay outside.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dnnprune.checkpoint import atomic_write_bytes, meta_of
+from dnnprune.checkpoint import CheckpointMeta, atomic_write_bytes, meta_of
 from dnnprune.errors import DnnpruneError
 from dnnprune.inference import onnx_bytes, onnx_session
 from dnnprune.latency import interleaved_ms
@@ -25,6 +31,7 @@ from dnnprune.lineage import command
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, ExportSection
 from dnnprune.reports import Report
+from pydantic import Field
 
 
 class ExportReport(Report):
@@ -38,6 +45,9 @@ class ExportReport(Report):
     """Encoded (quantized or sparse) tensors that ONNX stores dense."""
     parity: dict[str, Any]
     latency: list[dict[str, Any]]
+    raw_inputs: bool = Field(False, description="whether the input scaling is inside the graph")
+    preprocessing: dict[str, Any] = Field(default_factory=dict, description="what the ONNX input expects; also in "
+                                                                            "the file's metadata under 'dnnprune'")
 
 
 @command("export", lineage=False)
@@ -47,18 +57,94 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
     meta = meta_of(model)
     model = model.cpu().eval()
     shape = tuple(meta.input_shape)
-    generator = torch.Generator().manual_seed(section.seed)
-    sample = torch.randn(2, *shape, generator=generator)
-    payload = onnx_bytes(model, sample, exporter=section.exporter, opset=section.opset)
+    shift, scale = _input_scaling(meta)
+    graph = RawInputs(model, shift, scale).eval() if section.raw_inputs else model
+    inputs = _InputSampler(shift, scale, raw=section.raw_inputs, seed=section.seed)
+    preprocessing = _preprocessing(meta, raw=section.raw_inputs)
+    payload = onnx_bytes(graph, inputs(2, shape), exporter=section.exporter, opset=section.opset)
+    payload = with_metadata(payload, {"dnnprune": json.dumps(preprocessing, sort_keys=True)})
     session = onnx_session(payload)
-    check = torch.randn(section.check_batch, *shape, generator=generator)
-    parity = _parity(model, session, check, section.tolerance)
+    parity = _parity(graph, session, inputs(section.check_batch, shape), section.tolerance)
     atomic_write_bytes(output, payload)
-    latency = _latency(model, session, shape, section) if section.latency else []
+    latency = _latency(graph, session, shape, section, inputs) if section.latency else []
     report = ExportReport(output=str(output), onnx_bytes=len(payload), opset=section.opset, exporter=section.exporter,
                           input_name=session.get_inputs()[0].name, input_shape=list(session.get_inputs()[0].shape),
-                          dense_layers=sorted(meta.encodings), parity=parity, latency=latency)
+                          dense_layers=sorted(meta.encodings), parity=parity, latency=latency,
+                          raw_inputs=section.raw_inputs, preprocessing=preprocessing)
     return model, report
+
+
+class RawInputs(nn.Module):
+    """The model behind its input scaling, `(x - shift) / scale`, so the graph takes what the data holds."""
+
+    def __init__(self, model: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("shift", shift)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model((x - self.shift) / self.scale)
+
+
+def _input_scaling(meta: CheckpointMeta) -> tuple[torch.Tensor, torch.Tensor]:
+    """The affine map from raw values to the model's input, broadcast over (B, C, H, W): per channel for
+    images; for a table (shape 1x1xF) its column standardisation composed with the spec's mean and std."""
+    channels = len(meta.mean)
+    mean = torch.tensor(meta.mean, dtype=torch.float64).view(1, channels, 1, 1)
+    std = torch.tensor(meta.std, dtype=torch.float64).view(1, channels, 1, 1)
+    if meta.feature_mean is None or meta.feature_std is None:
+        return mean.float(), std.float()
+    column_mean = torch.tensor(meta.feature_mean, dtype=torch.float64).view(1, 1, 1, -1)
+    column_std = torch.tensor(meta.feature_std, dtype=torch.float64).view(1, 1, 1, -1)
+    return (column_mean + mean * column_std).float(), (column_std * std).float()
+
+
+class _InputSampler:
+    """Check inputs where the exported graph is used: scaled inputs are standard normal; raw ones are pixels
+    in [0, 1] or a table's values around its columns' means."""
+
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor, *, raw: bool, seed: int) -> None:
+        self.shift, self.scale, self.raw = shift, scale, raw
+        self.table = shift.shape[-1] > 1
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, batch: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if not self.raw:
+            return torch.randn(batch, *shape, generator=self.generator)
+        if self.table:
+            return self.shift + self.scale * torch.randn(batch, *shape, generator=self.generator)
+        return torch.rand(batch, *shape, generator=self.generator)
+
+
+def _preprocessing(meta: CheckpointMeta, *, raw: bool) -> dict[str, Any]:
+    """What the exported input expects, for whoever deploys it."""
+    table = meta.feature_mean is not None
+    described: dict[str, Any] = {
+        "input_shape": ["batch", *meta.input_shape], "layout": "a table row as (batch, 1, 1, features)" if table
+        else "NCHW", "classes": meta.classes, "task": meta.task.model_dump(mode="json"), "arch": meta.arch}
+    if table:
+        described.update(features=meta.features, feature_mean=meta.feature_mean, feature_std=meta.feature_std)
+    described["mean"], described["std"] = list(meta.mean), list(meta.std)
+    if raw:
+        described["expects"] = ("raw column values in the order of 'features'; the scaling is inside the graph" if table
+                                else "pixel values in [0, 1] at the input shape (resize and convert the colour "
+                                     "first); the mean/std scaling is inside the graph")
+    else:
+        described["expects"] = ("(value - feature_mean) / feature_std per column, then (z - mean) / std" if table
+                                else "pixel values in [0, 1] at the input shape, then (x - mean) / std per channel")
+    return described
+
+
+def with_metadata(payload: bytes, properties: dict[str, str]) -> bytes:
+    """ONNX bytes with `properties` in the model's metadata (onnxruntime: `get_modelmeta().custom_metadata_map`)."""
+    import onnx
+
+    proto = onnx.load_from_string(payload)
+    for key, value in properties.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    return proto.SerializeToString()
 
 
 def _parity(model: nn.Module, session: Any, batch: torch.Tensor, tolerance: float) -> dict[str, Any]:
@@ -88,12 +174,13 @@ def _parity(model: nn.Module, session: Any, batch: torch.Tensor, tolerance: floa
             "tolerance": tolerance, "passed": True}
 
 
-def _latency(model: nn.Module, session: Any, shape: tuple[int, ...], section: ExportSection) -> list[dict[str, Any]]:
+def _latency(model: nn.Module, session: Any, shape: tuple[int, ...], section: ExportSection,
+             inputs: _InputSampler) -> list[dict[str, Any]]:
     """PyTorch and onnxruntime on the same inputs, interleaved in one process, medians."""
     rows = []
     name = session.get_inputs()[0].name
     for batch in section.batch_sizes:
-        x = torch.randn(batch, *shape)
+        x = inputs(batch, shape)
         feed = {name: x.numpy()}
         torch_ms, ort_ms = interleaved_ms([functools.partial(_torch_run, model, x),
                                            functools.partial(session.run, None, feed)], section.repeats)

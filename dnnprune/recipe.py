@@ -334,6 +334,8 @@ class ExportSection(Section):
     tolerance: float = Field(1e-4, gt=0.0, description="largest |torch - onnxruntime| accepted, relative to the "
                                                            "largest |output|")
     check_batch: int = Field(8, gt=0, le=4096, description="samples in the parity check (also proves the batch axis is dynamic)")
+    raw_inputs: bool = Field(False, description="put the input scaling (mean/std, a table's column scaling) inside the "
+                                                "graph, so it takes pixels in [0, 1] or raw column values")
     latency: bool = True
     batch_sizes: list[TimedBatch] = Field(default_factory=lambda: [1, 64], min_length=1)
     repeats: int = Field(20, gt=0)

@@ -335,3 +335,27 @@ def test_cli_force_overwrites_an_old_export(runner: CliRunner, checkpoints: dict
     assert result.exit_code == 0, result.output
     assert onnx.load(str(out)).graph.input[0].name == "input"
     assert json.loads((tmp_path / "model.export.json").read_text())["command"] == "export"
+
+
+def test_raw_inputs_put_the_normalisation_inside_the_graph_and_the_metadata_says_what_to_feed(
+        checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    model = dnnprune.load(checkpoints["pruned"])
+    meta = dnnprune.meta_of(model)
+    raw, scaled = tmp_path / "raw.onnx", tmp_path / "scaled.onnx"
+    _, raw_report = export(model, QUICK.model_copy(update={"raw_inputs": True, "latency": False}), output=raw)
+    _, scaled_report = export(model, QUICK.model_copy(update={"latency": False}), output=scaled)
+    pixels = torch.rand(5, *meta.input_shape, generator=torch.Generator().manual_seed(3))
+    mean, std = torch.tensor(meta.mean).view(1, -1, 1, 1), torch.tensor(meta.std).view(1, -1, 1, 1)
+    with torch.inference_mode():
+        expected = model((pixels - mean) / std).numpy()
+    outputs = {}
+    for path, feed in ((raw, pixels), (scaled, (pixels - mean) / std)):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[path] = session.run(None, {session.get_inputs()[0].name: feed.numpy()})[0]
+        described = json.loads(session.get_modelmeta().custom_metadata_map["dnnprune"])
+        assert described["mean"] == list(meta.mean) and described["input_shape"][1:] == list(meta.input_shape)
+        assert described["classes"] == meta.classes
+    assert np.abs(outputs[raw] - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert np.abs(outputs[scaled] - expected).max() <= 1e-4 * np.abs(expected).max()
+    assert raw_report.raw_inputs and "inside the graph" in raw_report.preprocessing["expects"]
+    assert not scaled_report.raw_inputs and "(x - mean) / std" in scaled_report.preprocessing["expects"]

@@ -33,11 +33,12 @@ def export_command(
     exporter: Annotated[str | None, typer.Option(help="torch.onnx exporter: torchscript or dynamo.")] = None,
     tolerance: Annotated[float | None, typer.Option(help="Largest |torch - onnxruntime| accepted, as a fraction of the largest |output| (default 1e-4).")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Time PyTorch and onnxruntime on the CPU.")] = None,
+    raw_inputs: Annotated[bool | None, typer.Option("--raw-inputs/--scaled-inputs", help="Put the input scaling inside the graph: it then takes pixels in [0, 1] (or a table's raw values) at the model's shape.")] = None,
     force: ForceOption = False,
 ) -> None:
     """Export the rebuilt model to ONNX; quantized and sparse layers are written dense, and the report says so."""
     config = recipe_with(recipe, {"export.opset": opset, "export.exporter": exporter, "export.tolerance": tolerance,
-                                  "export.latency": latency})
+                                  "export.latency": latency, "export.raw_inputs": raw_inputs})
     report_path = prepare_output(output, force=force, inputs=command_inputs(checkpoint, recipe, config), report=report,
                                  suffix=".export.json", output_suffix=".onnx")
     model = load_for_recipe(checkpoint, config.model)
@@ -53,6 +54,7 @@ def _table(result: ExportReport) -> Table:
     table.add_column("value", justify="right")
     table.add_row("ONNX bytes", f"{result.onnx_bytes:,}")
     table.add_row("input", f"{result.input_name} {result.input_shape}")
+    table.add_row("input expects", result.preprocessing.get("expects", ""))
     table.add_row("onnxruntime vs PyTorch, max |diff|", f"{result.parity['max_abs_diff']:.2e} on {result.parity['samples']} samples")
     if result.dense_layers:
         table.add_row("written dense (encoded in the checkpoint)", f"{len(result.dense_layers)} tensors")

@@ -119,3 +119,31 @@ def test_the_table_scaling_travels_in_the_checkpoint(runner: CliRunner, tmp_path
     meta = dnnprune.meta_of(dnnprune.load(out))
     scaling = load_splits("csv", None, path=data).scaling
     assert scaling is not None and meta.feature_mean == list(scaling[0]) and meta.feature_std == list(scaling[1])
+
+
+def test_a_table_model_exported_with_raw_inputs_scores_the_raw_csv_rows_as_dnnprune_does(runner: CliRunner,
+                                                                                          tmp_path: Path) -> None:
+    """A deployed table model is fed the file's own values: the ONNX graph must scale them as training did."""
+    import onnxruntime as ort
+    import torch
+
+    from dnnprune.data import load_splits
+
+    data = _table(tmp_path / "data.csv")
+    out = tmp_path / "mlp.safetensors"
+    assert runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                               "--data-root", str(data), "-o", str(out)]).exit_code == 0
+    onnx_path = tmp_path / "mlp.onnx"
+    result = runner.invoke(app, ["export", str(out), "-o", str(onnx_path), "--raw-inputs", "--no-latency"])
+    assert result.exit_code == 0, result.output
+    raw = np.loadtxt(data, delimiter=",", skiprows=1, dtype=np.float32)[:, :4].reshape(-1, 1, 1, 4)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: raw})[0]
+    model = dnnprune.load(out).eval()
+    full = load_splits("csv", None, path=data).train.dataset  # every row, scaled by dnnprune's own pipeline
+    with torch.inference_mode():
+        expected = model(torch.stack([full[i][0] for i in range(len(full))])).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+    described = json.loads(session.get_modelmeta().custom_metadata_map["dnnprune"])
+    assert described["features"] == ["a", "b", "c", "d"] and "inside the graph" in described["expects"]
+    assert json.loads((tmp_path / "mlp.export.json").read_text())["raw_inputs"] is True
