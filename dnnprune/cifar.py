@@ -27,14 +27,17 @@ class Layout:
     label_bytes: int  # CIFAR-100 stores the coarse label, then the fine one
     classes: int
     url: str
+    md5: str  # the archive's, as the CIFAR page lists it: a download that differs is refused before extracting
     pickled_folder: str  # the python version, refused
 
 
 LAYOUTS = {
     "cifar10": Layout("cifar-10-batches-bin", tuple(f"data_batch_{i}.bin" for i in range(1, 6)), ("test_batch.bin",), 1, 10,
-                      "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "cifar-10-batches-py"),
+                      "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", "c32a1d4ab5d03f1284b67883e8d87530",
+                      "cifar-10-batches-py"),
     "cifar100": Layout("cifar-100-binary", ("train.bin",), ("test.bin",), 2, 100,
-                       "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "cifar-100-python"),
+                       "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz", "03b5dce01913d631647c71ecec9e9cb8",
+                       "cifar-100-python"),
 }
 
 

@@ -561,7 +561,7 @@ def _load_cifar(name: str, spec: InputSpec, data_root: Path | None, download: bo
         from torchvision.datasets.utils import download_and_extract_archive
 
         try:
-            download_and_extract_archive(LAYOUTS[name].url, str(root))
+            download_and_extract_archive(LAYOUTS[name].url, str(root), md5=LAYOUTS[name].md5)
         except _READ_ERRORS as exc:
             raise _read_error(name, root, exc, fetch=True) from None
     adapt = _Adapter(spec, 3)

@@ -240,3 +240,27 @@ def test_a_photo_is_read_upright(tmp_path: Path) -> None:
     exif[0x0112] = 6  # Orientation: rotate 90 degrees to view
     image.save(tmp_path / "portrait.jpg", exif=exif)
     assert read_image(str(tmp_path / "portrait.jpg")).size == (30, 60)
+
+
+def test_a_cifar_download_that_is_not_the_published_archive_is_refused_before_it_is_unpacked(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tampered or truncated archive (here one whose member escapes the folder) must not be extracted: its
+    MD5 is checked against the one the CIFAR page lists."""
+    import io
+    import tarfile
+
+    import torchvision.datasets.utils as tv_utils
+
+    def serve(url: str, path: str) -> None:
+        payload = b"x" * 64
+        with tarfile.open(path, "w:gz") as archive:
+            member = tarfile.TarInfo("../escaped.bin")
+            member.size = len(payload)
+            archive.addfile(member, io.BytesIO(payload))
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", serve)
+    root = tmp_path / "data"
+    with pytest.raises(DatasetError, match=r"cannot download cifar10 into .*(corrupt|not found)"):
+        load_splits("cifar10", None, data_root=root, download=True)
+    assert not (tmp_path / "escaped.bin").exists() and not (root / "cifar-10-batches-bin").exists()
