@@ -715,7 +715,7 @@ def _skeleton_model(arch: str, arch_args: dict[str, Any]) -> nn.Module:
 
 def _skeleton(meta: CheckpointMeta) -> nn.Module:
     if not is_registered(meta.arch):
-        raise CheckpointError(f"its architecture {_short(meta.arch, 80)!r} is neither built in nor registered here; "
+        raise CheckpointError(f"unknown architecture {_short(meta.arch, 80)!r}: neither built in nor registered here; "
                               f"if it is your own, set {PLUGINS_VARIABLE} to the module that registers it (with its "
                               "folder on PYTHONPATH), as when the file was made")
     skeleton = _skeleton_model(meta.arch, meta.arch_args)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from torch import nn
 
 from dnnprune.checkpoint import CheckpointMeta, atomic_write_bytes, meta_of
@@ -31,7 +32,6 @@ from dnnprune.lineage import command
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, ExportSection
 from dnnprune.reports import Report
-from pydantic import Field
 
 
 class ExportReport(Report):
@@ -59,7 +59,7 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
     shape = tuple(meta.input_shape)
     shift, scale = _input_scaling(meta)
     graph = RawInputs(model, shift, scale).eval() if section.raw_inputs else model
-    inputs = _InputSampler(shift, scale, raw=section.raw_inputs, seed=section.seed)
+    inputs = _InputSampler(shift, scale, raw=section.raw_inputs, table=meta.feature_mean is not None, seed=section.seed)
     preprocessing = _preprocessing(meta, raw=section.raw_inputs)
     payload = onnx_bytes(graph, inputs(2, shape), exporter=section.exporter, opset=section.opset)
     payload = with_metadata(payload, {"dnnprune": json.dumps(preprocessing, sort_keys=True)})
@@ -104,9 +104,8 @@ class _InputSampler:
     """Check inputs where the exported graph is used: scaled inputs are standard normal; raw ones are pixels
     in [0, 1] or a table's values around its columns' means."""
 
-    def __init__(self, shift: torch.Tensor, scale: torch.Tensor, *, raw: bool, seed: int) -> None:
-        self.shift, self.scale, self.raw = shift, scale, raw
-        self.table = shift.shape[-1] > 1
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor, *, raw: bool, table: bool, seed: int) -> None:
+        self.shift, self.scale, self.raw, self.table = shift, scale, raw, table
         self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, batch: int, shape: tuple[int, ...]) -> torch.Tensor:

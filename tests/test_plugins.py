@@ -176,5 +176,5 @@ def test_a_user_architecture_goes_through_import_prune_quantize_info_and_reloads
     assert int(stem) < 16 and int(down) < 32 and shape.strip() == "(2, 10)"
     without = _cli(["info", "c.safetensors"], {k: v for k, v in env.items() if k != plugins.PLUGINS_VARIABLE}, tmp_path)
     assert without.returncode == 2 and "Traceback" not in without.stderr
-    assert without.stderr.startswith("error: c.safetensors: its architecture 'usernet_c' is neither built in nor registered")
+    assert without.stderr.startswith("error: c.safetensors: unknown architecture 'usernet_c': neither built in nor registered")
     assert "set DNNPRUNE_PLUGINS to the module that registers it" in without.stderr and without.stdout == ""
