@@ -23,7 +23,7 @@ from dnnprune.data import (
 from dnnprune.errors import DatasetError, ModelError
 from dnnprune.models import accepts_argument, create_model, model_task
 from dnnprune.recipe import DataSection, ModelSection
-from dnnprune.tasks import TaskSpec
+from dnnprune.tasks import TaskSpec, normal_positions
 from dnnprune.training import seed_everything
 
 
@@ -70,7 +70,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
     classes = list(DATASETS[dataset].classes or file_classes)
     scaling = table.scaling if table is not None else None
-    task = model.task or TaskSpec(kind=model_task(arch))
+    task = _task(model, arch, classes)
     args = {"in_channels": shape[0], **model.args}
     if task.kind == "classification":
         args = {"num_classes": len(classes) or 2, **args}
@@ -87,6 +87,13 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
                           feature_mean=list(scaling[0]) if scaling else None,
                           feature_std=list(scaling[1]) if scaling else None, task=task)
     return attach_meta(built, meta)
+
+
+def _task(model: ModelSection, arch: str, classes: list[str]) -> TaskSpec:
+    """The recipe's task, its normal labels turned into the class positions the checkpoint stores."""
+    if model.task is None:
+        return TaskSpec(kind=model_task(arch))
+    return TaskSpec(kind=model.task.kind, normal_classes=normal_positions(model.task.normal_classes, classes))
 
 
 def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str], Splits | None]:

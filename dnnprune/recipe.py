@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from dnnprune.errors import RecipeError
 from dnnprune.files import read_text
-from dnnprune.tasks import TaskSpec
+from dnnprune.tasks import TaskKind
 
 Device = Literal["auto", "cpu", "cuda"]
 Criterion = Literal["l1", "l2", "bn_scale", "random", "taylor"]
@@ -34,13 +34,24 @@ class Section(BaseModel):
         return value
 
 
+class TaskSection(Section):
+    """The task as a recipe names it: normal classes by the labels the data holds (`fraud`, or 1 for a file
+    labelled 1 and 2), resolved to the class positions a checkpoint stores when the model is built."""
+
+    kind: TaskKind = "classification"
+    normal_classes: list[int | str] = Field(
+        default_factory=list, max_length=10_000,
+        description="reconstruction: the labels that are normal, as the data names them (a dataset with word "
+                    "names, like fashion-mnist, also takes its label numbers); every other class is an anomaly")
+
+
 class ModelSection(Section):
     """The architecture `train` builds when it starts from scratch, and the task it serves."""
 
     arch: str | None = None
     args: dict[str, Any] = Field(default_factory=dict)
-    task: TaskSpec | None = Field(None, description="default: the architecture's own task (classification "
-                                                    "for every classifier)")
+    task: TaskSection | None = Field(None, description="default: the architecture's own task (classification "
+                                                       "for every classifier)")
 
 
 class DataSection(Section):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from dnnprune.errors import DnnpruneError
+from dnnprune.errors import DatasetError, DnnpruneError
 
 TaskKind = Literal["classification", "reconstruction"]
 
@@ -37,6 +37,41 @@ class TaskSpec(BaseModel):
     kind: TaskKind = "classification"
     normal_classes: tuple[int, ...] = Field(
         (), description="reconstruction: class indices that are normal; every other class is an anomaly")
+
+
+def normal_positions(labels: list[int | str], classes: list[str]) -> tuple[int, ...]:
+    """The class positions of the labels a user calls normal. A label is matched to the data's own labels
+    first (a file labelled 1 and 2 has `1` at position 0); where the labels are words (fashion-mnist's
+    'T-shirt/top'), a number is the dataset's label number, which is its position."""
+    numeric = bool(classes) and all(_as_int(name) is not None for name in classes)
+    positions = []
+    for label in labels:
+        positions.append(_position(label, classes, numeric))
+    return tuple(sorted(set(positions)))
+
+
+def _position(label: int | str, classes: list[str], numeric: bool) -> int:
+    text = str(label).strip()
+    if text in classes:
+        return classes.index(text)
+    if numeric and _as_int(text) is not None:
+        matches = [i for i, name in enumerate(classes) if _as_int(name) == _as_int(text)]
+        if matches:
+            return matches[0]
+    number = None if isinstance(label, bool) else _as_int(text)
+    if not numeric and number is not None and (not classes or 0 <= number < len(classes)):
+        return number
+    shown = ", ".join(repr(name) for name in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
+    raise DatasetError(f"model.task.normal_classes: {label!r} is not one of the data's labels ({shown}); name "
+                        "the normal labels as the data holds them")
+
+
+def _as_int(text: str) -> int | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return int(value) if value.is_integer() else None
 
 
 @dataclass

@@ -187,3 +187,30 @@ def test_drop_is_points_for_accuracy_and_relative_for_mse() -> None:
     assert accuracy.percent(0.9) == pytest.approx(90.0)
     with pytest.raises(DnnpruneError, match="lower-is-better"):
         mse.percent(0.1)
+
+
+@pytest.mark.parametrize("labels, classes, positions", [
+    ([1], ["1", "2"], (0,)),                      # a file labelled 1 and 2: the label, not position 1
+    (["1"], ["1", "2"], (0,)),
+    ([2, 1], ["1", "2"], (0, 1)),
+    ([0], ["0", "1"], (0,)),                      # Kaggle's creditcard: labels and positions agree
+    (["normal"], ["fraud", "normal"], (1,)),      # word labels, which had no way to be named
+    ([0, 9], [f"class{i}" for i in range(10)], (0, 9)),  # a word-named dataset's label numbers
+    (["3"], [f"class{i}" for i in range(10)], (3,)),
+    ([1.0], ["1", "2"], (0,)),
+])
+def test_normal_classes_are_the_data_labels_resolved_to_positions(labels: list, classes: list[str],
+                                                                   positions: tuple[int, ...]) -> None:
+    from dnnprune.tasks import normal_positions
+
+    assert normal_positions(labels, classes) == positions
+
+
+@pytest.mark.parametrize("labels, classes", [([0], ["1", "2"]), ([3], ["1", "2"]), (["fraudd"], ["fraud", "ok"]),
+                                            ([10], [f"c{i}" for i in range(10)]), ([True], ["a", "b"])])
+def test_a_label_the_data_does_not_hold_is_one_error_listing_the_labels(labels: list, classes: list[str]) -> None:
+    from dnnprune.errors import DatasetError
+    from dnnprune.tasks import normal_positions
+
+    with pytest.raises(DatasetError, match="is not one of the data's labels"):
+        normal_positions(labels, classes)

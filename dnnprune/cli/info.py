@@ -35,11 +35,18 @@ def info_command(
     console.print(lineage_tree(report))
 
 
+def _normal(report: InfoReport) -> str:
+    """The normal classes by their labels where the checkpoint names its classes."""
+    positions = report.task["normal_classes"]
+    classes = report.classes or []
+    return ", ".join(repr(classes[i]) if i < len(classes) else str(i) for i in positions)
+
+
 def _summary(report: InfoReport) -> Table:
     table = Table(title=f"{report.path}", show_header=False)
     table.add_column("")
     table.add_column("")
-    task = report.task["kind"] + (f" (normal classes {report.task['normal_classes']})" if report.task.get("normal_classes") else "")
+    task = report.task["kind"] + (f" (normal: {_normal(report)})" if report.task.get("normal_classes") else "")
     rows = [("architecture", f"{report.arch} {json.dumps(report.arch_args)}"), ("task", task),
             ("input", f"{tuple(report.input_shape)}, mean {report.mean}, std {report.std}"),
             ("dataset", _dataset(report)),

@@ -147,3 +147,31 @@ def test_a_table_model_exported_with_raw_inputs_scores_the_raw_csv_rows_as_dnnpr
     described = json.loads(session.get_modelmeta().custom_metadata_map["dnnprune"])
     assert described["features"] == ["a", "b", "c", "d"] and "inside the graph" in described["expects"]
     assert json.loads((tmp_path / "mlp.export.json").read_text())["raw_inputs"] is True
+
+
+def test_normal_classes_name_the_csv_labels_not_their_positions(runner: CliRunner, tmp_path: Path) -> None:
+    """A file labelled 1 (normal) and 2 (anomalous): `normal_classes: [1]` must train on the 1s. Read as a
+    position it trained on the anomalies and scored ROC-AUC 0.06 with exit 0."""
+    rng = np.random.default_rng(0)
+    basis = rng.normal(size=(2, 6))
+    x = rng.normal(size=(600, 2)) @ basis + 0.05 * rng.normal(size=(600, 6))
+    y = np.ones(600, dtype=int)
+    odd = rng.choice(600, 60, replace=False)
+    x[odd], y[odd] = 3 * rng.normal(size=(60, 6)), 2
+    lines = [",".join([*(f'"f{j}"' for j in range(6)), '"Class"'])]
+    lines += [",".join([*(f"{v:.5f}" for v in row), str(label)]) for row, label in zip(x, y)]
+    data = tmp_path / "labelled_1_2.csv"
+    data.write_text("\n".join(lines) + "\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  task: {kind: reconstruction, normal_classes: [1]}\n  args: {widths: [16, 4, 16]}\n"
+                      "train: {epochs: 4, batch_size: 32, optimizer: adam, lr: 0.003, weight_decay: 0}\n")
+    out = tmp_path / "a2e.safetensors"
+    result = runner.invoke(app, ["train", "a2e", "-r", str(recipe), "--dataset", "csv", "--data-root", str(data),
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert dnnprune.meta_of(dnnprune.load(out)).task.normal_classes == (0,)  # the position of label '1'
+    assert json.loads((tmp_path / "a2e.json").read_text())["test"]["roc_auc"] > 0.8
+    recipe.write_text(recipe.read_text().replace("normal_classes: [1]", "normal_classes: [0]"))
+    wrong = runner.invoke(app, ["train", "a2e", "-r", str(recipe), "--dataset", "csv", "--data-root", str(data),
+                                "-o", str(tmp_path / "other.safetensors")])
+    _assert_clean_failure(wrong, "model.task.normal_classes: 0 is not one of the data's labels ('1', '2')")
