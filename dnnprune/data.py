@@ -258,6 +258,8 @@ def _find_csv(base: Path) -> Path | None:
     """A CSV path, or the single CSV inside a directory (several is ambiguous, so it is an error)."""
     if base.is_file():
         return base
+    if base.exists() and not base.is_dir():
+        raise DatasetError(f"{base} is not a regular file (a pipe, socket or device); pass the CSV file itself")
     found = sorted(base.glob("*.csv")) if base.is_dir() else []
     if len(found) > 1:
         raise DatasetError(f"{base} holds several CSV files ({', '.join(p.name for p in found)}); pass the file itself")

@@ -93,6 +93,11 @@ def _task(model: ModelSection, arch: str, classes: list[str]) -> TaskSpec:
     """The recipe's task, its normal labels turned into the class positions the checkpoint stores."""
     if model.task is None:
         return TaskSpec(kind=model_task(arch))
+    serves = model_task(arch)
+    if model.task.kind != serves:
+        fix = "a2e_classifier (or mlp)" if serves == "reconstruction" else "a2e (an autoencoder)"
+        raise ModelError(f"{arch} is built for {serves}, but model.task.kind is {model.task.kind}; use {fix} for "
+                         f"{model.task.kind}, or drop model.task.kind")
     return TaskSpec(kind=model.task.kind, normal_classes=normal_positions(model.task.normal_classes, classes))
 
 

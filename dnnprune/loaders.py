@@ -8,7 +8,7 @@ from typing import Iterator, Literal
 
 import torch
 from pydantic import BaseModel
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, ConcatDataset, DataLoader, Dataset, RandomSampler, Sampler
 
 from dnnprune.checkpoint import CheckpointMeta
 from dnnprune.data import (
@@ -27,7 +27,7 @@ from dnnprune.errors import DatasetError
 from dnnprune.recipe import DataSection
 from dnnprune.tasks import make_task
 
-SplitName = Literal["train", "val", "test"]
+SplitName = Literal["train", "val", "test", "all"]  # all: every sample the data holds, the three splits together
 
 
 def spec_for(meta: CheckpointMeta) -> InputSpec:
@@ -95,8 +95,15 @@ def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | N
 
 def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, samples: int | None = None,
                   seed: int = 0) -> Dataset:
-    dataset = getattr(splits_for(meta, section), split)
+    splits = splits_for(meta, section)
+    dataset = ConcatDataset([splits.train, splits.val, splits.test]) if split == "all" else getattr(splits, split)
     return stratified_subset(dataset, samples, seed) if samples else dataset
+
+
+def dataset_size(meta: CheckpointMeta, section: DataSection) -> int:
+    """Samples in the three splits together: what `--split all` scores."""
+    splits = splits_for(meta, section)
+    return len(splits.train) + len(splits.val) + len(splits.test)
 
 
 def subset_size(section: BaseModel, field: str, meta: CheckpointMeta, data: DataSection, split: SplitName) -> int | None:

@@ -45,7 +45,14 @@ from dnnprune.patterns import select_layers
 from dnnprune.recipe import DataSection, FineTuneSection, LatencySection, QuantizeSection
 from dnnprune.reports import Report
 from dnnprune.tasks import make_task
-from dnnprune.training import evaluate, fit_loop, frozen_teacher, undone_if_worse, wants_training
+from dnnprune.training import (
+    check_distillation_runs,
+    evaluate,
+    fit_loop,
+    frozen_teacher,
+    undone_if_worse,
+    wants_training,
+)
 
 SUPPORTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -117,6 +124,7 @@ def quantize_layers(model: nn.Module, config: QuantizeSection, *, train_loader: 
     `val_loader`, the fine-tune is undone when it makes the validation metric worse (`_kept_if_better`).
     """
     plan = plan_layers(model, config)
+    check_distillation_runs(config.finetune)
     teacher = frozen_teacher(model, config.finetune)
     existing = _encodings(model)
     encodings = {f"{name}.weight": _stacked(existing.get(f"{name}.weight"), config.method, bits)

@@ -113,7 +113,10 @@ class NetScoreSection(Section):
 
 
 class ScoreSection(Section):
-    samples: int | None = Field(None, gt=0, description="score on a stratified test subset")
+    split: Literal["test", "val", "all"] = Field("test", description="what is scored: the test split, the validation "
+                                                                   "split, or every sample the data holds (a hold-out "
+                                                                   "file of your own)")
+    samples: int | None = Field(None, gt=0, description="score on a stratified subset of the split")
     latency: bool = True
     latency_config: LatencySection = Field(default_factory=LatencySection)
     netscore: NetScoreSection = Field(default_factory=NetScoreSection)

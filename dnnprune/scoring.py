@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from pydantic import Field
 
 from dnnprune.checkpoint import meta_of
 from dnnprune.lineage import command
-from dnnprune.loaders import dataset_name, eval_loader
+from dnnprune.loaders import dataset_name, dataset_size, eval_loader
 from dnnprune.metrics import measure_latency, netscore, size_summary
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, LatencySection, ScoreSection
@@ -28,6 +29,8 @@ class ScoreReport(Report):
     arch: str
     dataset: str | None
     split: str
+    dataset_samples: int | None = Field(None, description="samples in the three splits together (--split all scores "
+                                                          "every one)")
     task: dict[str, Any]
     primary_metric: str
     metrics: dict[str, Any]
@@ -48,9 +51,10 @@ class ScoreReport(Report):
 
 @command("score", lineage=False)
 def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device: torch.device, observer: Observer,
-          checkpoint_path: Path | None = None, split: str = "test") -> tuple[nn.Module, ScoreReport]:
+          checkpoint_path: Path | None = None) -> tuple[nn.Module, ScoreReport]:
     """Every number of one checkpoint; latency is always measured on the CPU."""
     meta = meta_of(model)
+    split = section.split
     task = make_task(meta.task)
     threshold = _anomaly_threshold(model, task, data, device) if isinstance(task, Reconstruction) else None
     loader = eval_loader(meta, data, split=split, samples=section.samples)  # type: ignore[arg-type]
@@ -60,6 +64,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     disk_bytes = checkpoint_path.stat().st_size if checkpoint_path is not None else None
     report = ScoreReport(
         checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=dataset_name(meta, data), split=split,
+        dataset_samples=dataset_size(meta, data),
         task=meta.task.model_dump(mode="json"), primary_metric=task.primary, metrics=metrics.as_dict(), **size,
         disk_bytes=disk_bytes,
         bits_per_weight=(disk_bytes * 8 / size["params"]) if disk_bytes and size["params"] else None,

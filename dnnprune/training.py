@@ -223,6 +223,17 @@ def frozen_teacher(model: nn.Module, *configs: Any) -> nn.Module | None:
     return teacher
 
 
+def check_distillation_runs(*configs: FineTuneSection, steps: int | None = None) -> None:
+    """Distillation that no fine-tune would run is a silent no-op; say so instead (a teacher without a
+    distill weight is refused by the recipe itself). `steps`: the command's own step count, where the
+    sections only hold the optimizer settings (double-prune)."""
+    distilling = [c for c in configs if c.distill > 0]
+    runs = any(wants_training(c) for c in distilling) if steps is None else steps > 0
+    if distilling and not runs:
+        raise RecipeError("distillation acts through fine-tuning, and no fine-tune is set to run; give the fine-tune "
+                          "steps (e.g. finetune.max_steps) or drop --distill/--teacher")
+
+
 def _checked_teacher(student: nn.Module, path: Path) -> nn.Module:
     """Load a teacher checkpoint that sees the same inputs and predicts the same outputs as the student."""
     teacher = load(path)

@@ -20,6 +20,7 @@ from dnnprune.pruning.depth import (
     Removal,
     check_reachable,
     check_units,
+    chosen_units,
     efficiency_pick,
     remove_in_order,
     sensitivity_order,
@@ -323,11 +324,15 @@ def test_a_bottleneck_removal_that_would_enlarge_the_model_is_skipped_for_a_size
     pruned, rows = remove_in_order(model, ["net.1", "net.3", "net.7", "net.5", "net.9"], plan, _removal(ROW))
     assert [r["unit"] for r in rows] == ["net.1", "net.5", "net.3", "net.9"]
     assert base["params"] / _size(pruned, ROW)["params"] >= 6.7 > base["params"] / rows[-2]["params"]
-    # Counting units (no size target) removes it: the user asked for that many layers fewer.
+    # Counting units (no size target) passes it over too: a compression step never grows the model.
     model = _a2e((16, 4, 16))
     plan = DepthPlan(remove=1, target=None, factor=None, base=_size(model, ROW))
     _, rows = remove_in_order(model, ["net.3"], plan, _removal(ROW))
-    assert [r["unit"] for r in rows] == ["net.3"]
+    assert rows == []
+    _, rows = remove_in_order(_a2e((16, 4, 16)), ["net.3", "net.1"], plan, _removal(ROW))
+    assert [r["unit"] for r in rows] == ["net.1"]
+    with pytest.raises(PruningError, match="removing net.3 would grow the model by"):
+        chosen_units(find_units(model, ROW), ["net.3"])
 
 
 def test_efficiency_takes_the_wide_input_layer_first_where_it_saves_most_per_point() -> None:
@@ -361,9 +366,9 @@ def test_accuracy_aware_puts_back_a_unit_that_exceeds_the_budget() -> None:
     env = _removal(ROW, evaluate=evaluate, max_drop=0.01)
     env.finetune = lambda m, name: finetuned.append(name) or 2  # type: ignore[assignment]
     plan = DepthPlan(remove=2, target=None, factor=None, base=_size(model, ROW))
-    pruned, rows = remove_in_order(model, ["net.5", "net.1", "net.3"], plan, env)
-    assert [(r["unit"], r["accepted"]) for r in rows] == [("net.5", False), ("net.1", True), ("net.3", True)]
-    assert finetuned == ["net.5", "net.1", "net.3"] and all(r["finetune_steps"] == 2 for r in rows)
+    pruned, rows = remove_in_order(model, ["net.5", "net.3", "net.1"], plan, env)
+    assert [(r["unit"], r["accepted"]) for r in rows] == [("net.5", False), ("net.3", True), ("net.1", True)]
+    assert finetuned == ["net.5", "net.3", "net.1"] and all(r["finetune_steps"] == 2 for r in rows)
     assert rows[0]["drop"] == pytest.approx(0.302) and rows[1]["drop"] == pytest.approx(0.002)
     assert [r["removed"] for r in rows] == [0, 1, 2]
     assert isinstance(pruned.net[5], nn.Linear) and isinstance(pruned.net[1], nn.Identity)  # net.5 was put back

@@ -650,3 +650,60 @@ def test_a_final_fine_tune_that_ruins_val_is_undone() -> None:
     assert final["drop"] > 0 and final["drop_stderr"] is not None and final["drop"] > 1.645 * final["drop_stderr"]
     assert final["val_after"] < final["val_before"]
     assert report.after["val"]["top1"] == pytest.approx(final["val_before"], abs=0.02)
+
+
+def test_a_bytes_target_on_a_sparse_model_counts_the_bytes_its_file_stores(tmp_path: Path) -> None:
+    """Solved on dense float32 bytes, `--target bytes:2` on a double-pruned model reported 2.00x met while
+    its file shrank 1.88x; the target is now what the stored (sparse) tensors lose."""
+    from safetensors import safe_open
+
+    import dnnprune
+    from dnnprune.pruning.double import double_prune
+    from dnnprune.recipe import DoublePruneSection
+    from tests.conftest import make_checkpoint
+
+    torch.manual_seed(0)
+    lenet = dnnprune.load(make_checkpoint(tmp_path / "lenet5.safetensors"))
+    sparse, _ = double_prune(lenet, DoublePruneSection(slimming_ratio=0, sparsity=0.7, evaluate=False))
+    save(sparse, tmp_path / "sparse.safetensors")
+    pruned, report = prune(dnnprune.load(tmp_path / "sparse.safetensors"),
+                           PruneSection(target="bytes", target_factor=1.5, evaluate=False))
+    save(pruned, tmp_path / "pruned.safetensors")
+
+    def tensor_bytes(path: Path) -> int:
+        with safe_open(str(path), framework="pt") as handle:
+            return sum(handle.get_tensor(key).nbytes for key in handle.keys())
+
+    before, after = tensor_bytes(tmp_path / "sparse.safetensors"), tensor_bytes(tmp_path / "pruned.safetensors")
+    assert report.before["bytes"] == before and report.after["bytes"] == after
+    assert report.target is not None and report.target["met"] and before / after >= 1.5
+    assert meta_of(pruned).encodings  # still stored sparse
+
+
+def test_layer_granularity_refuses_what_it_would_ignore_and_keeps_excluded_units(tmp_path: Path) -> None:
+    import dnnprune
+    from tests.conftest import make_checkpoint
+
+    resnet = make_checkpoint(tmp_path / "resnet20.safetensors", "resnet20", input_shape=(1, 32, 32))
+    refused = [({"target": "latency", "target_factor": 2.0}, "takes --target params:F or macs:F, not latency"),
+               ({"remove": 1, "criterion": "taylor"}, "prune.criterion shapes channel pruning"),
+               ({"remove": 1, "round_to": 8, "latency_widths": True}, "prune.round_to, prune.latency_widths shape"),
+               ({"remove": 1, "exclude": ["layer*"]}, "keeps every removable unit"),
+               ({"units": ["layer1.0"], "target": "params", "target_factor": 1.2}, "drop --target (prune.target)")]
+    for fields, fragment in refused:
+        with pytest.raises(PruningError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+            prune(dnnprune.load(resnet), PruneSection(granularity="layer", evaluate=False, **fields))
+    pruned, report = prune(dnnprune.load(resnet), PruneSection(granularity="layer", remove=3, order="reverse",
+                                                              exclude=["layer3.2.conv1", "layer3.1"], evaluate=False))
+    assert [step["unit"] for step in report.steps] == ["layer3.0", "layer2.2", "layer2.1"]
+    assert not isinstance(pruned.layer3[2], nn.Identity) and not isinstance(pruned.layer3[1], nn.Identity)
+
+
+def test_layer_pruning_reports_latency_when_asked() -> None:
+    model = attach_meta(create_model("resnet20", num_classes=10, in_channels=1),
+                        CheckpointMeta(arch="resnet20", arch_args={"num_classes": 10, "in_channels": 1},
+                                       input_shape=(1, 32, 32)))
+    _, report = prune(model, PruneSection(granularity="layer", remove=2, evaluate=False, report_latency=True,
+                                          latency_batch=2, latency_repeats=3))
+    assert report.latency is not None and [row["batch_size"] for row in report.latency["rows"]] == [1, 2]
+    assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in report.latency["rows"])

@@ -115,7 +115,14 @@ def layer_report(layer: MeasuredLayer, baseline: Metrics, task: Task, budget: fl
     losses = [_number(c.metrics.values.get("loss")) - _number(baseline.values.get("loss")) for c in layer.cells]
     return LayerReport(name=layer.name, type=layer.type, width=layer.width, params=layer.params, macs=layer.macs,
                        members=layer.members, cells=cells, sensitivity=_mean(drops), loss_increase=_mean(losses),
-                       suggested_ratio=suggested_ratio([c.ratio for c in layer.cells], drops, budget))
+                       suggested_ratio=suggested_ratio([c.ratio for c in layer.cells], drops, budget)
+                       if _saves(layer) else 0.0)
+
+
+def _saves(layer: MeasuredLayer) -> bool:
+    """A unit whose removal grows the model (a bottleneck Linear, whose bridge is wider than the two layers it
+    replaces) is never suggested, however little accuracy it costs."""
+    return layer.params > 0 and layer.macs >= 0
 
 
 def suggested_ratio(ratios: Sequence[float], drops: Sequence[float], budget: float) -> float:

@@ -49,7 +49,8 @@ def analyze_command(
     output: Annotated[Path | None, typer.Option("--output", "-o", help=(
         "JSON to write; its .csv and .png go beside it (default: NAME.analysis.json next to CKPT)."))] = None,
     granularity: Annotated[str | None, typer.Option(help=(
-        "What one cell removes: filter (channels of one layer; layer removal comes with layer pruning)."))] = None,
+        "What one cell removes: filter (a ratio of one layer's channels) or layer (one whole unit: a residual "
+        "block, a same-shape conv or a hidden Linear), for prune --granularity layer."))] = None,
     ratios: Annotated[str | None, typer.Option(help="Pruning ratios in (0, 1), e.g. 0.1,0.3,0.5.")] = None,
     criterion: Annotated[str | None, typer.Option(help="Channel ranking: l1, l2, bn_scale or random.")] = None,
     samples: Annotated[int | None, typer.Option(help="Class-stratified validation subset (default 2000).")] = None,
@@ -122,22 +123,35 @@ def sensitivity_table(report: AnalyzeReport, task: Task) -> Table:
     total_macs = max(1, report.model.macs)
     rank_of = {name: i + 1 for i, name in enumerate(report.order)}
     change = f"{primary} drop in points" if report.higher_is_better else f"{primary} increase in %"
-    table = Table(title=f"sensitivity of {report.model.arch}: {change} when one layer is pruned "
+    pruned = "one unit is removed" if report.granularity == "layer" else "one layer is pruned"
+    table = Table(title=f"sensitivity of {report.model.arch}: {change} when {pruned} "
                         f"(baseline {_baseline(base, report.higher_is_better)} on {report.samples} {report.split} "
                         f"samples, {report.criterion})")
-    for column in ("order", "layer", "width", "MACs %"):
-        table.add_column(column, justify="left" if column == "layer" else "right")
+    units = report.granularity == "layer"
+    columns = ("order", "unit", "kind", "saves params %", "saves MACs %") if units else ("order", "layer", "width", "MACs %")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("layer", "unit", "kind") else "right")
     for ratio in report.ratios:
-        table.add_column(f"{ratio:g}", justify="right")
+        table.add_column("removed" if units else f"{ratio:g}", justify="right")
     table.add_column("suggested", justify="right")
+    total_params = max(1, report.model.params)
     for layer in report.layers:
         cells = [_drop_text(_drop(task, base, cell.metrics().get(primary)), budget) for cell in layer.cells]
-        table.add_row(str(rank_of[layer.name]), layer.name, str(layer.width),
-                      f"{layer.macs / total_macs * 100:.1f}", *cells, f"{layer.suggested_ratio:g}")
+        shape = ([layer.type, _saving(layer.params, total_params), _saving(layer.macs, total_macs)] if units
+                 else [str(layer.width), f"{layer.macs / total_macs * 100:.1f}"])
+        suggested = ("yes" if layer.suggested_ratio else "no") if units else f"{layer.suggested_ratio:g}"
+        table.add_row(str(rank_of[layer.name]), layer.name, *shape, *cells, suggested)
     unit = "points" if report.higher_is_better else "%"
     table.caption = (f"{change}; green: ≤ {budget * 100:g} {unit} (the budget), yellow: ≤ {5 * budget * 100:g}, "
-                     "red: more; order 1 = least sensitive, pruned first by `prune --order sensitivity`")
+                     "red: more; order 1 = least sensitive, pruned first by `prune --order sensitivity`"
+                     + ("; a unit whose removal grows the model is passed over" if report.granularity == "layer" else ""))
     return table
+
+
+def _saving(saved: int, total: int) -> str:
+    """A unit's saving in percent of the model; removing a bottleneck can grow it, which is said, not signed."""
+    share = saved / total * 100
+    return f"{share:.1f}" if saved >= 0 else f"grows {-share:.1f}"
 
 
 def _drop(task: Task, base: float | None, value: float | None) -> float:

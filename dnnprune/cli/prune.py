@@ -110,7 +110,7 @@ def _increment_line(row: Mapping[str, Any]) -> str:
 
 
 def _layer_line(row: Mapping[str, Any]) -> str:
-    verdict = "[green]removed[/]" if row["accepted"] else "[red]kept (over budget)[/]"
+    verdict = "[green]removed[/]" if row["accepted"] else "[red]put back (drop over budget)[/]"
     measured = f"  val {row['val']:.4f}  drop {row['drop'] * 100:.2f} pts" if "val" in row else ""
     return (f"step {row['step']:>3}  {row['unit']:<28} {row['kind']:<6} -{row['unit_params']:,} params "
             f"-{row['unit_macs']:,} MACs  now {row['params']:,} params {row['macs']:,} MACs{measured}  {verdict}")
@@ -136,7 +136,8 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
         table.add_column(column, justify="right")
     before, after, metric = result.before, result.after, result.primary_metric
     for key in ("params", "macs", "bytes"):
-        table.add_row(key, f"{before[key]:,}", f"{after[key]:,}", f"{result.reduction[key]:.2f}x")
+        table.add_row("bytes (as stored)" if key == "bytes" else key, f"{before[key]:,}", f"{after[key]:,}",
+                      f"{result.reduction[key]:.2f}x")
     for split in ("val", "test"):
         drop = result.accuracy_drop.get(split)
         if before.get(split) and after.get(split) and drop is not None:

@@ -41,7 +41,8 @@ def score_command(
     recipe: RecipeOption = None,
     report: ReportOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON report instead of the table.")] = False,
-    samples: Annotated[int | None, typer.Option(help="Score on a class-stratified test subset of this size.")] = None,
+    split: Annotated[str | None, typer.Option(help="What to score: test (the default), val, or all (every sample the data holds: a hold-out file of your own).")] = None,
+    samples: Annotated[int | None, typer.Option(help="Score on a class-stratified subset of the split of this size.")] = None,
     latency: Annotated[bool | None, typer.Option("--latency/--no-latency", help="Measure CPU latency.")] = None,
     latency_runtime: Annotated[str | None, typer.Option(help="eager (PyTorch as trained), fused (TorchScript-frozen, BatchNorm folded into the convs, oneDNN layouts kept: as deployed) or onnxruntime (the ONNX export on onnxruntime's CPU provider, torch's thread count).")] = None,
     dataset: DatasetOption = None,
@@ -50,8 +51,8 @@ def score_command(
     device: DeviceOption = None,
     force: ForceOption = False,
 ) -> None:
-    """Score a checkpoint on its test split; the report lands next to it as NAME.score.json."""
-    config = recipe_with(recipe, {"score.samples": samples, "score.latency": latency, "score.latency_config.runtime": latency_runtime,
+    """Score a checkpoint on its test split (or --split val/all); the report lands next to it as NAME.score.json."""
+    config = recipe_with(recipe, {"score.split": split, "score.samples": samples, "score.latency": latency, "score.latency_config.runtime": latency_runtime,
                                   **common_overrides(device, data_root, dataset, download)})
     path = report or default_report_path(checkpoint, ".score.json")
     check_report_path(path, force=force, inputs=command_inputs(checkpoint, recipe, config))
@@ -66,8 +67,16 @@ def score_command(
         console.print(f"report: {path}")
 
 
+def _scored(result: ScoreReport) -> str:
+    """Which samples the numbers are from, so a user scoring a file of their own sees what was left out."""
+    scored = result.metrics.get("samples")
+    if result.split == "all" or not isinstance(scored, int) or result.dataset_samples is None:
+        return f"{result.split}: {scored:,} samples" if isinstance(scored, int) else result.split
+    return f"{result.split} split: {scored:,} of the data's {result.dataset_samples:,} samples; --split all scores every one"
+
+
 def score_table(result: ScoreReport) -> Table:
-    table = Table(title=f"score: {result.arch} on {result.dataset} ({result.split})", show_header=True)
+    table = Table(title=f"score: {result.arch} on {result.dataset} ({_scored(result)})", show_header=True)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.metrics.items():

@@ -37,6 +37,7 @@ from dnnprune.pruning.depth import (
     unit_drops,
     unit_metrics,
     unit_order,
+    without_excluded,
 )
 from dnnprune.pruning.increments import Curves, IncrementEnvironment, prune_in_increments
 from dnnprune.pruning.latency_target import solve_latency
@@ -70,7 +71,15 @@ from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneS
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
 from dnnprune.tasks import Task, make_task
-from dnnprune.training import evaluate, fit_loop, frozen_teacher, total_steps, undone_if_worse, wants_training
+from dnnprune.training import (
+    check_distillation_runs,
+    evaluate,
+    fit_loop,
+    frozen_teacher,
+    total_steps,
+    undone_if_worse,
+    wants_training,
+)
 
 
 class PruneReport(Report):
@@ -201,6 +210,7 @@ class _Job:
         self.device = device
         self.observer = observer
         self.finetunes = 0
+        check_distillation_runs(config.finetune, config.step_finetune)
         self.teacher = frozen_teacher(self.model, config.finetune, config.step_finetune)
         self.limits = Limits.of(config)
         self.feeds = _Feeds(self.meta, data)
@@ -269,7 +279,9 @@ class _Job:
 
     def _mode(self) -> str:
         if self.config.target is not None:
-            return f"target-{'global' if self.config.global_threshold else 'uniform'}"
+            if self.config.global_threshold:
+                return "target-global"
+            return "target-sensitivity" if self.config.order == "sensitivity" else "target-uniform"
         if self.config.global_threshold:
             return "global"
         return "uniform" if self.config.ratio is not None else "ratios"
@@ -443,6 +455,7 @@ class _Job:
         return {**(history or {}), **verdict}
 
     def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
+        """Sizes (bytes as stored: a sparse input counts its encoding) and, when evaluating, val and test metrics."""
         size = model_size(model, self.shape)
         if not self.config.evaluate:
             return {**size, "val": None, "test": None}
@@ -546,26 +559,51 @@ def _drops(before: dict[str, Any], after: dict[str, Any], task: Task) -> dict[st
     return drops
 
 
+_CHANNEL_OPTIONS = ("criterion", "min_channels", "min_fraction", "max_ratio", "round_to", "latency_widths", "width_search",
+                    "latency_tolerance", "strategy", "increments", "plan_cost", "backoffs", "reanalyze_below",
+                    "reanalyze_ratios", "step", "rollback_finetune", "jump_to_suggested", "taylor_batches")
+
+
+def _refuse_channel_options(config: PruneSection) -> None:
+    """Options that shape channel pruning do nothing when whole units go: a recipe that sets them expects
+    an effect it would not get."""
+    defaults = PruneSection()
+    changed = [name for name in _CHANNEL_OPTIONS
+               if name in config.model_fields_set and getattr(config, name) != getattr(defaults, name)]
+    if changed:
+        raise PruningError(f"prune.{', prune.'.join(changed)} shape{'s' if len(changed) == 1 else ''} channel pruning and "
+                           "would do nothing with --granularity layer; drop "
+                           f"{'it' if len(changed) == 1 else 'them'}, or prune channels in a separate step")
+
+
 class _LayerJob(_Job):
     """Layer granularity: remove whole units (blocks, same-shape convs, hidden Linears) in sensitivity order."""
 
     def validate(self) -> None:
         config = self.config
         if config.units and (config.remove is not None or config.target is not None):
-            raise PruningError("--units names exactly what to remove: drop --remove and --target")
+            given = [option for option, value in (("--remove (prune.remove)", config.remove),
+                                                  ("--target (prune.target)", config.target)) if value is not None]
+            raise PruningError(f"--units names exactly what to remove: drop {' and '.join(given)}, from the command "
+                               "line or the recipe")
         if config.remove is None and config.target is None and not config.units:
             raise PruningError("say how much to remove: --remove N, --units NAME,..., or --target params:F / macs:F")
         if config.ratio is not None or config.ratios or config.global_threshold:
             raise PruningError("--ratio, ratios and --global are for channels; with --granularity layer use --remove N, "
                                "--units or --target")
         _check_how_much_target(config)
-        if config.target == "bytes":
-            raise PruningError("--granularity layer takes --target params:F or macs:F")
+        if config.target in ("bytes", "latency"):
+            raise PruningError(f"--granularity layer takes --target params:F or macs:F, not {config.target}; for a "
+                               "measured speedup remove units by count (--remove N) with --report-latency")
+        _refuse_channel_options(config)
         if self.meta.encodings:
             raise PruningError("this checkpoint has encoded (quantized or sparse) layers, which removing layers would "
                                "re-wire; remove layers from the float checkpoint, then quantize or sparsify it")
-        self.units = check_units(self.model, self.shape)
+        every_unit = check_units(self.model, self.shape)
+        self.units = without_excluded(self.model, every_unit, config.exclude)
         self.base_size = model_size(self.model, self.shape)
+        if config.report_latency:
+            self.original = copy.deepcopy(self.model).cpu()
         named = chosen_units(self.units, config.units)
         self.plan = DepthPlan(len(named) if named else config.remove, config.target, config.target_factor, self.base_size)
         check_reachable(self.model, self.units, self.plan, self.shape)
@@ -573,7 +611,9 @@ class _LayerJob(_Job):
         if named:
             self.order = named
         elif config.order in ("sensitivity", "efficiency") and config.analysis is not None:
-            self.order, self.drops = load_layer_analysis(config.analysis, self.meta.arch, self.units)
+            self.order, self.drops = load_layer_analysis(config.analysis, self.meta.arch, every_unit)
+            kept = {unit.name for unit in self.units}
+            self.order = [name for name in self.order if name in kept]
         elif config.order in ("sensitivity", "efficiency"):
             self.order = []  # measured once data is at hand
         else:

@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from dnnprune.errors import PruningError
 from dnnprune.files import read_text
+from dnnprune.patterns import select_layers
 from dnnprune.pruning.layers import Unit, find_units, remove_unit, strip_unit, unit_named
 from dnnprune.pruning.structured import Metric, model_size
 from dnnprune.tasks import Metrics, Task
@@ -126,11 +127,34 @@ def unit_order(units: Sequence[Unit], policy: str, seed: int) -> list[str]:
     return names
 
 
+def without_excluded(model: nn.Module, units: Sequence[Unit], patterns: Sequence[str]) -> list[Unit]:
+    """The units left once `--exclude` keeps every unit that holds an excluded layer (or is one)."""
+    if not patterns:
+        return list(units)
+    kept_layers = set(select_layers(model, patterns, what="exclude pattern"))
+    left = [unit for unit in units if not _holds_any(unit, kept_layers)]
+    if not left:
+        raise PruningError(f"--exclude {', '.join(patterns)} keeps every removable unit, so nothing can be removed; "
+                           "exclude less")
+    return left
+
+
+def _holds_any(unit: Unit, layers: set[str]) -> bool:
+    roots = (unit.name, *unit.members)
+    return any(layer == root or layer.startswith(f"{root}.") for layer in layers for root in roots)
+
+
 def chosen_units(units: Sequence[Unit], names: Sequence[str]) -> list[str]:
     """`--units`: the user's own pick, in the user's order, each checked against what this model can lose."""
     if len(set(names)) != len(names):
         raise PruningError(f"--units names a unit twice: {', '.join(n for n in dict.fromkeys(names) if names.count(n) > 1)}")
-    return [unit_named(units, name).name for name in names]
+    chosen = [unit_named(units, name) for name in names]
+    for unit in chosen:
+        if unit.params <= 0:
+            raise PruningError(f"removing {unit.name} would grow the model by {-unit.params:,} parameters: the Linear "
+                               "that bridges its neighbours is larger than the layers it replaces; leave it out of "
+                               "--units")
+    return [unit.name for unit in chosen]
 
 
 @dataclass
@@ -205,10 +229,10 @@ class Removal:
 def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal) -> tuple[nn.Module, list[dict[str, Any]]]:
     """Remove units until the plan is met; returns the model and one row per try.
 
-    Each try takes the first unit of `order` that is still in the model and not tried yet. With a
-    params/macs target a unit whose removal would not shrink the model now (a bottleneck Linear,
-    whose bridge widens the next layer) is passed over, not dropped: after other removals it can
-    shrink the model, and it is tried then. A unit rejected by the accuracy budget is not tried again.
+    Each try takes the first unit of `order` that is still in the model and not tried yet. A unit whose
+    removal would not shrink the model now in the target's metric (in parameters without a target) (a
+    bottleneck Linear, whose bridge widens the next layer) is passed over, not dropped: after other
+    removals it can shrink the model, and it is tried then. A unit rejected by the accuracy budget is not tried again.
     """
     baseline = env.evaluate(model) if env.max_drop is not None else None
     rows: list[dict[str, Any]] = []
@@ -244,7 +268,8 @@ def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env
 def _next_unit(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Removal, tried: set[str]) -> Unit | None:
     """The next untried unit still in the model that shrinks it: first in `order`, or the most efficient."""
     units = {u.name: u for u in find_units(model, env.input_shape)}
-    candidates = [units[n] for n in order if n not in tried and n in units and _shrinks(units[n], plan.target)]
+    metric = plan.target if plan.target in ("params", "macs") else "params"  # a removal never grows the model
+    candidates = [units[n] for n in order if n not in tried and n in units and _shrinks(units[n], metric)]
     if env.efficiency is not None:
         return efficiency_pick(candidates, env.efficiency, plan.target if plan.target in ("params", "macs") else "params")
     return candidates[0] if candidates else None

@@ -34,7 +34,7 @@ from dnnprune.scoring import netscore_block
 from dnnprune.sparse_exec import faster_layers, measure_linears, with_sparse_linears
 from dnnprune.surgery import ChannelGraph, execution_order
 from dnnprune.tasks import Task, make_task
-from dnnprune.training import evaluate, fit_loop, frozen_teacher
+from dnnprune.training import check_distillation_runs, evaluate, fit_loop, frozen_teacher
 
 NETSCORE_NOTE = ("netscore: p = all parameters (what dense execution stores and runs); "
                  "netscore_nonzero: p = non-zero parameters (what sparse storage keeps)")
@@ -93,6 +93,7 @@ class _DoubleJob:
         self.task: Task = make_task(self.meta.task)
         self.shape = tuple(self.meta.input_shape)
         self.phases = 0
+        check_distillation_runs(section.finetune, steps=section.sparsity_steps + section.finetune_steps)
         self.teacher = frozen_teacher(self.model, section.finetune)
         self.seconds: dict[str, float] = {}
 
@@ -109,7 +110,7 @@ class _DoubleJob:
         # sizes that decide what is reachable: with the gammas as they are (no sparsity training) the plan
         # is made on a slimmed copy, exactly; otherwise `_slimming` checks again before fine-tuning.
         probe_slimming = section.slimming_ratio > 0 and section.sparsity > 0 and section.sparsity_steps == 0
-        if section.slimming_ratio > 0 and not probe_slimming:
+        if section.slimming_ratio > 0:
             check_slimmable(self.model, ChannelGraph(self.model, self.shape))
         if probe_slimming:
             try:

@@ -15,6 +15,8 @@ from typing import Callable, Literal, Sequence
 import torch
 import torch.nn as nn
 
+from dnnprune.checkpoint import META_ATTRIBUTE
+from dnnprune.codecs.state import encoded_nbytes
 from dnnprune.errors import PruningError
 from dnnprune.latency import LayerTable, input_spatial_sizes, is_depthwise
 from dnnprune.metrics import count_macs, count_parameters
@@ -137,10 +139,23 @@ def apply_plan(graph: ChannelGraph, scores: dict[str, torch.Tensor], plan: Plan)
 
 
 def model_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
-    """Parameters, MACs (batch 1) and tensor bytes (parameters and buffers as stored)."""
-    tensors = model.state_dict().values()
+    """Parameters, MACs (batch 1) and tensor bytes as the checkpoint stores them (parameters and buffers)."""
     return {"params": count_parameters(model), "macs": sum(count_macs(model, tuple(input_shape)).values()),
-            "bytes": sum(t.numel() * t.element_size() for t in tensors)}
+            "bytes": stored_bytes(model)}
+
+
+def stored_bytes(model: nn.Module) -> int:
+    """The tensors' bytes in the checkpoint: an encoded (sparse or quantized) weight counts its stored parts,
+    so a bytes target on a sparse model is what its file loses, not what a dense copy would."""
+    meta = getattr(model, META_ATTRIBUTE, None)
+    encodings = getattr(meta, "encodings", None) or {}
+    total = 0
+    for name, tensor in model.state_dict().items():
+        if name in encodings:
+            total += encoded_nbytes(tensor.detach().cpu(), encodings[name])
+        else:
+            total += tensor.numel() * tensor.element_size()
+    return total
 
 
 def pruned_size(model: nn.Module, input_shape: Sequence[int], scores: dict[str, torch.Tensor], plan: Plan,

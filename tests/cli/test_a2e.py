@@ -207,8 +207,11 @@ def test_prune_remove_n_in_sensitivity_order(runner: CliRunner, trained: Trained
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     assert report["mode"] == "layers" and report["layer_order"] == order
-    assert [(s["unit"], s["accepted"]) for s in report["steps"]] == [(order[0], True), (order[1], True)]
-    assert {row["name"] for row in report["layers"] if row["removed"]} == set(order[:2])
+    # In the analysis' order, passing over a unit whose removal would now grow the model (a bottleneck).
+    steps = report["steps"]
+    assert steps[0]["unit"] == order[0] and len(steps) == 2 and all(s["accepted"] and s["unit_params"] > 0 for s in steps)
+    assert order.index(steps[0]["unit"]) < order.index(steps[1]["unit"])
+    assert {row["name"] for row in report["layers"] if row["removed"]} == {s["unit"] for s in steps}
     assert len(report["layers"]) == 5 and report["after"]["params"] == report["steps"][-1]["params"]
     model = dnnprune.load(out)
     assert len(find_units(model, (1, 1, 30))) == 3
@@ -261,7 +264,7 @@ def test_accuracy_aware_puts_back_a_unit_over_budget(runner: CliRunner, trained:
 
     def punishing(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         metrics = real(model, *args, **kwargs)
-        if isinstance(model.net[7], torch.nn.Identity) and metrics.values.get("roc_auc") is not None:
+        if isinstance(model.net[5], torch.nn.Identity) and metrics.values.get("roc_auc") is not None:
             metrics.values["roc_auc"] -= 0.3
         return metrics
 
@@ -273,15 +276,16 @@ def test_accuracy_aware_puts_back_a_unit_over_budget(runner: CliRunner, trained:
     assert result.exit_code == 0, result.output
     report = json.loads(out.with_suffix(".json").read_text())
     steps = report["steps"]
-    assert [(s["unit"], s["accepted"]) for s in steps] == [("net.9", True), ("net.7", False), ("net.5", True)]
-    assert steps[1]["drop"] > 0.1 and "kept (over budget)" in result.output
+    # net.7 and net.3 are passed over: with net.9 gone, removing either would grow the model.
+    assert [(s["unit"], s["accepted"]) for s in steps] == [("net.9", True), ("net.5", False), ("net.1", True)]
+    assert steps[1]["drop"] > 0.1 and "put back (drop over budget)" in result.output
     for step in steps:
         assert step["finetune_steps"] == 3 and step["accepted"] == (step["drop"] <= 0.1)
     assert [s["removed"] for s in steps] == [1, 1, 2]
-    accepted = ["net.9", "net.5"]
+    accepted = ["net.9", "net.1"]
     assert {row["name"] for row in report["layers"] if row["removed"]} == set(accepted)
     model = dnnprune.load(out)
-    assert isinstance(model.net[7], torch.nn.Linear)  # put back
+    assert isinstance(model.net[5], torch.nn.Linear)  # put back
     assert all(isinstance(model.net[int(u.split(".")[1])], torch.nn.Identity) for u in accepted)
 
 
@@ -455,3 +459,12 @@ def test_shared_a2e_classifier_trains_layer_prunes_and_reloads(runner: CliRunner
     model = dnnprune.load(pruned).eval()
     assert sum(isinstance(m, torch.nn.Linear) for m in model.modules()) == 3
     assert reload_in_new_process([record_io(model, pruned, (1, 28, 28))]) == {str(pruned): True}
+
+
+def test_the_layer_analysis_never_suggests_a_unit_whose_removal_grows_the_model(trained: Trained) -> None:
+    """On the 64-16-64-16-64 accordion, removing a 16-wide bottleneck bridges two 64-wide layers with a
+    larger one: however little it costs, it is not suggested, and the table says it grows."""
+    layers = {layer["name"]: layer for layer in json.loads(trained.analysis.read_text())["layers"]}
+    assert layers["net.3"]["params"] < 0 and layers["net.7"]["params"] < 0
+    assert layers["net.3"]["suggested_ratio"] == 0 and layers["net.7"]["suggested_ratio"] == 0
+    assert "grows" in trained.analyze_output and "saves params %" in trained.analyze_output

@@ -148,7 +148,7 @@ def test_accuracy_aware_first_steps_jump_to_the_analysis_suggestions(runner: Cli
     (["--granularity", "layer", "--target", "bytes:2"], ("params:F or macs:F",)),
     (["--units", "classifier.1"], ("--units names whole units", "--granularity layer")),
     (["--granularity", "layer", "--units", "classifier.9"], ("'classifier.9' is not a removable unit", "classifier.1")),
-    (["--granularity", "layer", "--units", "classifier.1", "--remove", "1"], ("drop --remove and --target",)),
+    (["--granularity", "layer", "--units", "classifier.1", "--remove", "1"], ("--units names exactly what to remove: drop --remove (prune.remove)",)),
     (["--granularity", "layer", "--units", "classifier.1,classifier.1"], ("names a unit twice: classifier.1",)),
     (["--ratio", "0.5", "--report-latency", "--latency-runtime", "tvm"], ("prune.latency_runtime", "fused")),
     (["--ratio", "0.5", "--plan-cost", "macs"], ("plan_cost macs", "--accuracy-aware", "--target")),
@@ -255,6 +255,7 @@ def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path
 @pytest.mark.parametrize("options, fragments", [
     (["--teacher", "{lenet}"], ("teacher is set", "--distill")),
     (["--distill", "1.5"], ("distill", "less than or equal to 1")),
+    (["--distill", "0.5", "--no-evaluate"], ("distillation acts through fine-tuning", "no fine-tune is set to run")),
 ])
 def test_bad_distill_options_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path: Path, lenet_checkpoint: Path,
                                                              command: str, options: list[str],

@@ -175,3 +175,40 @@ def test_normal_classes_name_the_csv_labels_not_their_positions(runner: CliRunne
     wrong = runner.invoke(app, ["train", "a2e", "-r", str(recipe), "--dataset", "csv", "--data-root", str(data),
                                 "-o", str(tmp_path / "other.safetensors")])
     _assert_clean_failure(wrong, "model.task.normal_classes: 0 is not one of the data's labels ('1', '2')")
+
+
+def test_a_holdout_table_is_scored_whole_with_split_all_and_the_default_says_what_it_left_out(
+        runner: CliRunner, tmp_path: Path) -> None:
+    data = _table(tmp_path / "data.csv")
+    out = tmp_path / "mlp.safetensors"
+    assert runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                               "--data-root", str(data), "-o", str(out)]).exit_code == 0
+    holdout = tmp_path / "holdout.csv"
+    holdout.write_text("\n".join(data.read_text().splitlines()[:121]) + "\n")  # the header and 120 rows
+    default = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--no-latency"])
+    assert default.exit_code == 0, default.output
+    assert "of the data's 120 samples; --split all scores every one" in default.output
+    whole = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--no-latency", "--split", "all",
+                                "--report", str(tmp_path / "all.json")])
+    assert whole.exit_code == 0, whole.output
+    report = json.loads((tmp_path / "all.json").read_text())
+    assert report["split"] == "all" and report["metrics"]["samples"] == 120 == report["dataset_samples"]
+
+
+def test_a_pipe_named_as_the_csv_is_refused_as_not_a_file(runner: CliRunner, tmp_path: Path) -> None:
+    import os
+
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    result = runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml")), "--dataset", "csv",
+                                 "--data-root", str(fifo), "-o", str(tmp_path / "m.safetensors")])
+    _assert_clean_failure(result, "is not a regular file (a pipe, socket or device)")
+
+
+def test_an_autoencoder_asked_to_classify_names_the_classifier_to_use(runner: CliRunner, tmp_path: Path) -> None:
+    data = _table(tmp_path / "data.csv")
+    recipe = _recipe(tmp_path / "r.yaml", "model:\n  task: {kind: classification}\n")
+    result = runner.invoke(app, ["train", "a2e", "-r", str(recipe), "--dataset", "csv", "--data-root", str(data),
+                                 "-o", str(tmp_path / "m.safetensors")])
+    _assert_clean_failure(result, "a2e is built for reconstruction, but model.task.kind is classification; use "
+                                  "a2e_classifier")
