@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -239,6 +240,10 @@ class QuantizeReport(Report):
     primary_metric: str
     layers: list[dict[str, Any]]
     kept_as_is: dict[str, str] = {}
+    not_quantizable: dict[str, int] = Field(default_factory=dict, description="weight tensors no quantize pattern "
+                                            "can reach (not a Linear or Conv weight, e.g. attention's packed "
+                                            "in_proj_weight or an embedding), with their parameter counts; they "
+                                            "stay float32")
     finetune: dict[str, Any] | None
     totals: dict[str, Any]
     metrics: dict[str, Any]
@@ -284,11 +289,19 @@ def quantize(model: nn.Module, section: QuantizeSection, *, data: DataSection, d
     body = result.as_dict()
     return model, QuantizeReport(
         method=section.method, primary_metric=task.primary, layers=body["layers"], kept_as_is=body["kept_as_is"],
-        finetune=body["finetune"],
+        not_quantizable=not_quantizable(model), finetune=body["finetune"],
         totals=_totals(model, meta, result),
         metrics={"split": "test", "before": before.as_dict() if before else None,
                  "after": after.as_dict() if after else None},
         int8_execution=int8, section=section.model_dump(mode="json"))
+
+
+def not_quantizable(model: nn.Module) -> dict[str, int]:
+    """Matrices (2-D and up) that are not the weight of a layer quantize encodes: a user asking for every
+    layer should learn what stays float32 (a ViT's attention projections hold a quarter of its weights)."""
+    reachable = {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, SUPPORTED)}
+    return {name: tensor.numel() for name, tensor in model.named_parameters()
+            if tensor.dim() >= 2 and name not in reachable}
 
 
 def _totals(model: nn.Module, meta: CheckpointMeta, result: QuantizeResult) -> dict[str, Any]:

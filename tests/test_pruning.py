@@ -707,3 +707,22 @@ def test_layer_pruning_reports_latency_when_asked() -> None:
                                           latency_batch=2, latency_repeats=3))
     assert report.latency is not None and [row["batch_size"] for row in report.latency["rows"]] == [1, 2]
     assert all(row["before_ms"] > 0 and row["after_ms"] > 0 for row in report.latency["rows"])
+
+
+class _Shuffle(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        return x.view(b, 2, c // 2, h, w).transpose(1, 2).reshape(b, c, h, w)
+
+
+def test_a_model_with_every_group_locked_is_refused_with_the_reason_and_what_else_to_do() -> None:
+    """A ViT's MLP Linears, or convs feeding channel shuffles, are locked; the refusal used to say only
+    'all excluded, locked or output layers'."""
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), _Shuffle(), nn.Conv2d(8, 8, 3, padding=1), _Shuffle(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    meta = CheckpointMeta(arch="lenet5", arch_args={}, input_shape=(1, 8, 8))
+    with pytest.raises(PruningError) as caught:
+        prune(attach_meta(model, meta), PruneSection(ratio=0.5, evaluate=False))
+    message = str(caught.value)
+    assert "has no prunable channel group" in message and "locked, e.g." in message and "channel shuffle" in message
+    assert "`quantize`" in message and "--slimming-ratio 0" in message

@@ -393,3 +393,20 @@ def test_a_finetune_that_makes_outputs_non_finite_is_undone_even_when_top1_ties(
     result, verdict = undone_if_worse(model, ruin, val, "cpu", task=make_task(), confidence=0.95)
     assert result == "ran" and verdict["kept"] is False
     assert all(torch.equal(model.state_dict()[key], before[key]) for key in before)
+
+
+def test_weights_no_pattern_can_reach_are_listed_as_staying_float() -> None:
+    """A ViT's attention keeps its projections in one `in_proj_weight` of MultiheadAttention, not in a Linear:
+    `--layers '*'` cannot encode them, and the report says so instead of leaving a quarter of the model float."""
+    from dnnprune.quantization import not_quantizable
+
+    class Attending(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.position = nn.Parameter(torch.zeros(1, 3, 8))
+            self.head = nn.Linear(8, 2)
+
+    left = not_quantizable(Attending())
+    assert left == {"position": 24, "attention.in_proj_weight": 192}  # out_proj is a Linear, so it is reachable

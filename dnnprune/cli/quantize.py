@@ -105,6 +105,12 @@ def _summary(body: QuantizeReport, output: Path, report_path: Path) -> str:
     totals = body.totals
     lines = [f"kept as it was: {name} ({why}; quantize.keep_larger: true encodes it anyway)"
              for name, why in body.kept_as_is.items()]
+    if body.not_quantizable:
+        left = sum(body.not_quantizable.values())
+        example = next(iter(body.not_quantizable))
+        lines.append(f"not quantizable here: {len(body.not_quantizable)} tensor(s), {left:,} parameters "
+                     f"({left / max(1, totals['params']):.1%} of the model) stay float32, e.g. {example} (only Linear "
+                     "and Conv weights are encoded; the report's not_quantizable lists them)")
     before = totals["disk_bytes_before"]
     lines.append(f"file {before:,} -> {totals['disk_bytes_after']:,} bytes ({totals['compression']:.2f}x), "
                  f"{totals['effective_bits_per_weight']:.2f} bits per weight, predicted {totals['predicted_file_bytes']:,}")

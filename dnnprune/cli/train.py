@@ -82,6 +82,8 @@ def _print_summary(result: TrainReport, output: Path, report_path: Path) -> None
         top1 = [_number(row.get("train_top1"))] if classifier else []
         table.add_row(str(row["epoch"]), f"{row['train_loss']:.4f}", *top1, _number(row.get(key)), f"{row['lr']:.2e}")
     console.print(table)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     console.print(f"test {result.primary_metric} {_number(result.test.get(result.primary_metric))}  ->  {output}  "
                   f"(report {report_path})")
 

@@ -150,6 +150,18 @@ def prune(model: nn.Module, section: PruneSection, *, data: DataSection, device:
     return model, report
 
 
+def _nothing_prunable(arch: str, graph: ChannelGraph, exclude: list[str]) -> str:
+    """Why no channel group is left, with the first lock's reason, and what else compresses the model."""
+    why = "every group is excluded" if graph.all_groups else "no layer's output channels can be removed alone"
+    if graph.locked:
+        name, reason = next(iter(graph.locked.items()))
+        why += f"; {len(graph.locked)} layer(s) are locked, e.g. {name}: {reason}"
+    elif exclude and graph.all_groups:
+        why += f" by --exclude {', '.join(exclude)}"
+    return (f"{arch} has no prunable channel group ({why}); compress it with `quantize`, or `double-prune "
+            "--slimming-ratio 0` (magnitude pruning only)")
+
+
 def _check_how_much_target(config: PruneSection) -> None:
     if config.target is not None and config.target_factor is None:
         raise PruningError(f"target {config.target!r} needs target_factor (e.g. --target {config.target}:3)")
@@ -227,7 +239,7 @@ class _Job:
                                "prune the float checkpoint, then quantize it")
         self.graph = ChannelGraph(self.model, self.shape, exclude=config.exclude)
         if not self.graph.groups:
-            raise PruningError(f"{self.meta.arch} has no prunable layer left (all excluded, locked or output layers)")
+            raise PruningError(_nothing_prunable(self.meta.arch, self.graph, config.exclude))
         self.widths_before = self.graph.widths()
         self.fixed = pattern_ratios(self.model, self.graph, config.ratios) if config.ratios else {}
         self.analysis = load_analysis(config.analysis, self.meta.arch, self.graph) if config.analysis else None
