@@ -132,6 +132,9 @@ def _preprocessing(meta: CheckpointMeta, *, raw: bool) -> dict[str, Any]:
     else:
         described["expects"] = ("(value - feature_mean) / feature_std per column, then (z - mean) / std" if table
                                 else "pixel values in [0, 1] at the input shape, then (x - mean) / std per channel")
+    if meta.task.kind == "reconstruction":
+        described["output"] = ("the reconstruction of the scaled input (as in 'expects' without --raw-inputs): an "
+                               "anomaly score is the mean squared difference between the two")
     return described
 
 

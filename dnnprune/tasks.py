@@ -44,10 +44,7 @@ def normal_positions(labels: list[int | str], classes: list[str]) -> tuple[int, 
     first (a file labelled 1 and 2 has `1` at position 0); where the labels are words (fashion-mnist's
     'T-shirt/top'), a number is the dataset's label number, which is its position."""
     numeric = bool(classes) and all(_as_int(name) is not None for name in classes)
-    positions = []
-    for label in labels:
-        positions.append(_position(label, classes, numeric))
-    return tuple(sorted(set(positions)))
+    return tuple(sorted({_position(label, classes, numeric) for label in labels}))
 
 
 def _position(label: int | str, classes: list[str], numeric: bool) -> int:

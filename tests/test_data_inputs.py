@@ -17,7 +17,7 @@ from dnnprune.data import InputSpec, image_folder_classes, load_splits, make_loa
 from dnnprune.errors import DatasetError
 from dnnprune.image_folder import read_image
 from dnnprune.loaders import check_fits
-from dnnprune.recipe import TaskSpec
+from dnnprune.tasks import TaskSpec
 from tests.fakedata import idx_bytes, write_creditcard, write_mnist
 
 _GOOD = "a,b,c,Class\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 2},{i % 2}\n" for i in range(60))

@@ -230,9 +230,9 @@ def remove_in_order(model: nn.Module, order: Sequence[str], plan: DepthPlan, env
     """Remove units until the plan is met; returns the model and one row per try.
 
     Each try takes the first unit of `order` that is still in the model and not tried yet. A unit whose
-    removal would not shrink the model now in the target's metric (in parameters without a target) (a
-    bottleneck Linear, whose bridge widens the next layer) is passed over, not dropped: after other
-    removals it can shrink the model, and it is tried then. A unit rejected by the accuracy budget is not tried again.
+    removal would not shrink the model now, in the target's metric or else in parameters (a bottleneck
+    Linear, whose bridge widens the next layer), is passed over, not dropped: after other removals it can
+    shrink the model, and it is tried then. A unit rejected by the accuracy budget is not tried again.
     """
     baseline = env.evaluate(model) if env.max_drop is not None else None
     rows: list[dict[str, Any]] = []
@@ -271,7 +271,7 @@ def _next_unit(model: nn.Module, order: Sequence[str], plan: DepthPlan, env: Rem
     metric = plan.target if plan.target in ("params", "macs") else "params"  # a removal never grows the model
     candidates = [units[n] for n in order if n not in tried and n in units and _shrinks(units[n], metric)]
     if env.efficiency is not None:
-        return efficiency_pick(candidates, env.efficiency, plan.target if plan.target in ("params", "macs") else "params")
+        return efficiency_pick(candidates, env.efficiency, metric)
     return candidates[0] if candidates else None
 
 

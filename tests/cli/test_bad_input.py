@@ -157,7 +157,8 @@ def test_a_pipe_or_device_is_refused_without_reading_it(runner: CliRunner, tmp_p
     args = {
         "checkpoint": ["quantize", special, "--bits", "4", "--no-evaluate", "-o", out],
         "info": ["info", special],
-        "teacher": ["quantize", lenet, "--bits", "4", "--teacher", special, "--distill", "0.5", "-o", out],
+        "teacher": ["quantize", lenet, "--bits", "4", "--teacher", special, "--distill", "0.5", "--finetune-epochs", "1",
+                    "-o", out],
         "analysis": ["prune", lenet, "--ratio", "0.3", "--order", "sensitivity", "--analysis", special,
                      "--no-evaluate", "-o", out],
         "recipe": ["prune", lenet, "-r", special, "--ratio", "0.3", "--no-evaluate", "-o", out],
