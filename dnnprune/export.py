@@ -48,6 +48,7 @@ class ExportReport(Report):
     raw_inputs: bool = Field(False, description="whether the input scaling is inside the graph")
     preprocessing: dict[str, Any] = Field(default_factory=dict, description="what the ONNX input expects; also in "
                                                                             "the file's metadata under 'dnnprune'")
+    warnings: list[str] = Field(default_factory=list)
 
 
 @command("export", lineage=False)
@@ -55,6 +56,10 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
            output: Path) -> tuple[nn.Module, ExportReport]:
     """Write `output` (ONNX) only after onnxruntime agrees with PyTorch."""
     meta = meta_of(model)
+    if section.raw_inputs and meta.task.kind == "reconstruction":
+        raise DnnpruneError("--raw-inputs does not suit an autoencoder: it reconstructs the scaled input, and its "
+                            "anomaly score compares the two in scaled units; export without it and scale inputs as "
+                            "the ONNX metadata says")
     model = model.cpu().eval()
     shape = tuple(meta.input_shape)
     shift, scale = _input_scaling(meta)
@@ -70,8 +75,26 @@ def export(model: nn.Module, section: ExportSection, *, data: DataSection, devic
     report = ExportReport(output=str(output), onnx_bytes=len(payload), opset=section.opset, exporter=section.exporter,
                           input_name=session.get_inputs()[0].name, input_shape=list(session.get_inputs()[0].shape),
                           dense_layers=sorted(meta.encodings), parity=parity, latency=latency,
-                          raw_inputs=section.raw_inputs, preprocessing=preprocessing)
+                          raw_inputs=section.raw_inputs, preprocessing=preprocessing,
+                          warnings=_float32_columns(meta) if section.raw_inputs else [])
     return model, report
+
+
+def _float32_columns(meta: CheckpointMeta) -> list[str]:
+    """Raw float32 inputs keep about 7 significant digits: a column of timestamps near 1.7e9 that vary by a
+    thousand loses a tenth of its spread before the graph can centre it."""
+    if meta.feature_mean is None or meta.feature_std is None:
+        return []
+    names = meta.features or [str(i) for i in range(len(meta.feature_mean))]
+    lost = {name: abs(mean) * 2.0 ** -24 / std for name, mean, std in zip(names, meta.feature_mean, meta.feature_std)
+            if std > 0}
+    coarse = sorted((name for name, share in lost.items() if share > 1e-4), key=lambda n: -lost[n])
+    if not coarse:
+        return []
+    worst = coarse[0]
+    return [f"{len(coarse)} column(s) lose precision as float32 raw inputs (worst: {worst!r}, rounded by "
+            f"{lost[worst]:.1e} of its spread: large values with a small spread); for exact results export without "
+            "--raw-inputs and scale those columns in float64 before the model"]
 
 
 class RawInputs(nn.Module):
@@ -133,8 +156,10 @@ def _preprocessing(meta: CheckpointMeta, *, raw: bool) -> dict[str, Any]:
         described["expects"] = ("(value - feature_mean) / feature_std per column, then (z - mean) / std" if table
                                 else "pixel values in [0, 1] at the input shape, then (x - mean) / std per channel")
     if meta.task.kind == "reconstruction":
-        described["output"] = ("the reconstruction of the scaled input (as in 'expects' without --raw-inputs): an "
-                               "anomaly score is the mean squared difference between the two")
+        described["output"] = ("the reconstruction of the scaled input: an anomaly score is the mean squared "
+                               "difference between the two")
+        classes = meta.classes or []
+        described["normal_labels"] = [classes[i] if i < len(classes) else i for i in meta.task.normal_classes]
     return described
 
 

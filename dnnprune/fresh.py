@@ -70,7 +70,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     std = per_channel(data.std, shape[0], "data.std") if data.std else fit_channels(base.std, shape[0])
     classes = list(DATASETS[dataset].classes or file_classes)
     scaling = table.scaling if table is not None else None
-    task = _task(model, arch, classes)
+    task = _task(model, arch, classes, numbered=bool(DATASETS[dataset].classes))
     args = {"in_channels": shape[0], **model.args}
     if task.kind == "classification":
         args = {"num_classes": len(classes) or 2, **args}
@@ -89,7 +89,7 @@ def new_model(arch: str, model: ModelSection, data: DataSection, seed: int) -> n
     return attach_meta(built, meta)
 
 
-def _task(model: ModelSection, arch: str, classes: list[str]) -> TaskSpec:
+def _task(model: ModelSection, arch: str, classes: list[str], *, numbered: bool) -> TaskSpec:
     """The recipe's task, its normal labels turned into the class positions the checkpoint stores."""
     if model.task is None:
         return TaskSpec(kind=model_task(arch))
@@ -98,7 +98,8 @@ def _task(model: ModelSection, arch: str, classes: list[str]) -> TaskSpec:
         fix = "a2e_classifier (or mlp)" if serves == "reconstruction" else "a2e (an autoencoder)"
         raise ModelError(f"{arch} is built for {serves}, but model.task.kind is {model.task.kind}; use {fix} for "
                          f"{model.task.kind}, or drop model.task.kind")
-    return TaskSpec(kind=model.task.kind, normal_classes=normal_positions(model.task.normal_classes, classes))
+    return TaskSpec(kind=model.task.kind,
+                    normal_classes=normal_positions(model.task.normal_classes, classes, numbered=numbered))
 
 
 def _base_spec(dataset: str, data: DataSection) -> tuple[InputSpec, list[str], Splits | None]:

@@ -95,15 +95,22 @@ def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | N
 
 def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, samples: int | None = None,
                   seed: int = 0) -> Dataset:
-    splits = splits_for(meta, section)
-    dataset = ConcatDataset([splits.train, splits.val, splits.test]) if split == "all" else getattr(splits, split)
+    if split == "all":
+        splits = splits_for(meta, _unlimited(section))
+        dataset: Dataset = ConcatDataset([splits.train, splits.val, splits.test])
+    else:
+        dataset = getattr(splits_for(meta, section), split)
     return stratified_subset(dataset, samples, seed) if samples else dataset
 
 
 def dataset_size(meta: CheckpointMeta, section: DataSection) -> int:
-    """Samples in the three splits together: what `--split all` scores."""
-    splits = splits_for(meta, section)
+    """Samples in the three splits together, whatever `train_limit` says: what `--split all` scores."""
+    splits = splits_for(meta, _unlimited(section))
     return len(splits.train) + len(splits.val) + len(splits.test)
+
+
+def _unlimited(section: DataSection) -> DataSection:
+    return section.model_copy(update={"train_limit": None}) if section.train_limit is not None else section
 
 
 def subset_size(section: BaseModel, field: str, meta: CheckpointMeta, data: DataSection, split: SplitName) -> int | None:

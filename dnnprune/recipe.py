@@ -41,8 +41,20 @@ class TaskSection(Section):
     kind: TaskKind = "classification"
     normal_classes: list[int | str] = Field(
         default_factory=list, max_length=10_000,
-        description="reconstruction: the labels that are normal, as the data names them (a dataset with word "
-                    "names, like fashion-mnist, also takes its label numbers); every other class is an anomaly")
+        description="reconstruction: the labels that are normal, as the data names them (a built-in dataset "
+                    "with word names, like fashion-mnist, also takes its label numbers); every other class is an "
+                    "anomaly")
+
+    @field_validator("normal_classes", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, value: Any) -> Any:
+        """YAML reads the labels no, yes, on, off as false/true: a label `no` would become class 1."""
+        if isinstance(value, list) and any(isinstance(item, bool) for item in value):
+            raise ValueError("holds true/false, which is how YAML reads yes, no, on, off, true and false; quote "
+                             "the label as the data writes it (e.g. \"no\")")
+        if isinstance(value, list):
+            return [str(item) if isinstance(item, float) else item for item in value]
+        return value
 
 
 class ModelSection(Section):

@@ -39,15 +39,16 @@ class TaskSpec(BaseModel):
         (), description="reconstruction: class indices that are normal; every other class is an anomaly")
 
 
-def normal_positions(labels: list[int | str], classes: list[str]) -> tuple[int, ...]:
+def normal_positions(labels: list[int | str], classes: list[str], *, numbered: bool = False) -> tuple[int, ...]:
     """The class positions of the labels a user calls normal. A label is matched to the data's own labels
-    first (a file labelled 1 and 2 has `1` at position 0); where the labels are words (fashion-mnist's
-    'T-shirt/top'), a number is the dataset's label number, which is its position."""
+    first (a file labelled 1 and 2 has `1` at position 0). `numbered`: the dataset defines label numbers
+    (fashion-mnist's 0 is 'T-shirt/top'), so a number that names no label is that label number; a file's
+    word labels have no numbers, and a number there is refused rather than guessed."""
     numeric = bool(classes) and all(_as_int(name) is not None for name in classes)
-    return tuple(sorted({_position(label, classes, numeric) for label in labels}))
+    return tuple(sorted({_position(label, classes, numeric, numbered or not classes) for label in labels}))
 
 
-def _position(label: int | str, classes: list[str], numeric: bool) -> int:
+def _position(label: int | str, classes: list[str], numeric: bool, numbered: bool) -> int:
     text = str(label).strip()
     if text in classes:
         return classes.index(text)
@@ -56,7 +57,7 @@ def _position(label: int | str, classes: list[str], numeric: bool) -> int:
         if matches:
             return matches[0]
     number = None if isinstance(label, bool) else _as_int(text)
-    if not numeric and number is not None and (not classes or 0 <= number < len(classes)):
+    if numbered and not numeric and number is not None and (not classes or 0 <= number < len(classes)):
         return number
     shown = ", ".join(repr(name) for name in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
     raise DatasetError(f"model.task.normal_classes: {label!r} is not one of the data's labels ({shown}); name "

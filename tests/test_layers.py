@@ -332,7 +332,12 @@ def test_a_bottleneck_removal_that_would_enlarge_the_model_is_skipped_for_a_size
     _, rows = remove_in_order(_a2e((16, 4, 16)), ["net.3", "net.1"], plan, _removal(ROW))
     assert [r["unit"] for r in rows] == ["net.1"]
     with pytest.raises(PruningError, match="removing net.3 would grow the model by"):
-        chosen_units(find_units(model, ROW), ["net.3"])
+        chosen_units(model, find_units(model, ROW), ["net.3"], ROW)
+    # In the user's order: once its wide neighbour is gone, the bottleneck shrinks the model.
+    wide = _a2e((64, 16, 64, 16, 64))
+    assert chosen_units(wide, find_units(wide, ROW), ["net.5", "net.3"], ROW) == ["net.5", "net.3"]
+    with pytest.raises(PruningError, match="removing net.3 would grow"):
+        chosen_units(wide, find_units(wide, ROW), ["net.3", "net.5"], ROW)
 
 
 def test_efficiency_takes_the_wide_input_layer_first_where_it_saves_most_per_point() -> None:

@@ -689,7 +689,9 @@ def test_layer_granularity_refuses_what_it_would_ignore_and_keeps_excluded_units
                ({"remove": 1, "criterion": "taylor"}, "prune.criterion shapes channel pruning"),
                ({"remove": 1, "round_to": 8, "latency_widths": True}, "prune.round_to, prune.latency_widths shape"),
                ({"remove": 1, "exclude": ["layer*"]}, "keeps every removable unit"),
-               ({"units": ["layer1.0"], "target": "params", "target_factor": 1.2}, "drop --target (prune.target)")]
+               ({"units": ["layer1.0"], "target": "params", "target_factor": 1.2}, "drop --target (prune.target)"),
+               ({"remove": 1, "target": "params", "target_factor": 1.2}, "say how much to remove twice"),
+               ({"units": ["layer3.2"], "exclude": ["layer3.2"]}, "--units names layer3.2, which --exclude keeps")]
     for fields, fragment in refused:
         with pytest.raises(PruningError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
             prune(dnnprune.load(resnet), PruneSection(granularity="layer", evaluate=False, **fields))

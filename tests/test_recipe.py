@@ -116,3 +116,16 @@ def test_cli_refuses_a_yes_no_bits_in_one_line(tmp_path: Path) -> None:
 def test_a_learning_rate_past_any_use_is_refused_before_it_overflows_a_step(key: str) -> None:
     with pytest.raises(RecipeError, match="less than or equal to 100"):
         load_recipe(None, {key: 1e308})
+
+
+@pytest.mark.parametrize("written", ["[no]", "[yes]", "[off]", "[true]"])
+def test_a_yaml_boolean_among_the_normal_labels_asks_for_quotes(tmp_path: Path, written: str) -> None:
+    """YAML reads `no` as false: a CSV labelled no/fraud with `normal_classes: [no]` trained on the frauds."""
+    from dnnprune.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model:\n  task: {{kind: reconstruction, normal_classes: {written}}}\n")
+    with pytest.raises(RecipeError, match="how YAML reads yes, no, on, off"):
+        load_recipe(path, {})
+    path.write_text('model:\n  task: {kind: reconstruction, normal_classes: ["no", 1.5]}\n')
+    assert load_recipe(path, {}).model.task.normal_classes == ["no", "1.5"]

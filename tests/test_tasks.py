@@ -195,8 +195,6 @@ def test_drop_is_points_for_accuracy_and_relative_for_mse() -> None:
     ([2, 1], ["1", "2"], (0, 1)),
     ([0], ["0", "1"], (0,)),                      # Kaggle's creditcard: labels and positions agree
     (["normal"], ["fraud", "normal"], (1,)),      # word labels, which had no way to be named
-    ([0, 9], [f"class{i}" for i in range(10)], (0, 9)),  # a word-named dataset's label numbers
-    (["3"], [f"class{i}" for i in range(10)], (3,)),
     ([1.0], ["1", "2"], (0,)),
 ])
 def test_normal_classes_are_the_data_labels_resolved_to_positions(labels: list, classes: list[str],
@@ -204,6 +202,17 @@ def test_normal_classes_are_the_data_labels_resolved_to_positions(labels: list, 
     from dnnprune.tasks import normal_positions
 
     assert normal_positions(labels, classes) == positions
+
+
+def test_a_built_in_dataset_also_takes_its_label_numbers_but_a_file_of_word_labels_does_not() -> None:
+    from dnnprune.errors import DatasetError
+    from dnnprune.tasks import normal_positions
+
+    names = [f"class{i}" for i in range(10)]
+    assert normal_positions([0, 9], names, numbered=True) == (0, 9)  # fashion-mnist's label numbers
+    assert normal_positions(["3", "class4"], names, numbered=True) == (3, 4)
+    with pytest.raises(DatasetError, match="0 is not one of the data's labels \\('fraud', 'normal'\\)"):
+        normal_positions([0], ["fraud", "normal"])  # was read as 'fraud', the first label in sorted order
 
 
 @pytest.mark.parametrize("labels, classes", [([0], ["1", "2"]), ([3], ["1", "2"]), (["fraudd"], ["fraud", "ok"]),

@@ -45,6 +45,8 @@ def export_command(
     _, result = export(model, config.export, output=output)
     path = write_command_report("export", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
     console.print(_table(result))
+    for warning in result.warnings:
+        console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     console.print(f"-> {output}  (report {path})")
 
 

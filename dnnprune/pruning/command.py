@@ -593,6 +593,8 @@ class _LayerJob(_Job):
 
     def validate(self) -> None:
         config = self.config
+        if config.remove is not None and config.target is not None:
+            raise PruningError("--remove N and --target say how much to remove twice; give one of them")
         if config.units and (config.remove is not None or config.target is not None):
             given = [option for option, value in (("--remove (prune.remove)", config.remove),
                                                   ("--target (prune.target)", config.target)) if value is not None]
@@ -616,7 +618,10 @@ class _LayerJob(_Job):
         self.base_size = model_size(self.model, self.shape)
         if config.report_latency:
             self.original = copy.deepcopy(self.model).cpu()
-        named = chosen_units(self.units, config.units)
+        excluded = sorted(set(config.units) & ({u.name for u in every_unit} - {u.name for u in self.units}))
+        if excluded:
+            raise PruningError(f"--units names {', '.join(excluded)}, which --exclude keeps; drop one of the two")
+        named = chosen_units(self.model, self.units, config.units, self.shape)
         self.plan = DepthPlan(len(named) if named else config.remove, config.target, config.target_factor, self.base_size)
         check_reachable(self.model, self.units, self.plan, self.shape)
         self.drops: dict[str, float] | None = None

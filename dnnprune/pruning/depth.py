@@ -144,17 +144,24 @@ def _holds_any(unit: Unit, layers: set[str]) -> bool:
     return any(layer == root or layer.startswith(f"{root}.") for layer in layers for root in roots)
 
 
-def chosen_units(units: Sequence[Unit], names: Sequence[str]) -> list[str]:
-    """`--units`: the user's own pick, in the user's order, each checked against what this model can lose."""
+def chosen_units(model: nn.Module, units: Sequence[Unit], names: Sequence[str],
+                 input_shape: Sequence[int]) -> list[str]:
+    """`--units`: the user's own pick, in the user's order, each checked against what this model can lose;
+    each must shrink the model as it is once the units named before it are gone (a bottleneck Linear grows
+    it while its wide neighbours are there, and shrinks it after)."""
     if len(set(names)) != len(names):
         raise PruningError(f"--units names a unit twice: {', '.join(n for n in dict.fromkeys(names) if names.count(n) > 1)}")
-    chosen = [unit_named(units, name) for name in names]
-    for unit in chosen:
+    for name in names:
+        unit_named(units, name)
+    clone = copy.deepcopy(model) if names else model
+    for name in names:
+        unit = unit_named(find_units(clone, input_shape), name)
         if unit.params <= 0:
             raise PruningError(f"removing {unit.name} would grow the model by {-unit.params:,} parameters: the Linear "
                                "that bridges its neighbours is larger than the layers it replaces; leave it out of "
-                               "--units")
-    return [unit.name for unit in chosen]
+                               "--units, or name it after its wide neighbours")
+        strip_unit(clone, unit)
+    return list(names)
 
 
 @dataclass

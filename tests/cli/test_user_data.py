@@ -193,6 +193,12 @@ def test_a_holdout_table_is_scored_whole_with_split_all_and_the_default_says_wha
     assert whole.exit_code == 0, whole.output
     report = json.loads((tmp_path / "all.json").read_text())
     assert report["split"] == "all" and report["metrics"]["samples"] == 120 == report["dataset_samples"]
+    limited = tmp_path / "limited.yaml"
+    limited.write_text("data:\n  train_limit: 30\n")  # every sample still means every sample
+    whole = runner.invoke(app, ["score", str(out), "-r", str(limited), "--data-root", str(holdout), "--no-latency",
+                                "--split", "all", "--report", str(tmp_path / "limited.json")])
+    assert whole.exit_code == 0, whole.output
+    assert json.loads((tmp_path / "limited.json").read_text())["metrics"]["samples"] == 120
 
 
 def test_a_pipe_named_as_the_csv_is_refused_as_not_a_file(runner: CliRunner, tmp_path: Path) -> None:
