@@ -12,7 +12,7 @@ from pydantic import Field
 
 from dnnprune.checkpoint import meta_of
 from dnnprune.lineage import command
-from dnnprune.loaders import dataset_name, dataset_size, eval_loader
+from dnnprune.loaders import dataset_name, dataset_size, eval_loader, split_dataset
 from dnnprune.metrics import measure_latency, netscore, size_summary
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, LatencySection, ScoreSection
@@ -31,6 +31,7 @@ class ScoreReport(Report):
     split: str
     dataset_samples: int | None = Field(None, description="samples in the three splits together (--split all scores "
                                                           "every one)")
+    split_samples: int | None = Field(None, description="samples the split holds (`samples` takes a subset of them)")
     task: dict[str, Any]
     primary_metric: str
     metrics: dict[str, Any]
@@ -64,7 +65,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     disk_bytes = checkpoint_path.stat().st_size if checkpoint_path is not None else None
     report = ScoreReport(
         checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=dataset_name(meta, data), split=split,
-        dataset_samples=dataset_size(meta, data),
+        dataset_samples=dataset_size(meta, data), split_samples=len(split_dataset(meta, data, split)),
         task=meta.task.model_dump(mode="json"), primary_metric=task.primary, metrics=metrics.as_dict(), **size,
         disk_bytes=disk_bytes,
         bits_per_weight=(disk_bytes * 8 / size["params"]) if disk_bytes and size["params"] else None,

@@ -235,6 +235,11 @@ def check_distillation_runs(*configs: FineTuneSection, steps: int | None = None)
                           "steps (e.g. finetune.max_steps) or drop --distill/--teacher")
 
 
+def _shown(value: Any) -> str:
+    """A metadata value as a user wrote it (a task as its fields, not a Python repr)."""
+    return repr(value.model_dump(mode="json")) if hasattr(value, "model_dump") else repr(value)
+
+
 def _checked_teacher(student: nn.Module, path: Path) -> nn.Module:
     """Load a teacher checkpoint that sees the same inputs and predicts the same outputs as the student."""
     teacher = load(path)
@@ -244,8 +249,8 @@ def _checked_teacher(student: nn.Module, path: Path) -> nn.Module:
     compared += ["features"] if mine.features and theirs.features else []  # a table's columns, in order
     for field_name in compared:
         if getattr(mine, field_name) != getattr(theirs, field_name):
-            raise RecipeError(f"teacher {path} has {field_name} {getattr(theirs, field_name)!r}, the model being "
-                              f"fine-tuned {getattr(mine, field_name)!r}; name a teacher trained on the same "
+            raise RecipeError(f"teacher {path} has {field_name} {_shown(getattr(theirs, field_name))}, the model being "
+                              f"fine-tuned {_shown(getattr(mine, field_name))}; name a teacher trained on the same "
                               "inputs and task (e.g. the chain's original checkpoint)")
     device = next((tensor.device for tensor in student.parameters()), torch.device("cpu"))
     probe, was_training = torch.zeros(1, *mine.input_shape, device=device), student.training

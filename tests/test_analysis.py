@@ -326,3 +326,14 @@ def test_winograd_cells_equal_naive_to_float_rounding() -> None:
             assert g[:2] == e[:2] and g[3:] == e[3:]
             assert abs(g[2]["top1"] - e[2]["top1"]) <= 1 / 20 + 1e-12  # at most one near-tied sample may flip
             assert g[2]["loss"] == pytest.approx(e[2]["loss"], rel=1e-4)
+
+
+def test_a_layer_analysis_refuses_options_that_only_shape_a_channel_analysis() -> None:
+    """Each unit is removed whole: `--criterion taylor` or `--ratios` were recorded in the report and did nothing."""
+    from dnnprune.analysis.command import _engine
+    from dnnprune.errors import RecipeError
+    from dnnprune.recipe import AnalyzeSection
+
+    with pytest.raises(RecipeError, match="analyze.ratios, analyze.criterion shape a channel analysis"):
+        _engine(AnalyzeSection(granularity="layer", ratios=[0.5], criterion="l2"))
+    assert _engine(AnalyzeSection(granularity="layer", samples=100)) is not None

@@ -205,3 +205,10 @@ def test_chance_level_test_accuracy_after_learning_warns_about_lagging_batchnorm
     assert len(warned) == 1 and "BatchNorm momentum is 0.01" in warned[0] and "after 150 steps" in warned[0]
     assert _stale_batchnorm(model, history, metrics(0.55)) == []  # it evaluates fine
     assert _stale_batchnorm(model, TrainHistory(epochs=[{"epoch": 1, "train_top1": 0.12}], steps=5), metrics(0.1)) == []
+
+
+def test_a_teacher_mismatch_shows_metadata_as_fields_not_a_python_repr() -> None:
+    from dnnprune.training import _shown
+
+    assert _shown(TaskSpec(kind="reconstruction", normal_classes=(0,))) == "{'kind': 'reconstruction', 'normal_classes': [0]}"
+    assert _shown((1, 28, 28)) == "(1, 28, 28)"

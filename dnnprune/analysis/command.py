@@ -63,7 +63,23 @@ def analyze(model: nn.Module, section: AnalyzeSection, *, data: DataSection, dev
 def _engine(section: AnalyzeSection) -> EngineFactory:
     """The one place a granularity is chosen (and refused while it has no engine)."""
     engine = _ENGINES.get(section.granularity)
+    if section.granularity == "layer":
+        _refuse_channel_options(section)
     if engine is None:
         raise RecipeError(f"analyze.granularity: {section.granularity!r} is not available yet (layer removal comes "
                           f"with layer pruning); use one of: {', '.join(_ENGINES)}")
     return engine
+
+
+_CHANNEL_OPTIONS = ("ratios", "criterion", "channels_last", "winograd")
+
+
+def _refuse_channel_options(section: AnalyzeSection) -> None:
+    """A layer analysis removes each unit whole: ratios and channel rankings would be recorded but do nothing."""
+    defaults = AnalyzeSection()
+    changed = [name for name in _CHANNEL_OPTIONS
+               if name in section.model_fields_set and getattr(section, name) != getattr(defaults, name)]
+    if changed:
+        raise RecipeError(f"analyze.{', analyze.'.join(changed)} shape{'s' if len(changed) == 1 else ''} a channel "
+                          "analysis and would do nothing with --granularity layer (each unit is removed whole); drop "
+                          f"{'it' if len(changed) == 1 else 'them'}")

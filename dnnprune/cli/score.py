@@ -72,6 +72,9 @@ def _scored(result: ScoreReport) -> str:
     scored = result.metrics.get("samples")
     if result.split == "all" or not isinstance(scored, int) or result.dataset_samples is None:
         return f"{result.split}: {scored:,} samples" if isinstance(scored, int) else result.split
+    if result.split_samples is not None and scored < result.split_samples:
+        return (f"{result.split} split: a stratified {scored:,} of its {result.split_samples:,}; the data holds "
+                f"{result.dataset_samples:,} (--split all scores every one)")
     return f"{result.split} split: {scored:,} of the data's {result.dataset_samples:,} samples; --split all scores every one"
 
 

@@ -188,6 +188,11 @@ def test_a_holdout_table_is_scored_whole_with_split_all_and_the_default_says_wha
     default = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--no-latency"])
     assert default.exit_code == 0, default.output
     assert "of the data's 120 samples; --split all scores every one" in default.output
+    subset = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--no-latency", "--samples", "10",
+                                 "--report", str(tmp_path / "subset.json")])
+    assert subset.exit_code == 0, subset.output
+    held = json.loads((tmp_path / "subset.json").read_text())["split_samples"]
+    assert f"test split: a stratified 10 of its {held}; the data holds 120" in subset.output
     whole = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--no-latency", "--split", "all",
                                 "--report", str(tmp_path / "all.json")])
     assert whole.exit_code == 0, whole.output
