@@ -164,8 +164,19 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
                       f"this step, {target['reached']:.2f}x in it)")
     elif target and target["metric"] != "latency" and not target["met"]:
         console.print(f"[yellow]target {target['factor']:g}x {target['metric']} not met "
-                      f"(reached {target['reached']:.2f}x): no layer could take more within the accuracy budget")
+                      f"(reached {target['reached']:.2f}x): {_why_short(result)}")
+    asked, removed = result.config.get("remove"), sum(1 for step in result.steps if step.get("accepted"))
+    if result.mode == "layers" and asked and removed < asked:
+        console.print(f"[yellow]removed {removed} of the {asked} units asked: {_why_short(result)}")
     console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")
+
+
+def _why_short(result: PruneReport) -> str:
+    """Why a run stopped before its goal, in the words of its mode."""
+    if result.mode != "layers":
+        return "no layer could take more within the accuracy budget"
+    budget = " or went over the accuracy budget" if result.accuracy_aware else ""
+    return f"every unit left would have grown the model{budget}"
 
 
 def _names(text: str | None) -> list[str] | None:

@@ -468,3 +468,26 @@ def test_the_layer_analysis_never_suggests_a_unit_whose_removal_grows_the_model(
     assert layers["net.3"]["params"] < 0 and layers["net.7"]["params"] < 0
     assert layers["net.3"]["suggested_ratio"] == 0 and layers["net.7"]["suggested_ratio"] == 0
     assert "grows" in trained.analyze_output and "saves params %" in trained.analyze_output
+
+
+def test_a_count_that_only_growing_units_could_fill_is_reported_short(runner: CliRunner, trained: Trained,
+                                                                       tmp_path: Path) -> None:
+    """`--remove 3` on a 16-4-16 accordion removes two units: its bottleneck always grows the model. It said
+    nothing before."""
+    from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
+    from dnnprune.models import create_model
+    from dnnprune.tasks import TaskSpec
+
+    args = {"input_shape": [1, 1, 30], "widths": [16, 4, 16]}
+    torch.manual_seed(0)
+    model = attach_meta(create_model("a2e", **args),
+                        CheckpointMeta(arch="a2e", arch_args=args, input_shape=(1, 1, 30), dataset="creditcard",
+                                       task=TaskSpec(kind="reconstruction", normal_classes=(0,))))
+    checkpoint = save(model, tmp_path / "narrow.safetensors")
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(checkpoint), "--data-root", str(trained.data), "--granularity", "layer",
+                                 "--remove", "3", "--one-shot", "--order", "reverse", "--no-evaluate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    steps = json.loads(out.with_suffix(".json").read_text())["steps"]
+    assert [step["unit"] for step in steps if step["accepted"]] == ["net.5", "net.1"]
+    assert "removed 2 of the 3 units asked: every unit left would have grown the model" in result.output
