@@ -381,6 +381,20 @@ class Recipe(Section):
     device: Device = "auto"
 
 
+def without_effect(section: Section, names: tuple[str, ...], prefix: str, shaping: str) -> str | None:
+    """The start of an error naming the fields a user set (to other than their default) that only shape
+    `shaping`, so that layer granularity ignores them; None when there are none. A recipe that sets them
+    expects an effect it would not get."""
+    defaults = type(section)()
+    changed = [name for name in names
+               if name in section.model_fields_set and getattr(section, name) != getattr(defaults, name)]
+    if not changed:
+        return None
+    one = len(changed) == 1
+    return (f"{prefix}.{f', {prefix}.'.join(changed)} shape{'s' if one else ''} {shaping} and would do nothing "
+            f"with --granularity layer; drop {'it' if one else 'them'}")
+
+
 def _stray_bool(value: Any, annotation: Any) -> bool:
     """A bool where the annotation wants a number (also inside a list or dict of numbers)."""
     if annotation is Any or annotation is bool:

@@ -403,15 +403,13 @@ def train(model: nn.Module, section: TrainSection, *, data: DataSection, device:
     model.to("cpu")
     return model, TrainReport(history=history.as_dict(), test=test.as_dict(), primary_metric=task.primary,
                               train_samples=len(loader.dataset), section=section.model_dump(mode="json"),
-                              warnings=_stale_batchnorm(model, history, test))
+                              warnings=_stale_batchnorm(model, len(meta.classes or []), history, test))
 
 
-def _stale_batchnorm(model: nn.Module, history: TrainHistory, test: Metrics) -> list[str]:
+def _stale_batchnorm(model: nn.Module, outputs: int, history: TrainHistory, test: Metrics) -> list[str]:
     """Test accuracy at chance after training that learned is the mark of BatchNorm running statistics that
     lag the weights (torchvision's MobileNetV3 and EfficientNet use momentum 0.01: after a short run,
     evaluation normalises with statistics from the first steps). Said, with the fix, not left to be found."""
-    classes = getattr(model, "dnnprune_meta", None)
-    outputs = len(classes.classes or []) if classes is not None else 0
     accuracy, learned = test.values.get("top1"), (history.epochs[-1].get("train_top1") if history.epochs else None)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not outputs or accuracy is None or learned is None or not norms:
@@ -419,8 +417,8 @@ def _stale_batchnorm(model: nn.Module, history: TrainHistory, test: Metrics) -> 
     chance = 1.0 / outputs
     if accuracy > 1.5 * chance or learned < 2 * chance:
         return []
-    slowest = min(m.momentum for m in norms if m.momentum is not None) if any(m.momentum for m in norms) else None
-    momentum = f" (its slowest BatchNorm momentum is {slowest:g})" if slowest is not None else ""
+    momenta = [m.momentum for m in norms if m.momentum is not None]
+    momentum = f" (its slowest BatchNorm momentum is {min(momenta):g})" if momenta else ""
     return [f"test top-1 is {accuracy:.1%}, chance level, while training reached {learned:.1%}: evaluation uses "
             f"BatchNorm running statistics, which lag the weights after {history.steps} steps{momentum}; train for "
             "more steps, or at a lower learning rate"]

@@ -190,21 +190,19 @@ def test_fine_tunes_naming_different_teachers_are_refused(tmp_path: Path) -> Non
 def test_chance_level_test_accuracy_after_learning_warns_about_lagging_batchnorm_statistics() -> None:
     """torchvision's MobileNetV3 (BatchNorm momentum 0.01) after 150 steps: train top-1 0.60, test 0.10
     with exit 0 and no word; the report now says why and what to do."""
-    from dnnprune.checkpoint import CheckpointMeta, attach_meta
     from dnnprune.tasks import Metrics
     from dnnprune.training import TrainHistory, _stale_batchnorm
 
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, momentum=0.01), nn.Flatten(), nn.LazyLinear(10))
-    attach_meta(model, CheckpointMeta(arch="lenet5", arch_args={}, input_shape=(1, 8, 8), classes=[str(i) for i in range(10)]))
     history = TrainHistory(epochs=[{"epoch": 1, "train_top1": 0.6}], steps=150)
 
     def metrics(top1: float) -> Metrics:
         return Metrics(values={"top1": top1, "loss": 2.3}, samples=100, primary="top1", higher_is_better=True)
 
-    warned = _stale_batchnorm(model, history, metrics(0.1))
+    warned = _stale_batchnorm(model, 10, history, metrics(0.1))
     assert len(warned) == 1 and "BatchNorm momentum is 0.01" in warned[0] and "after 150 steps" in warned[0]
-    assert _stale_batchnorm(model, history, metrics(0.55)) == []  # it evaluates fine
-    assert _stale_batchnorm(model, TrainHistory(epochs=[{"epoch": 1, "train_top1": 0.12}], steps=5), metrics(0.1)) == []
+    assert _stale_batchnorm(model, 10, history, metrics(0.55)) == []  # it evaluates fine
+    assert _stale_batchnorm(model, 10, TrainHistory(epochs=[{"epoch": 1, "train_top1": 0.12}], steps=5), metrics(0.1)) == []
 
 
 def test_a_teacher_mismatch_shows_metadata_as_fields_not_a_python_repr() -> None:

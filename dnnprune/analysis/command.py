@@ -18,7 +18,7 @@ from dnnprune.errors import RecipeError
 from dnnprune.lineage import command
 from dnnprune.loaders import calibration_inputs, split_dataset, subset_size
 from dnnprune.observe import Observer
-from dnnprune.recipe import AnalyzeSection, DataSection
+from dnnprune.recipe import AnalyzeSection, DataSection, without_effect
 from dnnprune.training import task_of
 
 EngineFactory = Callable[[nn.Module, AnalyzeSection, torch.device, Strategy], Analysis]
@@ -61,14 +61,10 @@ def analyze(model: nn.Module, section: AnalyzeSection, *, data: DataSection, dev
 
 
 def _engine(section: AnalyzeSection) -> EngineFactory:
-    """The one place a granularity is chosen (and refused while it has no engine)."""
-    engine = _ENGINES.get(section.granularity)
+    """The one place a granularity is chosen."""
     if section.granularity == "layer":
         _refuse_channel_options(section)
-    if engine is None:
-        raise RecipeError(f"analyze.granularity: {section.granularity!r} is not available yet (layer removal comes "
-                          f"with layer pruning); use one of: {', '.join(_ENGINES)}")
-    return engine
+    return _ENGINES[section.granularity]
 
 
 _CHANNEL_OPTIONS = ("ratios", "criterion", "channels_last", "winograd")
@@ -76,10 +72,6 @@ _CHANNEL_OPTIONS = ("ratios", "criterion", "channels_last", "winograd")
 
 def _refuse_channel_options(section: AnalyzeSection) -> None:
     """A layer analysis removes each unit whole: ratios and channel rankings would be recorded but do nothing."""
-    defaults = AnalyzeSection()
-    changed = [name for name in _CHANNEL_OPTIONS
-               if name in section.model_fields_set and getattr(section, name) != getattr(defaults, name)]
-    if changed:
-        raise RecipeError(f"analyze.{', analyze.'.join(changed)} shape{'s' if len(changed) == 1 else ''} a channel "
-                          "analysis and would do nothing with --granularity layer (each unit is removed whole); drop "
-                          f"{'it' if len(changed) == 1 else 'them'}")
+    unused = without_effect(section, _CHANNEL_OPTIONS, "analyze", "a channel analysis")
+    if unused:
+        raise RecipeError(f"{unused} (each unit is removed whole)")

@@ -67,7 +67,7 @@ from dnnprune.pruning.structured import (
     solve_target,
     uniform_ratios,
 )
-from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneSection
+from dnnprune.recipe import AnalyzeSection, DataSection, FineTuneSection, PruneSection, without_effect
 from dnnprune.reports import Report
 from dnnprune.surgery import ChannelGraph, accumulate_gradients
 from dnnprune.tasks import Task, make_task
@@ -577,15 +577,10 @@ _CHANNEL_OPTIONS = ("criterion", "min_channels", "min_fraction", "max_ratio", "r
 
 
 def _refuse_channel_options(config: PruneSection) -> None:
-    """Options that shape channel pruning do nothing when whole units go: a recipe that sets them expects
-    an effect it would not get."""
-    defaults = PruneSection()
-    changed = [name for name in _CHANNEL_OPTIONS
-               if name in config.model_fields_set and getattr(config, name) != getattr(defaults, name)]
-    if changed:
-        raise PruningError(f"prune.{', prune.'.join(changed)} shape{'s' if len(changed) == 1 else ''} channel pruning and "
-                           "would do nothing with --granularity layer; drop "
-                           f"{'it' if len(changed) == 1 else 'them'}, or prune channels in a separate step")
+    """Options that shape channel pruning do nothing when whole units go."""
+    unused = without_effect(config, _CHANNEL_OPTIONS, "prune", "channel pruning")
+    if unused:
+        raise PruningError(f"{unused}, or prune channels in a separate step")
 
 
 class _LayerJob(_Job):
