@@ -111,7 +111,19 @@ class LineageEntry(_Strict):
         return {key: _json_value(item, depth=8, finite=False) for key, item in value.items()}
 
 
-_OMITTED_WHEN_UNSET = ("features", "feature_mean", "feature_std")  # added after format 2 first shipped
+class AnomalyThreshold(_Strict):
+    """An anomaly detector's decision threshold: flag a sample whose reconstruction error is above `value`.
+
+    Chosen for the best F1 on the validation split the model was last trained or compressed with, so that
+    scoring a file of one's own, or a deployed export, never picks it on the labels it is judged by."""
+
+    value: FiniteFloat
+    chosen_on: ShortText
+    samples: Annotated[int, Field(ge=0)]
+    f1: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+
+
+_OMITTED_WHEN_UNSET = ("features", "feature_mean", "feature_std", "anomaly_threshold")  # added after format 2 shipped
 
 
 class CheckpointMeta(_Strict):
@@ -129,6 +141,7 @@ class CheckpointMeta(_Strict):
     feature_mean: Annotated[list[FiniteFloat], Field(max_length=4096)] | None = None
     feature_std: Annotated[list[Annotated[float, Field(gt=0, allow_inf_nan=False)]], Field(max_length=4096)] | None = None
     task: TaskSpec = TaskSpec()
+    anomaly_threshold: AnomalyThreshold | None = None
     structure: dict[ModulePath, dict[Identifier, AttributeValue]] = Field(default_factory=dict)
     replaced: dict[ModulePath, Replacement] = Field(default_factory=dict)
     encodings: dict[Annotated[str, StringConstraints(min_length=1, max_length=500)], Encoding] = Field(default_factory=dict)
@@ -184,6 +197,13 @@ class CheckpointMeta(_Strict):
         if self.task.kind == "classification" and named and isinstance(outputs, int) and len(named) != outputs:
             raise ValueError(f"the class list has {len(named)} names but the model has {outputs} outputs; give one name "
                              "per output")
+        return self
+
+    @model_validator(mode="after")
+    def _threshold_needs_anomalies(self) -> CheckpointMeta:
+        if self.anomaly_threshold is not None and not (self.task.kind == "reconstruction" and self.task.normal_classes):
+            raise ValueError("anomaly_threshold is set but the task is not anomaly detection (reconstruction with "
+                             "normal_classes)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

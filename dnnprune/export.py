@@ -160,6 +160,9 @@ def _preprocessing(meta: CheckpointMeta, *, raw: bool) -> dict[str, Any]:
                                "difference between the two")
         classes = meta.classes or []
         described["normal_labels"] = [classes[i] if i < len(classes) else i for i in meta.task.normal_classes]
+        if meta.anomaly_threshold is not None:
+            described["anomaly_threshold"] = {**meta.anomaly_threshold.model_dump(mode="json"),
+                                              "rule": "anomalous where the anomaly score is above value"}
     return described
 
 

@@ -42,6 +42,7 @@ class InfoReport(Report):
     arch: str
     arch_args: dict[str, Any]
     task: dict[str, Any]
+    anomaly_threshold: dict[str, Any] | None = None
     input_shape: list[int]
     mean: list[float]
     std: list[float]
@@ -84,7 +85,9 @@ def describe(path: Path | str, *, count_nonzero: bool = False, build: bool = Fal
         nonzero_note = "counted on the built model"
     return InfoReport(
         path=str(path), file_bytes=path.stat().st_size, arch=meta.arch, arch_args=dict(meta.arch_args),
-        task=meta.task.model_dump(mode="json"), input_shape=list(meta.input_shape), mean=list(meta.mean),
+        task=meta.task.model_dump(mode="json"),
+        anomaly_threshold=meta.anomaly_threshold.model_dump(mode="json") if meta.anomaly_threshold else None,
+        input_shape=list(meta.input_shape), mean=list(meta.mean),
         std=list(meta.std), dataset=meta.dataset, classes=meta.classes, format_version=meta.format_version,
         params=params, nonzero_params=nonzero, nonzero_note=nonzero_note, macs=macs, macs_note=macs_note,
         layers=layers, replaced={k: _plain(v) for k, v in meta.replaced.items()},

@@ -3,8 +3,8 @@
     fn(model, section, *, data, device, observer) -> (model, Report)
 
 `@command("prune")` wraps such a function: it fills in the defaults (no data section, the CPU,
-a silent observer), and when the command changed the model it appends a lineage entry to the
-model's metadata (command, the sha256 of the recipe parts it used, the report's key metrics,
+a silent observer), and when the command changed the model it chooses an anomaly detector's
+threshold again (`thresholds`) and appends a lineage entry to the model's metadata (command, the sha256 of the recipe parts it used, the report's key metrics,
 the parent checkpoint's sha256), so a later `save` records the step.
 """
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 from pydantic import BaseModel
 
+from dnnprune import thresholds
 from dnnprune.checkpoint import meta_of
 from dnnprune.errors import DnnpruneError
 from dnnprune.observe import NULL_OBSERVER, Observer
@@ -38,9 +39,11 @@ def command(name: str, *, lineage: bool = True) -> Callable[[CommandFn[R]], Comm
                     device: torch.device | str = "cpu", observer: Observer | None = None,
                     **extra: Any) -> tuple[nn.Module, R]:
             meta_of(model)  # a model without metadata cannot be run through a command: say so up front
-            result_model, report = function(model, section, data=data or DataSection(), device=resolve_device(device),
+            data_section, device_name = data or DataSection(), resolve_device(device)
+            result_model, report = function(model, section, data=data_section, device=device_name,
                                             observer=observer or NULL_OBSERVER, **extra)
             if lineage:
+                thresholds.refresh(result_model, data_section, device_name)
                 meta_of(result_model).add_lineage(name, sections_sha256(section, data), report.lineage_metrics())
             return result_model, report
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
 from pydantic import Field
@@ -17,7 +16,8 @@ from dnnprune.metrics import measure_latency, netscore, size_summary
 from dnnprune.observe import Observer
 from dnnprune.recipe import DataSection, LatencySection, ScoreSection
 from dnnprune.reports import Report
-from dnnprune.tasks import Reconstruction, Task, choose_threshold, make_task, sample_errors
+from dnnprune.tasks import Task, make_task
+from dnnprune.thresholds import choose_on_val, is_detector
 from dnnprune.training import evaluate
 
 NETSCORE_UNITS = {"a": "the primary metric in percent (top-1 accuracy, or ROC-AUC for anomaly detection)",
@@ -33,6 +33,8 @@ class ScoreReport(Report):
                                                           "every one)")
     split_samples: int | None = Field(None, description="samples the split holds (`samples` takes a subset of them)")
     task: dict[str, Any]
+    threshold_source: str | None = Field(None, description="where an anomaly detector's threshold came from, or why "
+                                                           "there is none")
     primary_metric: str
     metrics: dict[str, Any]
     params: int
@@ -57,7 +59,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     meta = meta_of(model)
     split = section.split
     task = make_task(meta.task)
-    threshold = _anomaly_threshold(model, task, data, device) if isinstance(task, Reconstruction) else None
+    threshold, source = _anomaly_threshold(model, data, device, split) if is_detector(model) else (None, None)
     loader = eval_loader(meta, data, split=split, samples=section.samples)  # type: ignore[arg-type]
     metrics = evaluate(model.to(device), loader, device, task=task, threshold=threshold)
     model.to("cpu")
@@ -66,7 +68,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     report = ScoreReport(
         checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=dataset_name(meta, data), split=split,
         dataset_samples=dataset_size(meta, data), split_samples=len(split_dataset(meta, data, split)),
-        task=meta.task.model_dump(mode="json"), primary_metric=task.primary, metrics=metrics.as_dict(), **size,
+        task=meta.task.model_dump(mode="json"), threshold_source=source, primary_metric=task.primary, metrics=metrics.as_dict(), **size,
         disk_bytes=disk_bytes,
         bits_per_weight=(disk_bytes * 8 / size["params"]) if disk_bytes and size["params"] else None,
         compression_vs_fp32=(size["fp32_bytes"] / disk_bytes) if disk_bytes else None,
@@ -75,19 +77,19 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     return model, report
 
 
-def _anomaly_threshold(model: nn.Module, task: Reconstruction, data: DataSection,
-                       device: torch.device) -> float | None:
-    """The threshold with the best F1 on the validation split (never on test)."""
-    if not task.spec.normal_classes:
-        return None
-    errors, anomalous = [], []
-    model.to(device).eval()
-    with torch.inference_mode():
-        for inputs, targets in eval_loader(meta_of(model), data, split="val"):
-            inputs = inputs.to(device)
-            errors.append(sample_errors(model(inputs), inputs).double().cpu())
-            anomalous.append(~task.is_normal(targets))
-    return choose_threshold(torch.cat(errors).numpy(), torch.cat(anomalous).numpy().astype(np.bool_))
+def _anomaly_threshold(model: nn.Module, data: DataSection, device: torch.device,
+                       split: str) -> tuple[float | None, str]:
+    """The checkpoint's own threshold; one chosen now on val for a checkpoint without one, never on the
+    samples being scored (with `--split all` there is no val split to spare, so there is none)."""
+    stored = meta_of(model).anomaly_threshold
+    if stored is not None:
+        return stored.value, f"the checkpoint's: {stored.chosen_on} ({stored.samples:,} samples)"
+    if split == "all":
+        return None, ("none: the checkpoint holds no threshold (it was written before dnnprune stored one, or "
+                      "without its data) and --split all leaves no val split to choose one on; score a checkpoint "
+                      "that train, prune or quantize wrote with its training data")
+    chosen = choose_on_val(model, data, device)
+    return chosen.value, f"chosen now: {chosen.chosen_on} ({chosen.samples:,} samples); the checkpoint holds none"
 
 
 def netscore_block(task: Task, primary: float, size: dict[str, Any], exponents: dict[str, float]) -> dict[str, Any]:

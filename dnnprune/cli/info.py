@@ -48,6 +48,7 @@ def _summary(report: InfoReport) -> Table:
     table.add_column("")
     task = report.task["kind"] + (f" (normal: {_normal(report)})" if report.task.get("normal_classes") else "")
     rows = [("architecture", f"{report.arch} {json.dumps(report.arch_args)}"), ("task", task),
+            *_threshold_row(report),
             ("input", f"{tuple(report.input_shape)}, mean {report.mean}, std {report.std}"),
             ("dataset", _dataset(report)),
             ("parameters", f"{report.params:,}"),
@@ -59,6 +60,17 @@ def _summary(report: InfoReport) -> Table:
     for key, value in rows:
         table.add_row(key, value)
     return table
+
+
+def _threshold_row(report: InfoReport) -> list[tuple[str, str]]:
+    """A detector's stored threshold, or why it has none (score then chooses one on val)."""
+    if not report.task.get("normal_classes"):
+        return []
+    held = report.anomaly_threshold
+    if held is None:
+        return [("anomaly threshold", "none stored (written before dnnprune stored one, or without its data)")]
+    f1 = f", F1 {held['f1'] * 100:.2f} %" if held.get("f1") is not None else ""
+    return [("anomaly threshold", f"{held['value']:.6g} ({held['chosen_on']}, {held['samples']:,} samples{f1})")]
 
 
 def _dataset(report: InfoReport) -> str:

@@ -31,7 +31,7 @@ from dnnprune.scoring import ScoreReport, score
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "loss": "loss", "mse": "MSE", "roc_auc": "ROC-AUC",
            "pr_auc": "PR-AUC (average precision)", "anomaly_rate": "anomaly rate", "mse_normal": "MSE of normal samples",
-           "threshold": "threshold (best F1 on val)", "precision": "precision", "recall": "recall", "f1": "F1"}
+           "threshold": "threshold", "precision": "precision", "recall": "recall", "f1": "F1"}
 _PERCENT = {"top1", "top5", "roc_auc", "pr_auc", "anomaly_rate", "precision", "recall", "f1"}
 
 
@@ -88,6 +88,8 @@ def score_table(result: ScoreReport) -> Table:
         shown = f"{value * 100:.2f} %" if key in _PERCENT else f"{value:.6g}"
         table.add_row(_LABELS.get(key, key) + (" (primary)" if key == result.primary_metric else ""), shown)
     table.add_row("samples", str(result.metrics["samples"]))
+    if result.threshold_source is not None:
+        table.add_row("threshold from", result.threshold_source)
     table.add_row("parameters", f"{result.params:,}")
     table.add_row("non-zero parameters", f"{result.nonzero_params:,}")
     table.add_row("MACs (batch 1)", f"{result.macs:,}")

@@ -491,3 +491,114 @@ def test_a_count_that_only_growing_units_could_fill_is_reported_short(runner: Cl
     steps = json.loads(out.with_suffix(".json").read_text())["steps"]
     assert [step["unit"] for step in steps if step["accepted"]] == ["net.5", "net.1"]
     assert "removed 2 of the 3 units asked: every unit left would have grown the model" in result.output
+
+
+# ----------------------------------------------------------------------------- the stored anomaly threshold
+
+
+def _val_threshold(model: torch.nn.Module, trained: Trained) -> float:
+    """The best-F1 threshold on the validation split, computed here from the model's own errors."""
+    meta = dnnprune.meta_of(model)
+    task = make_task(meta.task)
+    split = splits_for(meta, _section(trained)).val
+    inputs = torch.stack([split[i][0] for i in range(len(split))])
+    with torch.inference_mode():
+        scores = sample_errors(model.eval()(inputs), inputs).double().numpy()
+    return choose_threshold(scores, (~task.is_normal(dataset_targets(split))).numpy())
+
+
+def _score(runner: CliRunner, checkpoint: Path, data: Path, report: Path, *options: str) -> dict[str, Any]:
+    _invoke(runner, "score", checkpoint, "-r", RECIPE, "--data-root", data, "--no-latency", "--report", report, *options)
+    return json.loads(report.read_text())
+
+
+def test_train_stores_the_validation_threshold_and_score_and_info_use_it(runner: CliRunner, trained: Trained,
+                                                                         tmp_path: Path) -> None:
+    model = dnnprune.load(trained.checkpoint)
+    held = dnnprune.meta_of(model).anomaly_threshold
+    assert held is not None and held.value == pytest.approx(_val_threshold(model, trained), rel=1e-6)
+    assert "val split of creditcard" in held.chosen_on and held.samples == len(splits_for(
+        dnnprune.meta_of(model), _section(trained)).val) and 0 < held.f1 <= 1
+    scored = _score(runner, trained.checkpoint, trained.data, tmp_path / "s.json")
+    assert scored["metrics"]["threshold"] == held.value and scored["threshold_source"].startswith("the checkpoint's")
+    info = json.loads(_invoke(runner, "info", trained.checkpoint, "--json").stdout)
+    assert info["anomaly_threshold"]["value"] == held.value
+    assert "anomaly threshold" in _invoke(runner, "info", trained.checkpoint).stdout
+
+
+def test_a_hold_out_file_is_scored_at_the_stored_threshold_not_one_chosen_on_its_labels(
+        runner: CliRunner, trained: Trained, tmp_path: Path) -> None:
+    """`--split all` on a file of one's own: choosing the threshold on that file's val rows would use
+    the labels being scored (it did, before the threshold was stored)."""
+    holdout = tmp_path / "holdout"
+    write_creditcard(holdout / "creditcard.csv", rows=1200, fraud_rate=0.05, seed=7)
+    held = dnnprune.meta_of(dnnprune.load(trained.checkpoint)).anomaly_threshold
+    scored = _score(runner, trained.checkpoint, holdout, tmp_path / "all.json", "--split", "all")
+    assert scored["metrics"]["samples"] == 1200 and scored["metrics"]["threshold"] == held.value
+    # The file's own best-F1 threshold is another number: the check above can tell the two apart.
+    model = dnnprune.load(trained.checkpoint).eval()
+    x, labels = _read_file(holdout / "creditcard.csv")
+    meta = dnnprune.meta_of(model)
+    scaled = (x - np.array(meta.feature_mean)) / np.array(meta.feature_std)
+    inputs = torch.tensor(scaled, dtype=torch.float32).reshape(-1, 1, 1, 30)
+    with torch.inference_mode():
+        scores = sample_errors(model(inputs), inputs).double().numpy()
+    assert choose_threshold(scores, labels == 1) != pytest.approx(held.value, rel=1e-3)
+    expected = threshold_metrics(scores, labels == 1, held.value)
+    assert scored["metrics"]["f1"] == pytest.approx(expected["f1"], rel=1e-6)
+
+
+def test_a_checkpoint_without_a_threshold_chooses_one_on_val_and_never_on_the_scored_samples(
+        runner: CliRunner, trained: Trained, tmp_path: Path) -> None:
+    model = dnnprune.load(trained.checkpoint)
+    dnnprune.meta_of(model).anomaly_threshold = None  # as a checkpoint written before thresholds were stored
+    older = tmp_path / "older.safetensors"
+    dnnprune.save(model, older)
+    test = _score(runner, older, trained.data, tmp_path / "test.json")
+    assert test["metrics"]["threshold"] == pytest.approx(_val_threshold(model, trained), rel=1e-6)
+    assert test["threshold_source"].startswith("chosen now")
+    every = _score(runner, older, trained.data, tmp_path / "all.json", "--split", "all")
+    assert "threshold" not in every["metrics"] and "f1" not in every["metrics"]
+    assert every["threshold_source"].startswith("none") and every["metrics"]["roc_auc"] is not None
+
+
+def test_pruning_chooses_the_threshold_again_and_export_carries_it(runner: CliRunner, trained: Trained,
+                                                                   tmp_path: Path) -> None:
+    out = tmp_path / "pruned.safetensors"
+    _invoke(runner, "prune", trained.checkpoint, "-r", trained.quick, "--data-root", trained.data, "--analysis",
+            trained.analysis, "--remove", "1", "-o", out)
+    pruned = dnnprune.load(out)
+    parent = dnnprune.meta_of(dnnprune.load(trained.checkpoint)).anomaly_threshold
+    held = dnnprune.meta_of(pruned).anomaly_threshold
+    assert held is not None and held.value == pytest.approx(_val_threshold(pruned, trained), rel=1e-6)
+    assert held.value != parent.value
+    import onnx
+
+    onnx_path = tmp_path / "pruned.onnx"
+    _invoke(runner, "export", out, "-o", onnx_path)
+    described = json.loads({p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}["dnnprune"])
+    assert described["anomaly_threshold"]["value"] == held.value and "above" in described["anomaly_threshold"]["rule"]
+
+
+def test_a_detector_compressed_without_its_data_drops_its_stale_threshold(runner: CliRunner, trained: Trained,
+                                                                          tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "quantized.safetensors"
+    _invoke(runner, "quantize", trained.checkpoint, "--bits", "8", "--no-evaluate", "--data-root", empty, "-o", out)
+    assert dnnprune.meta_of(dnnprune.load(out)).anomaly_threshold is None
+    assert "none stored" in _invoke(runner, "info", out).stdout
+
+
+def test_a_threshold_on_a_classifier_checkpoint_is_refused(tmp_path: Path) -> None:
+    from dnnprune.checkpoint import AnomalyThreshold
+    from dnnprune.errors import CheckpointError
+
+    meta = dnnprune.meta_of(dnnprune.load(make_checkpoint(tmp_path / "lenet.safetensors")))
+    with pytest.raises(CheckpointError, match="not anomaly detection"):
+        CheckpointMeta(**{**meta.model_dump(), "anomaly_threshold": AnomalyThreshold(value=1.0, chosen_on="x",
+                                                                                     samples=1)})
+    detector = {**meta.model_dump(), "task": {"kind": "reconstruction", "normal_classes": [0]}}
+    assert CheckpointMeta(**{**detector, "anomaly_threshold": {"value": 0.5, "chosen_on": "x", "samples": 1}})
+    with pytest.raises(CheckpointError, match="anomaly_threshold"):
+        CheckpointMeta(**{**detector, "anomaly_threshold": {"value": float("nan"), "chosen_on": "x", "samples": 1}})

@@ -1,0 +1,56 @@
+"""An anomaly detector's decision threshold, chosen on the validation split and carried in the checkpoint.
+
+A threshold picked by `score` on the data it scores would use the labels it is judged by (a hold-out
+file scored with `--split all`), and an exported detector needs its threshold to flag anything. So
+every command that changes a detector chooses it again on the validation split of the data it ran
+with and stores it; where that data cannot be read, the stale one is dropped rather than kept.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from dnnprune.checkpoint import AnomalyThreshold, meta_of
+from dnnprune.errors import DatasetError
+from dnnprune.loaders import dataset_name, eval_loader
+from dnnprune.recipe import DataSection
+from dnnprune.tasks import Reconstruction, choose_threshold, make_task, sample_errors, threshold_metrics
+
+
+def is_detector(model: nn.Module) -> bool:
+    task = meta_of(model).task
+    return task.kind == "reconstruction" and bool(task.normal_classes)
+
+
+def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> AnomalyThreshold:
+    """The threshold with the best F1 on the validation split (never on test)."""
+    meta = meta_of(model)
+    task = make_task(meta.task)
+    assert isinstance(task, Reconstruction)
+    errors, anomalous = [], []
+    was_training, home = model.training, next(model.parameters(), torch.empty(0)).device
+    model.to(device).eval()
+    with torch.inference_mode():
+        for inputs, targets in eval_loader(meta, data, split="val"):
+            inputs = inputs.to(device)
+            errors.append(sample_errors(model(inputs), inputs).double().cpu())
+            anomalous.append(~task.is_normal(targets.cpu()))
+    model.train(was_training).to(home)
+    scores, flags = torch.cat(errors).numpy(), torch.cat(anomalous).numpy().astype(np.bool_)
+    value = choose_threshold(scores, flags)
+    f1 = threshold_metrics(scores, flags, value)["f1"]
+    return AnomalyThreshold(value=value, chosen_on=f"best F1 on the val split of {dataset_name(meta, data)}",
+                            samples=len(scores), f1=f1)
+
+
+def refresh(model: nn.Module, data: DataSection, device: torch.device) -> None:
+    """Store a threshold chosen for the model as it is now; drop the old one where the data is out of reach."""
+    if not is_detector(model):
+        return
+    meta = meta_of(model)
+    try:
+        meta.anomaly_threshold = choose_on_val(model, data, device)
+    except DatasetError:
+        meta.anomaly_threshold = None
