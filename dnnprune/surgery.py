@@ -138,10 +138,11 @@ class ChannelGraph:
         except _RECOVERABLE as exc:
             self.locked[name] = f"torch-pruning cannot map its channels ({type(exc).__name__})"
             return None
-        mixer = next((_op_name(d.target) for d, _ in group if _mixes_channels(d.target)), None)
+        features_last = isinstance(module, nn.Linear)
+        mixer = next((_op_name(d.target) for d, _ in group if _mixes_channels(d.target, features_last)), None)
         if mixer is not None:
-            self.locked[name] = (f"its channels pass through {mixer} (a reshape that reorders channels, "
-                                 "e.g. a channel shuffle)")
+            self.locked[name] = (f"its channels pass through {mixer} (a reshape or transpose that moves channels "
+                                 "out of place, e.g. a channel shuffle or attention heads)")
             return None
         return group
 
@@ -395,8 +396,10 @@ def _op_name(node: Any) -> str:
     return grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else type(node.module).__name__
 
 
-def _mixes_channels(node: Any) -> bool:
-    """A transpose/permute involving the channel dim, or a view of a tensor that is not 2-D or 4-D."""
+def _mixes_channels(node: Any, features_last: bool = False) -> bool:
+    """A transpose/permute involving the channel dim, a view that folds a 2-D tensor's rows into its
+    features, or a view of a tensor that is neither 2-D nor 4-D unless (`features_last`: channels a
+    Linear made) it only merges the dims before the features."""
     grad_fn = getattr(node, "grad_fn", None)
     if grad_fn is None or not hasattr(grad_fn, "name"):
         return False
@@ -409,8 +412,24 @@ def _mixes_channels(node: Any) -> bool:
         return len(dims) < 2 or dims[1] != 1
     if kind.startswith(("ViewBackward", "ReshapeAliasBackward", "UnsafeViewBackward")):
         size = getattr(grad_fn, "_saved_self_sym_sizes", None) or getattr(grad_fn, "_saved_self_sizes", None)
-        return size is not None and len(size) not in (2, 4)
+        if size is None or len(size) == 4:
+            return False
+        out = _output_shape(grad_fn)
+        if len(size) == 2:  # (rows, features) folded into (rows', other features): rows land among the features
+            return out is not None and len(out) in (2, 3) and out[-1] != size[-1]
+        return not (features_last and out is not None and _merges_leading_dims(tuple(size), out))
     return False
+
+
+def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:
+    metadata = getattr(grad_fn, "_input_metadata", None)  # a backward node's inputs are its op's outputs
+    return tuple(metadata[0].shape) if metadata else None
+
+
+def _merges_leading_dims(size: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """(batch, tokens, features) viewed as (batch x tokens, features), as a Linear on token sequences
+    does (a transformer's MLP): the last dim, where a Linear's features are, is untouched."""
+    return len(size) >= 2 and len(out) == 2 and out[-1] == size[-1] and out[0] == math.prod(size[:-1])
 
 
 _TP_PATCHED = ("update_reshape_index_mapping", "update_index_mapping")

@@ -121,3 +121,74 @@ def test_window_attention_is_refused_before_tracing() -> None:
     model = create_model("torchvision.swin_t", num_classes=10).eval()
     with pytest.raises(PruningError, match=r"cannot trace ShiftedWindowAttention .*double-prune --slimming-ratio 0"):
         ChannelGraph(model, (3, 32, 32))
+
+
+def _masked_equals_pruned(model: nn.Module, graph: ChannelGraph, sample: torch.Tensor) -> None:
+    """Every group, a third of its channels: zeroing them and cutting them out compute the same."""
+    plan = {g.name: list(range(0, g.width, 3)) for g in graph.groups}
+    with torch.no_grad():
+        graph.zero_channels(plan)
+        masked = model(sample)
+        graph.prune(plan)
+        pruned = model(sample)
+    assert torch.allclose(pruned, masked, rtol=1e-5, atol=1e-6 * masked.abs().max().item())
+
+
+def test_a_vision_transformers_mlp_hidden_units_are_prunable_and_the_residual_stream_is_not() -> None:
+    """A Linear on (batch, tokens, features) views its input as (batch x tokens, features): that view
+    keeps the features, so the MLP's hidden units are one group each (they were all locked); the
+    residual stream passes attention's head transposes and stays locked."""
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32,
+                              num_classes=5).eval()
+    graph = ChannelGraph(model, (3, 16, 16))
+    assert [g.name for g in graph.groups] == [f"encoder.layers.encoder_layer_{i}.mlp.0" for i in range(2)]
+    assert {g.width for g in graph.groups} == {32} and graph.locked
+    _masked_equals_pruned(model, graph, torch.randn(3, 3, 16, 16))
+    assert [model.encoder.layers[i].mlp[0].out_features for i in range(2)] == [21, 21]
+    assert [model.encoder.layers[i].mlp[3].in_features for i in range(2)] == [21, 21]
+
+
+class _TimeLinear(nn.Module):
+    """A Linear over a Conv1d's time axis: the view (batch x channels, time) puts channels in the rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(2, 6, 3, padding=1)
+        self.over_time = nn.Linear(8, 4)
+        self.head = nn.Linear(24, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.flatten(1, 2))  # (batch, 2, 8) from a (batch, 2, 1, 8) input
+        return self.head(self.over_time(y.reshape(-1, 8)).reshape(x.shape[0], -1))
+
+
+def test_a_view_that_merges_channels_into_rows_is_not_taken_for_a_token_merge() -> None:
+    """The same (B, N, L) -> (B x N, L) view after a Conv1d merges its channels into rows; the conv's
+    channels must stay locked, or be cut so that the model computes what the masked one does."""
+    torch.manual_seed(0)
+    model = _TimeLinear().eval()
+    graph = ChannelGraph(model, (2, 1, 8))
+    assert "conv" not in {g.name for g in graph.groups}
+    _masked_equals_pruned(model, graph, torch.randn(4, 2, 1, 8))
+
+
+@pytest.mark.slow
+def test_torchvision_vit_prunes_through_the_cli_and_reloads(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dnnprune.cli import app
+    from tests.conftest import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "vit.safetensors", "torchvision.vit_b_32", input_shape=(1, 32, 32),
+                                 image_size=32)
+    out = tmp_path / "vit-pruned.safetensors"
+    result = CliRunner().invoke(app, ["prune", str(checkpoint), "--ratio", "0.5", "--no-evaluate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    import dnnprune
+
+    model = dnnprune.load(out)
+    assert all(layer.mlp[0].out_features == 1536 for layer in model.encoder.layers)
+    assert all(reload_in_new_process([record_io(model, out, (1, 32, 32))]).values())

@@ -234,6 +234,9 @@ class _Job:
     def validate(self) -> None:
         config = self.config
         _check_how_much(config)
+        _refuse_unused_latency_options(config, measured=config.target == "latency" or config.report_latency
+                                       or config.latency_widths or config.plan_cost == "latency",
+                                       how="--target latency:F, --report-latency, --latency-widths or plan_cost: latency")
         if _quantized(self.meta):
             raise PruningError("this checkpoint has quantized layers, whose codes channel pruning would cut through; "
                                "prune the float checkpoint, then quantize it")
@@ -583,6 +586,21 @@ def _refuse_channel_options(config: PruneSection) -> None:
         raise PruningError(f"{unused}, or prune channels in a separate step")
 
 
+_LATENCY_OPTIONS = ("latency_runtime", "latency_batch", "latency_repeats")
+
+
+def _refuse_unused_latency_options(config: PruneSection, *, measured: bool, how: str) -> None:
+    """Latency settings set by the user in a run that times nothing: they would silently do nothing."""
+    if measured:
+        return
+    defaults = PruneSection()
+    unused = [f"prune.{name}" for name in _LATENCY_OPTIONS
+              if name in config.model_fields_set and getattr(config, name) != getattr(defaults, name)]
+    if unused:
+        raise PruningError(f"{', '.join(unused)} set{'s' if len(unused) == 1 else ''} how latency is timed, but this "
+                           f"run times nothing; add {how}, or drop {'it' if len(unused) == 1 else 'them'}")
+
+
 class _LayerJob(_Job):
     """Layer granularity: remove whole units (blocks, same-shape convs, hidden Linears) in sensitivity order."""
 
@@ -605,6 +623,7 @@ class _LayerJob(_Job):
             raise PruningError(f"--granularity layer takes --target params:F or macs:F, not {config.target}; for a "
                                "measured speedup remove units by count (--remove N) with --report-latency")
         _refuse_channel_options(config)
+        _refuse_unused_latency_options(config, measured=config.report_latency, how="--report-latency")
         if self.meta.encodings:
             raise PruningError("this checkpoint has encoded (quantized or sparse) layers, which removing layers would "
                                "re-wire; remove layers from the float checkpoint, then quantize or sparsify it")

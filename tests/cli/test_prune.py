@@ -350,3 +350,20 @@ def test_an_intact_hand_made_analysis_still_plans(runner: CliRunner, tmp_path: P
     result = runner.invoke(app, ["prune", str(lenet_checkpoint), "--target", "params:2", "--order", "sensitivity",
                                  "--analysis", str(path), "--no-evaluate", "-o", str(tmp_path / "out.safetensors")])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("options, fix", [
+    (["--ratio", "0.3", "--latency-runtime", "fused"], "--report-latency, --latency-widths"),
+    (["--granularity", "layer", "--remove", "1", "--latency-runtime", "onnxruntime"], "add --report-latency, or"),
+])
+def test_latency_settings_in_a_run_that_times_nothing_are_refused(runner: CliRunner, tmp_path: Path,
+                                                                  resnet_checkpoint: Path, options: list[str],
+                                                                  fix: str) -> None:
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--no-evaluate", *options])
+    _assert_clean_failure(result, "prune.latency_runtime", "times nothing", fix)
+    assert not out.exists()
+    timed = runner.invoke(app, ["prune", str(resnet_checkpoint), "-o", str(out), "--no-evaluate", *options,
+                                "--report-latency"])
+    assert timed.exit_code == 0, timed.output
+    assert json.loads(out.with_suffix(".json").read_text())["latency"]["runtime"] == options[-1]
