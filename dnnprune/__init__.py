@@ -19,11 +19,11 @@ from dnnprune._version import __version__
 from dnnprune.errors import DnnpruneError
 
 if TYPE_CHECKING:
-    from dnnprune.checkpoint import CheckpointMeta, load, meta_of, save
+    from dnnprune.checkpoint import CheckpointMeta, attach_meta, load, meta_of, save
 
 # Imported on first use too (torch takes seconds to import): the console entry point can then catch a
 # Ctrl-C during start-up and end in one line.
-_CHECKPOINT = ("CheckpointMeta", "load", "meta_of", "save")
+_CHECKPOINT = ("CheckpointMeta", "attach_meta", "load", "meta_of", "save")
 _COMMANDS = {
     "train": "dnnprune.training",
     "analyze": "dnnprune.analysis",
@@ -31,7 +31,7 @@ _COMMANDS = {
     "quantize": "dnnprune.quantization",
     "double_prune": "dnnprune.pruning",
     "score": "dnnprune.scoring",
-    "export": "dnnprune.export",
+    "export": "dnnprune.onnx_export",  # not dnnprune.export: a submodule of that name would shadow the function
 }
 
 
@@ -45,4 +45,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'dnnprune' has no attribute {name!r}")
 
 
-__all__ = ["CheckpointMeta", "DnnpruneError", "__version__", "load", "meta_of", "save", *_COMMANDS]
+__all__ = ["CheckpointMeta", "DnnpruneError", "__version__", "attach_meta", "load", "meta_of", "save", *_COMMANDS]

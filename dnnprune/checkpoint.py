@@ -301,10 +301,42 @@ def _short(text: str, limit: int = 400) -> str:
 
 
 def meta_of(model: nn.Module) -> CheckpointMeta:
+    inner = _wrapped(model)  # torch.compile's wrapper hands the wrapped model's attributes through
+    if inner is not None and isinstance(getattr(getattr(model, inner), META_ATTRIBUTE, None), CheckpointMeta):
+        raise CheckpointError(f"this {type(model).__name__} wraps a dnnprune model: pass model.{inner}, the "
+                              "model it wraps")
     meta = getattr(model, META_ATTRIBUTE, None)
     if not isinstance(meta, CheckpointMeta):
-        raise CheckpointError("model carries no dnnprune metadata; build it with dnnprune.load or attach_meta")
+        raise CheckpointError("model carries no dnnprune metadata; build it with dnnprune.load, or import plain "
+                              "weights (dnnprune import, or dnnprune.importer.import_state_dict)")
     return meta
+
+
+def _wrapped(model: nn.Module) -> str | None:
+    """The attribute of a wrapper (DataParallel, DistributedDataParallel, torch.compile) holding the model."""
+    for attribute in ("module", "_orig_mod"):
+        if isinstance(getattr(model, attribute, None), nn.Module) and type(model).__name__ in (
+                "DataParallel", "DistributedDataParallel", "OptimizedModule"):
+            return attribute
+    return None
+
+
+def check_plain_model(model: nn.Module) -> None:
+    """What a checkpoint cannot hold faithfully, refused with the fix: tensors other than float32 (the
+    codecs and every command assume it) and torch.nn.utils.prune's masks (dnnprune stores sparsity itself)."""
+    from torch.nn.utils import prune as torch_prune
+
+    masked = [name for name, module in model.named_modules()
+              if any(isinstance(hook, torch_prune.BasePruningMethod) for hook in module._forward_pre_hooks.values())]
+    if masked:
+        raise CheckpointError(f"{masked[0] or 'the model'} carries torch.nn.utils.prune masks ({len(masked)} "
+                              "module(s)); make them permanent with torch.nn.utils.prune.remove(module, 'weight') "
+                              "first (the zeros are then stored sparse by dnnprune's own encodings)")
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    other = next(((name, t.dtype) for name, t in tensors if t.is_floating_point() and t.dtype != torch.float32), None)
+    if other is not None:
+        raise CheckpointError(f"tensor {other[0]!r} is {other[1]}; dnnprune works on float32 models: call "
+                              "model.float() first (quantize makes a model smaller than half precision does)")
 
 
 def attach_meta(model: nn.Module, meta: CheckpointMeta) -> nn.Module:
@@ -328,6 +360,8 @@ def save(model: nn.Module, path: Path | str, meta: CheckpointMeta | None = None,
     path = Path(path)
     meta = copy.deepcopy(meta if meta is not None else meta_of(model))
     check_output_path(path, force=force, protect=protect)
+    refuse_own_source(path, meta)
+    check_plain_model(model)
     meta.structure, meta.replaced = describe_structure(model, meta.arch, meta.arch_args)
     state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     stored = encode_state(state, meta.encodings)
@@ -336,8 +370,19 @@ def save(model: nn.Module, path: Path | str, meta: CheckpointMeta | None = None,
         raise CheckpointError(f"the metadata would take {len(text):,} bytes, more than {MAX_METADATA_BYTES:,}; "
                               "shorten the class names or the lineage")
     payload = st_save(stored, metadata={METADATA_KEY: text})
+    _check_loads_back(model, meta, stored, len(payload))
     atomic_write_bytes(path, payload)
     return path
+
+
+def _check_loads_back(model: nn.Module, meta: CheckpointMeta, stored: dict[str, torch.Tensor], size: int) -> None:
+    """The checks `load` makes, made before writing, so that a file is never written that load refuses."""
+    try:
+        _check_tensors(_skeleton(meta), declared_tensors(stored, meta.encodings), meta.arch, model_bytes_limit(size))
+        check_runs(model, meta.arch, meta.input_shape, fix="the model was changed so that it no longer runs on the "
+                   "input shape its metadata declares; undo that change")
+    except CheckpointError as exc:
+        raise CheckpointError(f"not saved, since load would refuse the file: {exc}") from None
 
 
 def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = (), kind: str = "output",
@@ -354,6 +399,19 @@ def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = ()
     except (OSError, RuntimeError) as exc:  # a link loop, a path the OS cannot take
         reason = getattr(exc, "strerror", None) or first_line(exc, 120)
         raise OutputError(f"cannot use {kind} path {shown(path)} ({reason}); choose another {option} path") from None
+
+
+def refuse_own_source(path: Path, meta: CheckpointMeta, option: str = "the output") -> None:
+    """`force` replaces an older output, never the checkpoint the model was loaded from (an input)."""
+    if meta.file_sha256 is None or not path.is_file():
+        return
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() == meta.file_sha256:
+        raise OutputError(f"{path} is the checkpoint this model was loaded from; choose another path for {option} "
+                          "(inputs are never overwritten)")
 
 
 def _exists(path: Path) -> bool:

@@ -80,10 +80,17 @@ class ChannelGraph:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         was_training = model.training
         model.eval()
-        with _patched_torch_pruning():
-            self.graph = tp.DependencyGraph().build_dependency(
-                model, example_inputs=torch.zeros(1, *self.input_shape, device=device), verbose=False)
-        model.train(was_training)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for parameter in frozen:  # the graph is traced through autograd: a frozen layer would leave no trace
+            parameter.requires_grad_(True)
+        try:
+            with _patched_torch_pruning(), torch.enable_grad():
+                self.graph = tp.DependencyGraph().build_dependency(
+                    model, example_inputs=torch.zeros(1, *self.input_shape, device=device), verbose=False)
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(False)
+            model.train(was_training)
         self._roots: dict[str, tuple[nn.Module, Callable[..., Any]]] = {}
         self._stale = False
         self.all_groups = self._collect_groups()

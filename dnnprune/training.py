@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from dnnprune.checkpoint import load, meta_of
 from dnnprune.constraints import held_encodings
-from dnnprune.errors import DnnpruneError, RecipeError
+from dnnprune.errors import DnnpruneError, ModelError, RecipeError
 from dnnprune.lineage import command
 from dnnprune.loaders import eval_loader, train_loader
 from dnnprune.observe import NULL_OBSERVER, Observer
@@ -341,6 +341,9 @@ def add_bn_l1_subgradient(model: nn.Module, strength: float) -> None:
 
 def _make_optimizer(model: nn.Module, config: TrainSection | FineTuneSection) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ModelError("every parameter of the model is frozen (requires_grad=False), so there is nothing to "
+                         "train; unfreeze the ones to train, e.g. model.requires_grad_(True)")
     if config.optimizer == "adam":
         return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":

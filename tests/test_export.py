@@ -18,8 +18,8 @@ import dnnprune
 from dnnprune.checkpoint import CheckpointMeta, attach_meta, save
 from dnnprune.cli import app
 from dnnprune.errors import DnnpruneError
-from dnnprune.export import export
 from dnnprune.models import create_model
+from dnnprune.onnx_export import export
 from dnnprune.pruning import prune
 from dnnprune.pruning.double import double_prune
 from dnnprune.quantization import quantize_layers
@@ -170,7 +170,7 @@ class _Skewed:
 
 
 def _skew(monkeypatch: pytest.MonkeyPatch, delta: float) -> None:
-    import dnnprune.export as module
+    import dnnprune.onnx_export as module
 
     real = module.onnx_session
     monkeypatch.setattr(module, "onnx_session", lambda payload: _Skewed(real(payload), delta))
@@ -377,7 +377,7 @@ def test_an_autoencoder_is_not_exported_with_raw_inputs_and_its_metadata_names_t
 def test_raw_inputs_warn_about_columns_float32_cannot_hold_finely_enough() -> None:
     """A timestamp column near 1.7e9 with a spread of 1e3 lost a tenth of its spread as float32 input, and 10 of
     2,000 predictions flipped in a helper's run; export now says so."""
-    from dnnprune.export import _float32_columns
+    from dnnprune.onnx_export import _float32_columns
 
     meta = CheckpointMeta(arch="mlp", arch_args={}, input_shape=(1, 1, 2), features=["ts", "amount"],
                           feature_mean=[1.7e9, 50.0], feature_std=[1e3, 20.0], dataset="csv")

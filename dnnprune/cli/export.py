@@ -19,8 +19,8 @@ from dnnprune.cli._app import (
     recipe_with,
     write_command_report,
 )
-from dnnprune.export import ExportReport, export
 from dnnprune.fresh import load_for_recipe
+from dnnprune.onnx_export import ExportReport, export
 
 
 @command("export")
@@ -42,7 +42,7 @@ def export_command(
     report_path = prepare_output(output, force=force, inputs=command_inputs(checkpoint, recipe, config), report=report,
                                  suffix=".export.json", output_suffix=".onnx")
     model = load_for_recipe(checkpoint, config.model)
-    _, result = export(model, config.export, output=output)
+    _, result = export(model, config.export, output=output, force=force)
     path = write_command_report("export", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
     console.print(_table(result))
     for warning in result.warnings:

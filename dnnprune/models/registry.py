@@ -26,10 +26,17 @@ def register_model(name: str, *, task: TaskKind = "classification") -> Callable[
         raise ValueError(f"model {name!r}: names that start with {TORCHVISION_PREFIX!r} are torchvision's; choose another")
 
     def decorator(factory: ModelFactory) -> ModelFactory:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is registered twice")
+        held = _REGISTRY.get(name)
+        if held is not None and _origin(held) != _origin(factory):  # the same definition run again: a new version
+            raise ValueError(f"model {name!r} is registered twice ({_origin(held)} and {_origin(factory)}); give one "
+                             "of them another name")
         _REGISTRY[name] = factory
         _TASKS[name] = task
         return factory
 
     return decorator
+
+
+def _origin(factory: ModelFactory) -> str:
+    """Where a constructor was defined: re-running a notebook cell or reloading a module defines it again."""
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"

@@ -39,7 +39,8 @@ def load_analysis(path: Path, arch: str, graph: ChannelGraph) -> dict[str, Any]:
                                       missing_hint=f"run `dnnprune analyze CKPT -o {path}` first"))
     except (ValueError, RecursionError) as exc:
         raise PruningError(f"analysis report {path} is not readable JSON ({type(exc).__name__}); pass the file `dnnprune analyze` wrote") from None
-    if not isinstance(report, dict) or report.get("command") != "analyze" or not isinstance(report.get("model"), dict):
+    # The CLI's file wraps the report (command, version, inputs); a library caller's report.model_dump_json() does not.
+    if not isinstance(report, dict) or report.get("command", "analyze") != "analyze" or not isinstance(report.get("model"), dict):
         raise PruningError(f"{path} is not an analysis report (no command: analyze); pass the file `dnnprune analyze` wrote")
     if report.get("granularity", "filter") != "filter":
         raise PruningError(f"{path} is a {report.get('granularity')} analysis; channel pruning needs a filter analysis "

@@ -24,7 +24,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from dnnprune.checkpoint import CheckpointMeta, atomic_write_bytes, meta_of
+from dnnprune.checkpoint import CheckpointMeta, atomic_write_bytes, check_output_path, meta_of, refuse_own_source
 from dnnprune.errors import DnnpruneError
 from dnnprune.inference import onnx_bytes, onnx_session
 from dnnprune.latency import interleaved_ms
@@ -53,9 +53,13 @@ class ExportReport(Report):
 
 @command("export", lineage=False)
 def export(model: nn.Module, section: ExportSection, *, data: DataSection, device: torch.device, observer: Observer,
-           output: Path) -> tuple[nn.Module, ExportReport]:
-    """Write `output` (ONNX) only after onnxruntime agrees with PyTorch."""
+           output: Path | str, force: bool = False) -> tuple[nn.Module, ExportReport]:
+    """Write `output` (ONNX) only after onnxruntime agrees with PyTorch; an existing file only with `force`,
+    and never the checkpoint the model was loaded from."""
     meta = meta_of(model)
+    output = Path(output)
+    check_output_path(output, force=force)
+    refuse_own_source(output, meta)
     if section.raw_inputs and meta.task.kind == "reconstruction":
         raise DnnpruneError("--raw-inputs does not suit an autoencoder: it reconstructs the scaled input, and its "
                             "anomaly score compares the two in scaled units; export without it and scale inputs as "
