@@ -223,8 +223,12 @@ def test_existing_output_refused_without_force(tmp_path: Path, lenet_checkpoint:
         save(model, lenet_checkpoint)
     with pytest.raises(OutputError, match="input"):
         save(model, lenet_checkpoint, force=True, protect=(lenet_checkpoint,))
+    with pytest.raises(OutputError, match="is the checkpoint this model was loaded from"):
+        save(model, lenet_checkpoint, force=True)  # the library's call, with no list of inputs
     assert lenet_checkpoint.read_bytes() == before
-    save(model, lenet_checkpoint, force=True)
+    other = make_checkpoint(tmp_path / "other.safetensors", "mlp")
+    save(model, other, force=True)
+    assert dnnprune.meta_of(dnnprune.load(other)).arch == "lenet5"
     assert not list(tmp_path.glob(".*.tmp"))
 
 

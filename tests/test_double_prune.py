@@ -543,6 +543,9 @@ def test_report_measures_every_stage(trained_run: dict[str, Any]) -> None:
     assert pruned["params"] == slimmed["params"] and pruned["macs"] == slimmed["macs"]
     assert pruned["nonzero_params"] < 0.35 * slimmed["nonzero_params"]
     assert pruned["bytes"] < 0.5 * slimmed["bytes"]
+    # dense_bytes is what the tensors take held dense (zeros too); stored_bytes what their encodings take.
+    assert pruned["dense_bytes"] == slimmed["dense_bytes"] > pruned["stored_bytes"]
+    assert slimmed["stored_bytes"] == slimmed["dense_bytes"]
     assert pruned["netscore"]["value_nonzero"] > pruned["netscore"]["value"]
     assert {k: v for k, v in final.items() if k != "stage"} == {k: v for k, v in pruned.items() if k != "stage"}
     totals = report.totals

@@ -23,6 +23,7 @@ from dnnprune.checkpoint import meta_of
 from dnnprune.errors import DnnpruneError
 from dnnprune.importer import import_state_dict, import_weights
 from dnnprune.models import create_model, torchvision_names
+from tests.conftest import unchecked_saves
 
 NAMES = [name.removeprefix("torchvision.") for name in torchvision_names()]
 # Saved the way torchvision trains them: with the auxiliary heads (googlenet's default warns without init_weights).
@@ -201,7 +202,11 @@ def test_an_input_shape_the_model_cannot_take_is_refused_at_import_and_at_load(t
     model, _ = import_weights(weights, "torchvision.squeezenet1_1", num_classes=10, input_shape=(3, 24, 24))
     meta = meta_of(model).model_copy(update={"input_shape": (3, 16, 16)})
     crafted = tmp_path / "declared-16.safetensors"
-    save(attach_meta(model, CheckpointMeta.model_validate(meta.model_dump())), crafted)
+    with pytest.raises(DnnpruneError, match=r"not saved, since load would refuse the file: .*3x16x16"):
+        save(attach_meta(model, CheckpointMeta.model_validate(meta.model_dump())), crafted)
+    assert not crafted.exists()
+    with unchecked_saves():  # as a hand-edited file or an older version could have written it
+        save(attach_meta(model, CheckpointMeta.model_validate(meta.model_dump())), crafted)
     with pytest.raises(DnnpruneError, match=r"declared-16\.safetensors: torchvision\.squeezenet1_1 cannot run on its "
                                             r"input shape 3x16x16 .*re-import the weights"):
         load(crafted)

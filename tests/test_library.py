@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ def _lenet() -> nn.Module:
 
 def test_export_is_the_function_on_every_access_also_after_its_module_is_imported() -> None:
     """`dnnprune.export` used to become the submodule of the same name after the first access."""
-    import dnnprune.onnx_export  # noqa: F401  (what the CLI, or a user, may import first)
+    import dnnprune.onnx_export  # what the CLI, or a user, may import first
     from dnnprune import export
 
     assert callable(export) and callable(dnnprune.export) and dnnprune.export is export
@@ -139,6 +140,18 @@ def test_a_wrapped_model_is_told_which_attribute_to_pass(wrap: object, attribute
         dnnprune.meta_of(wrap(_lenet()))  # type: ignore[operator]
 
 
+@pytest.fixture
+def registry_kept() -> Iterator[None]:
+    """Registrations made by a test are taken out again (other tests list the whole zoo)."""
+    from dnnprune.models import registry
+
+    saved = dict(registry._REGISTRY), dict(registry._TASKS)
+    yield
+    registry._REGISTRY.clear(), registry._REGISTRY.update(saved[0])
+    registry._TASKS.clear(), registry._TASKS.update(saved[1])
+
+
+@pytest.mark.usefixtures("registry_kept")
 def test_re_running_a_registration_replaces_it_and_another_definition_is_refused() -> None:
     def define() -> type:
         @register_model("library_test_net")
@@ -164,6 +177,6 @@ def test_an_analysis_saved_by_the_library_feeds_sensitivity_ordered_pruning(tmp_
                                    data=DataSection(train_limit=500))
     path = tmp_path / "analysis.json"
     path.write_text(analysis.model_dump_json())
-    pruned, report = dnnprune.prune(model, PruneSection(ratio=0.3, order="sensitivity", analysis=path,
+    _, report = dnnprune.prune(model, PruneSection(ratio=0.3, order="sensitivity", analysis=path,
                                                         evaluate=False))
     assert report.layer_order == analysis.order

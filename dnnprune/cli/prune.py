@@ -138,6 +138,9 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
     for key in ("params", "macs", "bytes"):
         table.add_row("bytes (as stored)" if key == "bytes" else key, f"{before[key]:,}", f"{after[key]:,}",
                       f"{result.reduction[key]:.2f}x")
+        if key == "params" and "nonzero_params" in before and "nonzero_params" in after:
+            table.add_row("non-zero params", f"{before['nonzero_params']:,}", f"{after['nonzero_params']:,}",
+                          f"{before['nonzero_params'] / max(1, after['nonzero_params']):.2f}x")
     for split in ("val", "test"):
         drop = result.accuracy_drop.get(split)
         if before.get(split) and after.get(split) and drop is not None:

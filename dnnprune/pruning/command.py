@@ -23,6 +23,7 @@ from dnnprune.errors import PruningError
 from dnnprune.latency import LayerTable, Reference, compare_models
 from dnnprune.lineage import command
 from dnnprune.loaders import calibration_inputs, eval_loader, splits_for, train_loader
+from dnnprune.metrics import count_nonzero_parameters
 from dnnprune.observe import Observer
 from dnnprune.pruning.basis import rebase
 from dnnprune.pruning.depth import (
@@ -472,6 +473,8 @@ class _Job:
     def measure(self, model: nn.Module, label: str) -> dict[str, Any]:
         """Sizes (bytes as stored: a sparse input counts its encoding) and, when evaluating, val and test metrics."""
         size = model_size(model, self.shape)
+        if self.meta.encodings:  # a sparse input: params count every weight, zero or not; say what is non-zero
+            size["nonzero_params"] = count_nonzero_parameters(model)
         if not self.config.evaluate:
             return {**size, "val": None, "test": None}
         started = time.perf_counter()

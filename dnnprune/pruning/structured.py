@@ -144,6 +144,11 @@ def model_size(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
             "bytes": stored_bytes(model)}
 
 
+def dense_bytes(model: nn.Module) -> int:
+    """The tensors' bytes held dense, as in memory (float32 weights, zeros included)."""
+    return sum(tensor.numel() * tensor.element_size() for tensor in model.state_dict().values())
+
+
 def stored_bytes(model: nn.Module) -> int:
     """The tensors' bytes in the checkpoint: an encoded (sparse or quantized) weight counts its stored parts,
     so a bytes target on a sparse model is what its file loses, not what a dense copy would."""

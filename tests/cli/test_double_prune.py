@@ -69,6 +69,9 @@ def test_double_prune_writes_a_slimmed_sparse_checkpoint_and_its_report(double_p
     assert out.stat().st_size < resnet_file.stat().st_size / 5
     assert abs(totals["predicted_file_bytes"] - totals["file_bytes"]) < 4096
     assert totals["effective_bits_per_weight"] < 32 / 3
+    # Bits per weight are the file's, header included (they were the tensors' predicted bytes).
+    params = report["stages"][-1]["params"]
+    assert totals["effective_bits_per_weight"] == pytest.approx(8 * out.stat().st_size / params)
     assert [s["stage"] for s in report["stages"]] == ["before", "slimmed", "after_slimming",
                                                       "after_parameter_pruning", "final"]
     model = dnnprune.load(out)

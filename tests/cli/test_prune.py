@@ -13,7 +13,7 @@ import dnnprune
 from dnnprune.cli import app
 from dnnprune.surgery import ChannelGraph, model_fingerprint
 from tests.cli.test_bad_input import _assert_clean_failure
-from tests.conftest import make_checkpoint, needs_fmnist
+from tests.conftest import make_checkpoint, needs_fmnist, unchecked_saves
 
 
 @pytest.fixture
@@ -223,6 +223,12 @@ def _reordered_classes(source: Path, path: Path) -> Path:
     return path
 
 
+def _unrunnable(path: Path) -> Path:
+    """A LeNet-5 that declares 32 px, which its classifier cannot take (save itself refuses to write one)."""
+    with unchecked_saves():
+        return make_checkpoint(path, input_shape=(1, 32, 32))
+
+
 @pytest.mark.parametrize("teacher_kind, distill, fragments", [
     ("same", 0.0, ("teacher is set", "distill > 0")),
     ("missing", 0.5, ("missing.safetensors",)),
@@ -241,7 +247,7 @@ def test_bad_teachers_fail_cleanly_and_write_nothing(runner: CliRunner, tmp_path
                 "pickle": tmp_path / "teacher.safetensors",
                 "other-classes": make_checkpoint(tmp_path / "five.safetensors", num_classes=5),
                 "other-input": make_checkpoint(tmp_path / "other.safetensors", "resnet20", input_shape=(1, 32, 32)),
-                "unrunnable": make_checkpoint(tmp_path / "wide.safetensors", input_shape=(1, 32, 32)),
+                "unrunnable": _unrunnable(tmp_path / "wide.safetensors"),
                 "reordered-classes": _reordered_classes(lenet_checkpoint, tmp_path / "reordered.safetensors")}
     torch.save({"weight": torch.zeros(2)}, tmp_path / "teacher.safetensors")  # a pickle under a safetensors name
     out = tmp_path / "out.safetensors"
@@ -367,3 +373,23 @@ def test_latency_settings_in_a_run_that_times_nothing_are_refused(runner: CliRun
                                 "--report-latency"])
     assert timed.exit_code == 0, timed.output
     assert json.loads(out.with_suffix(".json").read_text())["latency"]["runtime"] == options[-1]
+
+
+@needs_fmnist
+def test_pruning_a_sparse_checkpoint_shows_its_non_zero_parameters(runner: CliRunner, tmp_path: Path,
+                                                                   resnet_checkpoint: Path) -> None:
+    """`params` count every weight, zero or not: on a sparse input the table adds what is non-zero."""
+    import torch
+
+    model = dnnprune.load(resnet_checkpoint)
+    dnnprune.double_prune(model, dnnprune.recipe.DoublePruneSection(slimming_ratio=0.0, sparsity=0.7, sparsity_steps=1,
+                                                                    finetune_steps=0, evaluate=False))
+    sparse = dnnprune.save(model, tmp_path / "sparse.safetensors")
+    out = tmp_path / "pruned.safetensors"
+    result = runner.invoke(app, ["prune", str(sparse), "--ratio", "0.3", "--no-evaluate", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.with_suffix(".json").read_text())
+    pruned = dnnprune.load(out)
+    assert report["after"]["nonzero_params"] == sum(int(torch.count_nonzero(p)) for p in pruned.parameters())
+    assert report["before"]["nonzero_params"] < report["before"]["params"]
+    assert "non-zero params" in result.output
