@@ -768,6 +768,24 @@ def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
     return classes, torch.tensor([index[v] for v in labels], dtype=torch.long)
 
 
+def _known_labels(path: Path, raw: list[str], known: tuple[str, ...], label_column: str
+                  ) -> tuple[list[str], torch.Tensor]:
+    """Labels as positions in a trained model's class list; a label it was not trained on is refused."""
+    names, positions = _label_names(raw)
+    index = {name: i for i, name in enumerate(known)}
+    strange = [name for name in names if name not in index]
+    if strange:
+        raise DatasetError(f"{path}: the label column {label_column!r} holds {_quoted(strange)}, which the model was "
+                           f"not trained on (its classes: {_quoted(list(known))}); give rows of those classes only")
+    mapping = torch.tensor([index[name] for name in names], dtype=torch.long)
+    return list(known), mapping[positions]
+
+
+def _quoted(names: list[str], most: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return f"[{shown}, ...] ({len(names)})" if len(names) > most else f"[{shown}]"
+
+
 def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.Tensor, parts: list[list[int]]) -> None:
     """A rare class (frauds) must reach train, val and test, or its metrics there are undefined."""
     for split, indices in zip(("train", "val", "test"), parts):
@@ -781,16 +799,20 @@ def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.
 
 def _load_csv(
     path: Path, spec: InputSpec | None, label_column: str, val_fraction: float, test_fraction: float, seed: int,
-    scaling: Scaling | None = None,
+    scaling: Scaling | None = None, known_classes: tuple[str, ...] | None = None, whole: bool = False,
 ) -> Splits:
     """Stratified 3-way split, then standardise with train statistics only (no leakage into val/test): this
     file's, or `scaling`, the ones the model was trained with (another file in other units, or with another
-    class mix, would otherwise be scaled to look like the training file)."""
+    class mix, would otherwise be scaled to look like the training file).
+
+    `known_classes` (a trained model's) maps labels by name, so a file holding some of them keeps each
+    label's position; `whole` reads every row into `train` unsplit (a hold-out file scored as a whole
+    need not have every class in every split, nor more than one class)."""
     names, x, raw = _read_csv(path, label_column)
     if len(names) > MAX_FEATURES:
         raise DatasetError(f"{path} has {len(names):,} feature columns; a model takes at most {MAX_FEATURES:,} "
                            "inputs: select or reduce the features first")
-    classes, y = _label_names(raw)
+    classes, y = _label_names(raw) if known_classes is None else _known_labels(path, raw, known_classes, label_column)
     if len(classes) > max(100, len(y) // 4):
         raise DatasetError(f"{path}: the label column {label_column!r} holds {len(classes):,} distinct values in "
                            f"{len(y):,} rows, so it looks like a measurement, not a class; set data.label_column "
@@ -799,11 +821,14 @@ def _load_csv(
     if spec.shape != (1, 1, len(names)):
         raise DatasetError(f"{path} has {len(names)} feature columns but the model takes {spec.shape[-1]}; give the "
                            "table the model was trained on")
-    if len(classes) < 2:
-        raise DatasetError(f"{path}: the label column {label_column!r} holds one class only ({classes[0]!r}); a "
+    if len(set(y.tolist())) < 2 and not whole:
+        raise DatasetError(f"{path}: the label column {label_column!r} holds one class only ({classes[int(y[0])]!r}); a "
                            "classifier or an anomaly detector needs at least two (check the column or the file)")
-    parts = _three_way_indices(y, val_fraction, test_fraction, seed)
-    _check_every_split_has_every_class(path, classes, y, parts)
+    if whole:
+        parts = [list(range(len(y))), [], []]
+    else:
+        parts = _three_way_indices(y, val_fraction, test_fraction, seed)
+        _check_every_split_has_every_class(path, classes, y, parts)
     if scaling is not None and len(scaling[0]) == len(names):
         mu, sd = np.asarray(scaling[0], dtype=np.float64), np.asarray(scaling[1], dtype=np.float64)
     else:
@@ -829,17 +854,20 @@ def load_splits(
     train_limit: int | None = None,
     test_fraction: float = _DEFAULT_TEST_FRACTION,
     scaling: Scaling | None = None,
+    known_classes: tuple[str, ...] | None = None,
+    whole: bool = False,
 ) -> Splits:
     """Seeded train/val/test adapted to `spec` (None: the dataset's default, or inferred for csv).
 
-    `test_fraction` is used only where the data has no official test split (csv, a single folder).
+    `test_fraction` is used only where the data has no official test split (csv, a single folder);
+    `known_classes` and `whole` only for tables (see `_load_csv`).
     """
     info = _info(name)
     if spec is None and info.kind == "image":
         spec = default_spec(name)
     if info.kind == "tabular":
         table = resolve_root(name, path or data_root)
-        splits = _load_csv(table, spec, label_column, val_fraction, test_fraction, seed, scaling)
+        splits = _load_csv(table, spec, label_column, val_fraction, test_fraction, seed, scaling, known_classes, whole)
         if name == "creditcard" and splits.features != CREDITCARD_FEATURES:
             raise DatasetError(f"{table} is not Kaggle's {_CREDITCARD}: its columns are {', '.join(splits.features or [])[:200]}, "
                                f"not Time, V1..V28, Amount; use --dataset csv for other tables")

@@ -41,11 +41,15 @@ def dataset_name(meta: CheckpointMeta, section: DataSection) -> str:
     return name
 
 
-def splits_for(meta: CheckpointMeta, section: DataSection) -> Splits:
+def splits_for(meta: CheckpointMeta, section: DataSection, *, whole: bool = False) -> Splits:
+    """The checkpoint's data; `whole`: a table read unsplit into `train` (what `--split all` scores)."""
     name = dataset_name(meta, section)
     scaling = (tuple(meta.feature_mean), tuple(meta.feature_std)) if meta.feature_mean and meta.feature_std else None
+    known = tuple(meta.classes) if meta.classes and meta.features else None  # a table the model was trained on
+    whole = whole and meta.features is not None  # other data has its splits fixed: no second copy in the cache
     splits = _cached_splits(name, spec_for(meta), section.root, section.path, section.download,
-                            section.val_fraction, section.split_seed, section.label_column, section.train_limit, scaling)
+                            section.val_fraction, section.split_seed, section.label_column, section.train_limit, scaling,
+                            known, whole)
     check_fits(meta, splits, name)
     return splits
 
@@ -88,15 +92,17 @@ def _listed(names: list[str], most: int = 6) -> str:
 @lru_cache(maxsize=4)
 def _cached_splits(name: str, spec: InputSpec, root: Path | None, path: Path | None, download: bool,
                    val_fraction: float, seed: int, label_column: str, train_limit: int | None,
-                   scaling: Scaling | None = None) -> Splits:
+                   scaling: Scaling | None = None, known_classes: tuple[str, ...] | None = None,
+                   whole: bool = False) -> Splits:
     return load_splits(name, spec, data_root=root, download=download, val_fraction=val_fraction, seed=seed,
-                       label_column=label_column, path=path, train_limit=train_limit, scaling=scaling)
+                       label_column=label_column, path=path, train_limit=train_limit, scaling=scaling,
+                       known_classes=known_classes, whole=whole)
 
 
 def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, samples: int | None = None,
                   seed: int = 0) -> Dataset:
     if split == "all":
-        splits = splits_for(meta, _unlimited(section))
+        splits = splits_for(meta, _unlimited(section), whole=True)
         dataset: Dataset = ConcatDataset([splits.train, splits.val, splits.test])
     else:
         dataset = getattr(splits_for(meta, section), split)
@@ -105,7 +111,7 @@ def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, 
 
 def dataset_size(meta: CheckpointMeta, section: DataSection) -> int:
     """Samples in the three splits together, whatever `train_limit` says: what `--split all` scores."""
-    splits = splits_for(meta, _unlimited(section))
+    splits = splits_for(meta, _unlimited(section), whole=True)
     return len(splits.train) + len(splits.val) + len(splits.test)
 
 

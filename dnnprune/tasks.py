@@ -287,7 +287,8 @@ def anomaly_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float 
 
 
 def threshold_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: float) -> dict[str, float | None]:
-    """Flag samples whose error is above the threshold; how right the flags are."""
+    """Flag samples whose error is above the threshold; how right the flags are, and how often normal
+    samples are flagged (defined on a file of normal rows only, where precision and recall are not)."""
     flagged = scores > threshold
     true_pos = int((flagged & anomalous).sum())
     precision = true_pos / int(flagged.sum()) if flagged.any() else None
@@ -296,7 +297,10 @@ def threshold_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: floa
         f1 = None
     else:
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1}
+    normal = ~anomalous
+    false_alarms = int((flagged & normal).sum()) / int(normal.sum()) if normal.any() else None
+    return {"threshold": float(threshold), "precision": precision, "recall": recall, "f1": f1,
+            "flagged_rate": float(flagged.mean()) if len(flagged) else None, "false_positive_rate": false_alarms}
 
 
 def choose_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:

@@ -151,6 +151,11 @@ def test_choose_threshold_gives_the_best_f1_and_threshold_metrics_measure_it() -
     manual = threshold_metrics(SCORES, ANOMALOUS, 0.42)  # flags 0.95, 0.9, 0.8 (anomalies), 0.5, 0.45 (normal)
     assert manual["precision"] == pytest.approx(3 / 5) and manual["recall"] == pytest.approx(3 / 4)
     assert manual["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
+    normal_count = int((~ANOMALOUS).sum())
+    assert manual["flagged_rate"] == pytest.approx(5 / len(SCORES))
+    assert manual["false_positive_rate"] == pytest.approx(2 / normal_count)
+    only_normal = threshold_metrics(SCORES[~ANOMALOUS], np.zeros(normal_count, dtype=bool), 0.42)
+    assert only_normal["recall"] is None and only_normal["false_positive_rate"] == pytest.approx(2 / normal_count)
     nothing = threshold_metrics(SCORES, ANOMALOUS, 1.0)
     assert nothing["precision"] is None and nothing["recall"] == 0.0 and nothing["f1"] is None
 

@@ -602,3 +602,33 @@ def test_a_threshold_on_a_classifier_checkpoint_is_refused(tmp_path: Path) -> No
     assert CheckpointMeta(**{**detector, "anomaly_threshold": {"value": 0.5, "chosen_on": "x", "samples": 1}})
     with pytest.raises(CheckpointError, match="anomaly_threshold"):
         CheckpointMeta(**{**detector, "anomaly_threshold": {"value": float("nan"), "chosen_on": "x", "samples": 1}})
+
+
+def test_a_small_holdout_or_one_of_normal_rows_only_is_scored_whole(runner: CliRunner, trained: Trained,
+                                                                   tmp_path: Path) -> None:
+    """60 rows with 3 frauds cannot be split three ways with a fraud in each part, and a file of normal
+    rows has one class: both were refused; scored whole at the stored threshold, the second reports how
+    many normal rows the detector flags."""
+    small = tmp_path / "small"
+    write_creditcard(small / "creditcard.csv", rows=60, fraud_rate=0.05, seed=3)
+    scored = _score(runner, trained.checkpoint, small, tmp_path / "small.json", "--split", "all")
+    assert scored["metrics"]["samples"] == 60 and scored["metrics"]["roc_auc"] is not None
+    header, *rows = (small / "creditcard.csv").read_text().splitlines()
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    kept = [row for row in rows if row.endswith('"0"')]
+    (normal / "creditcard.csv").write_text("\n".join([header, *kept]) + "\n")
+    only = _score(runner, trained.checkpoint, normal, tmp_path / "normal.json", "--split", "all")
+    metrics = only["metrics"]
+    assert metrics["samples"] == len(kept) and metrics.get("roc_auc") is None and metrics["anomaly_rate"] == 0.0
+    held = dnnprune.meta_of(dnnprune.load(trained.checkpoint)).anomaly_threshold
+    x, _ = _read_file(normal / "creditcard.csv")
+    model = dnnprune.load(trained.checkpoint)
+    meta = dnnprune.meta_of(model)
+    inputs = torch.tensor((x - np.array(meta.feature_mean)) / np.array(meta.feature_std), dtype=torch.float32)
+    with torch.inference_mode():
+        errors = sample_errors(model(inputs.reshape(-1, 1, 1, 30)), inputs.reshape(-1, 1, 1, 30)).double().numpy()
+    assert metrics["false_positive_rate"] == pytest.approx(float((errors > held.value).mean()))
+    split = runner.invoke(app, ["score", str(trained.checkpoint), "-r", str(RECIPE), "--data-root", str(normal),
+                                "--no-latency", "--report", str(tmp_path / "t.json")])
+    _assert_clean_failure(split, "holds one class only")  # a test split of it would have nothing to detect

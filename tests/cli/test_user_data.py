@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -223,3 +225,47 @@ def test_an_autoencoder_asked_to_classify_names_the_classifier_to_use(runner: Cl
                                  "-o", str(tmp_path / "m.safetensors")])
     _assert_clean_failure(result, "a2e is built for reconstruction, but model.task.kind is classification; use "
                                   "a2e_classifier")
+
+
+def _three_class_table(path: Path, rows: int, seed: int, classes: tuple[str, ...] = ("cat", "cow", "dog")) -> Path:
+    """Word labels, one class per region of the first feature, so a trained model is mostly right."""
+    rng = np.random.default_rng(seed)
+    values = rng.normal(size=(rows, 4))
+    labels = np.digitize(values[:, 0], [-0.43, 0.43])
+    lines = ["a,b,c,d,Class"] + [",".join([*(f"{v:.5f}" for v in row), classes[y]]) for row, y in zip(values, labels)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_small_holdout_is_scored_whole_and_its_labels_keep_the_models_classes(runner: CliRunner,
+                                                                                 tmp_path: Path) -> None:
+    """A hold-out file holding some of the classes, or too few rows of one to split, is scored whole with
+    `--split all`; its labels are matched to the model's classes by name (positions in the file's own
+    sorted labels would shift 'dog' onto 'cow')."""
+    out = tmp_path / "mlp.safetensors"
+    train = _three_class_table(tmp_path / "train.csv", 600, seed=0)
+    assert runner.invoke(app, ["train", "mlp", "-r", str(_recipe(tmp_path / "r.yaml", "  epochs: 8\n")), "--dataset",
+                               "csv", "--data-root", str(train), "-o", str(out)]).exit_code == 0
+    lines = _three_class_table(tmp_path / "all.csv", 400, seed=1).read_text().splitlines()
+    holdout = tmp_path / "holdout.csv"  # cats and dogs only, and just two dogs
+    dogs = [line for line in lines[1:] if line.endswith(",dog")][:2]
+    holdout.write_text("\n".join([lines[0], *[line for line in lines[1:] if line.endswith(",cat")], *dogs]) + "\n")
+    report_path = tmp_path / "holdout.score.json"
+    result = runner.invoke(app, ["score", str(out), "--data-root", str(holdout), "--split", "all", "--no-latency",
+                                 "--report", str(report_path)])
+    assert result.exit_code == 0, result.output
+    model = dnnprune.load(out)
+    meta = dnnprune.meta_of(model)
+    table = np.array([line.split(",") for line in holdout.read_text().splitlines()[1:]])
+    x = (table[:, :4].astype(np.float64) - np.array(meta.feature_mean)) / np.array(meta.feature_std)
+    x = (x - meta.mean[0]) / meta.std[0]
+    with torch.inference_mode():
+        predicted = model(torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 1, 4)).argmax(1).numpy()
+    expected = (np.array(meta.classes)[predicted] == table[:, 4]).mean()
+    report = json.loads(report_path.read_text())
+    assert report["metrics"]["samples"] == len(table) and report["metrics"]["top1"] == pytest.approx(expected)
+    assert expected > 0.6
+    strange = tmp_path / "strange.csv"
+    strange.write_text("\n".join([lines[0], *lines[1:20], "0.1,0.2,0.3,0.4,emu"]) + "\n")
+    refused = runner.invoke(app, ["score", str(out), "--data-root", str(strange), "--split", "all", "--no-latency"])
+    _assert_clean_failure(refused, "holds ['emu'], which the model was not trained on")
