@@ -117,7 +117,7 @@ class AnomalyThreshold(_Strict):
     Chosen for the best F1 on the validation split the model was last trained or compressed with, so that
     scoring a file of one's own, or a deployed export, never picks it on the labels it is judged by."""
 
-    value: FiniteFloat
+    value: Annotated[float, Field(strict=True, allow_inf_nan=False)]
     chosen_on: ShortText
     samples: Annotated[int, Field(ge=0)]
     f1: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
@@ -148,6 +148,7 @@ class CheckpointMeta(_Strict):
     lineage: Annotated[list[LineageEntry], Field(max_length=100_000)] = Field(default_factory=list)
     format_version: Annotated[int, Field(ge=1, strict=True)] = FORMAT_VERSION
     _file_sha256: str | None = PrivateAttr(default=None)
+    _file_path: Path | None = PrivateAttr(default=None)
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -164,6 +165,15 @@ class CheckpointMeta(_Strict):
     @file_sha256.setter
     def file_sha256(self, value: str | None) -> None:
         self._file_sha256 = value
+
+    @property
+    def file_path(self) -> Path | None:
+        """The file this metadata was read from (runtime only, never stored): an input not to overwrite."""
+        return self._file_path
+
+    @file_path.setter
+    def file_path(self, value: Path | None) -> None:
+        self._file_path = value
 
     @field_validator("arch_args")
     @classmethod
@@ -402,14 +412,14 @@ def check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...] = ()
 
 
 def refuse_own_source(path: Path, meta: CheckpointMeta, option: str = "the output") -> None:
-    """`force` replaces an older output, never the checkpoint the model was loaded from (an input)."""
-    if meta.file_sha256 is None or not path.is_file():
-        return
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() == meta.file_sha256:
+    """`force` replaces an older output, never the checkpoint the model was loaded from (an input, by path:
+    a byte-identical copy elsewhere is another file)."""
+    source = meta.file_path
+    try:
+        same = source is not None and path.exists() and os.path.samefile(path, source)
+    except OSError:  # the source was moved or deleted since: nothing of it to protect at this path
+        same = False
+    if same:
         raise OutputError(f"{path} is the checkpoint this model was loaded from; choose another path for {option} "
                           "(inputs are never overwritten)")
 
@@ -434,7 +444,8 @@ def _check_output_path(path: Path, *, force: bool, protect: tuple[Path, ...], ki
     if path.exists() and path.is_dir():
         raise OutputError(f"{kind} {path} is a directory; give {option} a file path")
     if path.exists() and not force:
-        raise OutputError(f"{kind} {path} already exists; pass --force to overwrite it or choose another {option} path")
+        raise OutputError(f"{kind} {path} already exists; pass --force (force=True in Python) to overwrite it or "
+                          f"choose another {option} path")
     if not path.parent.exists():
         raise OutputError(f"{kind} folder {path.parent} does not exist; create it first")
     if not path.parent.is_dir():
@@ -554,6 +565,7 @@ def load(path: Path | str, *, map_location: str = "cpu") -> nn.Module:
     payload = read_checkpoint_bytes(path)
     meta, stored = parse_checkpoint(path, payload)
     meta.file_sha256 = hashlib.sha256(payload).hexdigest()
+    meta.file_path = path.absolute()
     try:
         skeleton = _skeleton(meta)
         _check_tensors(skeleton, declared_tensors(stored, meta.encodings), meta.arch, model_bytes_limit(len(payload)))

@@ -106,8 +106,11 @@ def held_encodings(model: nn.Module, encodings: Mapping[str, Encoding | Mapping[
         for name, (module, attribute) in targets.items():
             holder = _hold(module, attribute, name, specs[name])
             if holder is not None:
-                held[name] = (module, attribute, holder, getattr(module, attribute).requires_grad)
+                trainable = getattr(module, attribute).requires_grad
+                held[name] = (module, attribute, holder, trainable)
                 _attach(module, attribute, holder)
+                if not trainable:  # a weight the caller froze: its codebook or scales stay as they are too
+                    holder.requires_grad_(False)
         yield
     except BaseException:
         _release(held, specs, strict=False)

@@ -59,7 +59,9 @@ def command(name: str, *, lineage: bool = True) -> Callable[[CommandFn[R]], Comm
                 result_model, report = function(model, section, data=data_section, device=device_name,
                                                 observer=observer or NULL_OBSERVER, **extra)
                 if lineage:
-                    thresholds.refresh(result_model, data_section, device_name)
+                    dropped = thresholds.refresh(result_model, data_section, device_name)
+                    if dropped:
+                        (observer or NULL_OBSERVER).log(f"note: {dropped}")
                     meta_of(result_model).add_lineage(name, sections_sha256(section, data), report.lineage_metrics())
             result_model.train(was_training).to(home)
             for key, parameter in result_model.named_parameters():  # surgery makes new Parameters: freeze again
@@ -112,6 +114,10 @@ def sections_sha256(*sections: BaseModel | None) -> str:
 def resolve_device(name: torch.device | str) -> torch.device:
     """`auto` is CUDA where there is a GPU, else the CPU; asking for CUDA without one is an input error."""
     if isinstance(name, torch.device):
+        if name.type not in ("cpu", "cuda"):
+            raise DnnpruneError(f"the device must be auto, cpu, cuda or cuda:N, not {str(name)!r}")
+        if name.type == "cuda" and not torch.cuda.is_available():
+            raise DnnpruneError("a CUDA device was asked for but no CUDA GPU is available; use cpu or auto")
         return name
     if not isinstance(name, str) or not (name in ("auto", "cpu", "cuda") or name.startswith("cuda:")):
         raise DnnpruneError(f"the device must be auto, cpu, cuda or cuda:N, not {name!r}")

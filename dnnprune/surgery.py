@@ -268,7 +268,17 @@ class ChannelGraph:
     # -- surgery -------------------------------------------------------------------------
 
     def prune(self, plan: dict[str, Sequence[int]]) -> None:
-        """Remove the given channel indices of each named group, in place."""
+        """Remove the given channel indices of each named group, in place; a frozen parameter stays frozen
+        (Torch-Pruning makes new Parameters, which would otherwise be trained by the next fine-tune)."""
+        frozen = {key for key, parameter in self.model.named_parameters() if not parameter.requires_grad}
+        try:
+            self._prune(plan)
+        finally:
+            for key, parameter in self.model.named_parameters():
+                if key in frozen:
+                    parameter.requires_grad_(False)
+
+    def _prune(self, plan: dict[str, Sequence[int]]) -> None:
         for name, idxs in plan.items():
             idxs = sorted({int(i) for i in idxs})
             if not idxs:
@@ -422,10 +432,18 @@ def _mixes_channels(node: Any, features_last: bool = False) -> bool:
         if size is None or len(size) == 4:
             return False
         out = _output_shape(grad_fn)
-        if len(size) == 2:  # (rows, features) folded into (rows', other features): rows land among the features
-            return out is not None and len(out) in (2, 3) and out[-1] != size[-1]
+        if len(size) == 2:  # features must stay whole: (rows, features) folded otherwise mixes rows into them
+            return out is not None and not _keeps_features(tuple(size), out)
         return not (features_last and out is not None and _merges_leading_dims(tuple(size), out))
     return False
+
+
+def _keeps_features(size: tuple[int, ...], out: tuple[int, ...]) -> bool:
+    """A 2-D (rows, features) view that keeps each feature a channel: rows split or merged, (rows, features,
+    1, 1) for a conv. Features spread over a map ((B, C x H x W) -> (B, C, H, W)) are left to no group."""
+    if len(out) in (2, 3):
+        return out[-1] == size[-1]
+    return len(out) == 4 and out[1] == size[-1] and out[2] * out[3] == 1
 
 
 def _output_shape(grad_fn: Any) -> tuple[int, ...] | None:

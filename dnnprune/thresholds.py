@@ -45,12 +45,17 @@ def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> 
                             samples=len(scores), f1=f1)
 
 
-def refresh(model: nn.Module, data: DataSection, device: torch.device) -> None:
-    """Store a threshold chosen for the model as it is now; drop the old one where the data is out of reach."""
+def refresh(model: nn.Module, data: DataSection, device: torch.device) -> str | None:
+    """Store a threshold chosen for the model as it is now; drop the old one where the data cannot give
+    one, and say why (None when a threshold was stored, or the model is no detector)."""
     if not is_detector(model):
-        return
+        return None
     meta = meta_of(model)
     try:
         meta.anomaly_threshold = choose_on_val(model, data, device)
-    except DatasetError:
+    except DatasetError as exc:
         meta.anomaly_threshold = None
+        return (f"the anomaly threshold was dropped, since the validation split to choose it on could not be used "
+                f"({exc}); the output has none, so score cannot give precision/recall/F1 on --split all and export "
+                "writes no threshold. Run with the training data (--data-root) to store one")
+    return None

@@ -180,3 +180,63 @@ def test_an_analysis_saved_by_the_library_feeds_sensitivity_ordered_pruning(tmp_
     _, report = dnnprune.prune(model, PruneSection(ratio=0.3, order="sensitivity", analysis=path,
                                                         evaluate=False))
     assert report.layer_order == analysis.order
+
+
+def _weights(model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@needs_fmnist
+def test_a_fine_tune_after_surgery_never_trains_a_frozen_layer() -> None:
+    """Torch-Pruning makes new Parameters for the layers it cuts: they were trained by the fine-tune that
+    followed, then marked frozen again (the flags said frozen; the weights had moved)."""
+    from dnnprune.recipe import FineTuneSection
+
+    def pruned(steps: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = _lenet()
+        model.features.requires_grad_(False)
+        finetune = FineTuneSection(max_steps=steps, lr=0.1) if steps else None
+        section = PruneSection(ratio=0.5, evaluate=False, **({"finetune": finetune} if finetune else {}))
+        return dnnprune.prune(model, section, data=DataSection(train_limit=300))[0]
+
+    still, tuned = pruned(0), pruned(5)
+    for key, value in _weights(still, "features").items():
+        assert torch.equal(value, tuned.state_dict()[key]), key
+    assert not torch.equal(still.classifier[1].weight, tuned.classifier[1].weight)  # the head did train
+
+
+@needs_fmnist
+def test_a_frozen_quantized_weight_keeps_its_codebook_through_a_fine_tune() -> None:
+    from dnnprune.recipe import FineTuneSection
+
+    def quantized(steps: int) -> nn.Module:
+        torch.manual_seed(0)
+        model = _lenet()
+        model.classifier[1].requires_grad_(False)
+        finetune = {"finetune": FineTuneSection(epochs=1, max_steps=steps, lr=0.1)} if steps else {}
+        section = QuantizeSection(bits=4, layers=["type:Linear"], evaluate=False, **finetune)
+        return dnnprune.quantize(model, section, data=DataSection(train_limit=300))[0]
+
+    still, tuned = quantized(0), quantized(5)
+    assert torch.equal(still.classifier[1].weight, tuned.classifier[1].weight)
+    assert not torch.equal(still.classifier[3].weight, tuned.classifier[3].weight)
+
+
+@pytest.mark.parametrize("device", [torch.device("meta"), torch.device("cpu", 0).__class__("mps")])
+def test_a_device_object_is_checked_as_a_name_is(device: torch.device) -> None:
+    with pytest.raises(DnnpruneError, match="the device must be auto, cpu, cuda or cuda:N"):
+        dnnprune.prune(_lenet(), PruneSection(ratio=0.5, evaluate=False), device=device)
+
+
+def test_a_byte_identical_copy_of_the_source_may_be_replaced(tmp_path: Path) -> None:
+    """The source is protected by path; a copy elsewhere with the same bytes is another file."""
+    source = make_checkpoint(tmp_path / "lenet.safetensors")
+    copy_path = tmp_path / "copy.safetensors"
+    copy_path.write_bytes(source.read_bytes())
+    model = dnnprune.load(source)
+    dnnprune.save(model, copy_path, force=True)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(source)
+    with pytest.raises(OutputError, match="is the checkpoint this model was loaded from"):
+        dnnprune.save(model, link, force=True)

@@ -192,3 +192,28 @@ def test_torchvision_vit_prunes_through_the_cli_and_reloads(tmp_path: Path) -> N
     model = dnnprune.load(out)
     assert all(layer.mlp[0].out_features == 1536 for layer in model.encoder.layers)
     assert all(reload_in_new_process([record_io(model, out, (1, 32, 32))]).values())
+
+
+class _Decoder(nn.Module):
+    """A Linear whose features become a conv's channels over a 7x7 map (a decoder's first step)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 8 * 7 * 7)
+        self.conv = nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 7 * 7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(self.fc(x.flatten(1)).view(x.shape[0], 8, 7, 7))
+        return self.head(y.flatten(1))
+
+
+def test_a_linear_unflattened_into_conv_channels_is_locked_not_cut_to_nothing() -> None:
+    """Torch-Pruning mapped the Linear's 392 features onto the conv's 8 channels and cut the Linear to
+    zero outputs (a traceback at the next forward); its group is locked now, the conv's still prunes."""
+    torch.manual_seed(0)
+    model = _Decoder().eval()
+    graph = ChannelGraph(model, (1, 4, 4))
+    assert "fc" not in {g.name for g in graph.groups} and "fc" in graph.locked
+    assert "conv" in {g.name for g in graph.groups}
+    _masked_equals_pruned(model, graph, torch.randn(2, 1, 4, 4))

@@ -76,6 +76,8 @@ def double_prune_command(
     result.totals["compression_vs_fp32"] = result.totals["fp32_bytes_before"] / max(1, output.stat().st_size)
     # The stages' bytes are predicted from the tensors (no header); the file itself is what the line below reports.
     result.totals["effective_bits_per_weight"] = 8.0 * output.stat().st_size / max(1, result.stages[-1]["params"])
+    if "bits_per_nonzero_weight" in result.totals:
+        result.totals["bits_per_nonzero_weight"] = 8.0 * output.stat().st_size / max(1, result.stages[-1]["nonzero_params"])
     path = write_command_report("double-prune", result, report_path, {"checkpoint": str(checkpoint), "recipe": recipe})
     console.print(stage_table(result))
     totals = result.totals

@@ -585,7 +585,9 @@ def test_a_detector_compressed_without_its_data_drops_its_stale_threshold(runner
     empty = tmp_path / "no-data"
     empty.mkdir()
     out = tmp_path / "quantized.safetensors"
-    _invoke(runner, "quantize", trained.checkpoint, "--bits", "8", "--no-evaluate", "--data-root", empty, "-o", out)
+    result = _invoke(runner, "quantize", trained.checkpoint, "--bits", "8", "--no-evaluate", "--data-root", empty,
+                     "-o", out)
+    assert "the anomaly threshold was dropped" in result.output and "creditcard not found" in result.output
     assert dnnprune.meta_of(dnnprune.load(out)).anomaly_threshold is None
     assert "none stored" in _invoke(runner, "info", out).stdout
 
