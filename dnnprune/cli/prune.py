@@ -168,10 +168,28 @@ def _print_summary(result: PruneReport, output: Path, report_path: Path) -> None
     elif target and target["metric"] != "latency" and not target["met"]:
         console.print(f"[yellow]target {target['factor']:g}x {target['metric']} not met "
                       f"(reached {target['reached']:.2f}x): {_why_short(result)}")
+    overshoot = _overshoot(result)
+    if overshoot:
+        console.print(f"[yellow]{overshoot}")
     asked, removed = result.config.get("remove"), sum(1 for step in result.steps if step.get("accepted"))
     if result.mode == "layers" and asked and removed < asked:
         console.print(f"[yellow]removed {removed} of the {asked} units asked: {_why_short(result)}")
     console.print(f"-> {output}  (report {report_path}, {result.seconds['total']:.1f} s)")
+
+
+def _overshoot(result: PruneReport, slack: float = 1.10) -> str | None:
+    """A size target passed by far more than asked: the user asked for less compression than they got."""
+    target = result.target
+    if not target or target["metric"] == "latency" or not target["met"] or target["reached"] <= slack * target["factor"]:
+        return None
+    config = result.config
+    causes = [f"widths move in multiples of round_to ({config.get('round_to')})"] if (config.get("round_to") or 1) > 1 else []
+    if result.mode == "target-uniform":
+        causes.append("every layer takes the same ratio")
+    fix = ("a smaller --round-to or --global (one ranking over all channels) lands closer" if result.mode != "layers"
+           else "whole units are coarse steps: --remove N or --units choose exactly")
+    return (f"note: this step removed {target['reached']:.2f}x of the {target['metric']}, {target['factor']:.2f}x was "
+            f"asked" + (f" ({'; '.join(causes)})" if causes else "") + f"; {fix}")
 
 
 def _why_short(result: PruneReport) -> str:
