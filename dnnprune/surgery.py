@@ -439,10 +439,11 @@ def _mixes_channels(node: Any, features_last: bool = False) -> bool:
 
 
 def _keeps_features(size: tuple[int, ...], out: tuple[int, ...]) -> bool:
-    """A 2-D (rows, features) view that keeps each feature a channel: rows split or merged, (rows, features,
-    1, 1) for a conv. Features spread over a map ((B, C x H x W) -> (B, C, H, W)) are left to no group."""
-    if len(out) in (2, 3):
-        return out[-1] == size[-1]
+    """A 2-D (rows, features) view that keeps each feature a channel: rows split or merged, into tokens or
+    a channels-last map (ConvNeXt), or (rows, features, 1, 1) for a conv. Features spread over a map
+    ((B, C x H x W) -> (B, C, H, W)) are left to no group."""
+    if out[-1] == size[-1]:  # rows split into (batch, tokens) or (batch, H, W): channels-last features
+        return True
     return len(out) == 4 and out[1] == size[-1] and out[2] * out[3] == 1
 
 

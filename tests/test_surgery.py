@@ -217,3 +217,13 @@ def test_a_linear_unflattened_into_conv_channels_is_locked_not_cut_to_nothing() 
     assert "fc" not in {g.name for g in graph.groups} and "fc" in graph.locked
     assert "conv" in {g.name for g in graph.groups}
     _masked_equals_pruned(model, graph, torch.randn(2, 1, 4, 4))
+
+
+def test_convnext_channels_last_mlps_stay_prunable_and_exact() -> None:
+    """ConvNeXt's Linears act on (B, H, W, C): the view back from (B x H x W, C) keeps the features last.
+    A rule that only let (B, C, 1, 1) through locked all 18 of its MLP groups."""
+    torch.manual_seed(0)
+    model = _torchvision("torchvision.convnext_tiny")
+    graph = ChannelGraph(model, (3, 32, 32))
+    assert len(graph.groups) == 18 and all(isinstance(model.get_submodule(g.name), nn.Linear) for g in graph.groups)
+    _masked_equals_pruned(model, graph, torch.randn(2, 3, 32, 32))
