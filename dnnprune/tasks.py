@@ -304,20 +304,34 @@ def threshold_metrics(scores: np.ndarray, anomalous: np.ndarray, threshold: floa
 
 
 def choose_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
-    """The anomaly threshold with the best F1 on these (validation) samples.
+    """The anomaly threshold with the best F1 on these (validation) samples, for the rarer group.
 
-    Falls back to the 95th percentile of the normal samples' errors when the data has no anomalies.
+    F1 rewards the positive class: with rare anomalies (fraud) they are it. Where anomalies are the
+    majority (one Fashion-MNIST class normal, nine anomalous), flagging every sample already scores F1
+    0.95 and best-F1 picks exactly that, a threshold that detects nothing; there the normal samples
+    are the rarer group and the threshold is the one that finds them best. Falls back to the 95th
+    percentile of the normal samples' errors when the data has no anomalies.
     """
     from sklearn.metrics import precision_recall_curve
 
     if not 0 < int(anomalous.sum()) < len(anomalous):
         normal = scores[~anomalous] if (~anomalous).any() else scores
         return float(np.percentile(normal, 95))
-    precision, recall, thresholds = precision_recall_curve(anomalous, scores)
-    f1 = 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
-    best = int(np.argmax(f1))
-    # precision_recall_curve flags scores >= t; threshold_metrics flags scores > t: step just below.
-    return float(np.nextafter(thresholds[best], -math.inf))
+    if anomalies_are_rarer(anomalous):
+        precision, recall, thresholds = precision_recall_curve(anomalous, scores)
+        best = int(np.argmax(_f1(precision, recall)))
+        # precision_recall_curve flags scores >= t; threshold_metrics flags scores > t: step just below.
+        return float(np.nextafter(thresholds[best], -math.inf))
+    precision, recall, thresholds = precision_recall_curve(~anomalous, -scores)  # normal: scores <= t
+    return float(-thresholds[int(np.argmax(_f1(precision, recall)))])
+
+
+def anomalies_are_rarer(anomalous: np.ndarray) -> bool:
+    return 2 * int(anomalous.sum()) <= len(anomalous)
+
+
+def _f1(precision: np.ndarray, recall: np.ndarray) -> np.ndarray:
+    return 2 * precision[:-1] * recall[:-1] / np.maximum(precision[:-1] + recall[:-1], 1e-12)
 
 
 def paired_drop(before: Metrics, after: Metrics, task: Task) -> tuple[float, float | None]:

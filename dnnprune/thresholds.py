@@ -16,7 +16,14 @@ from dnnprune.checkpoint import AnomalyThreshold, meta_of
 from dnnprune.errors import DatasetError
 from dnnprune.loaders import dataset_name, eval_loader
 from dnnprune.recipe import DataSection
-from dnnprune.tasks import Reconstruction, choose_threshold, make_task, sample_errors, threshold_metrics
+from dnnprune.tasks import (
+    Reconstruction,
+    anomalies_are_rarer,
+    choose_threshold,
+    make_task,
+    sample_errors,
+    threshold_metrics,
+)
 
 
 def is_detector(model: nn.Module) -> bool:
@@ -41,8 +48,20 @@ def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> 
     scores, flags = torch.cat(errors).numpy(), torch.cat(anomalous).numpy().astype(np.bool_)
     value = choose_threshold(scores, flags)
     f1 = threshold_metrics(scores, flags, value)["f1"]
-    return AnomalyThreshold(value=value, chosen_on=f"best F1 on the val split of {dataset_name(meta, data)}",
-                            samples=len(scores), f1=f1)
+    rarer = "anomalies" if anomalies_are_rarer(flags) else "normal samples, the rarer group"
+    f1 = f1 if anomalies_are_rarer(flags) else _normal_f1(scores, flags, value)
+    return AnomalyThreshold(value=value, chosen_on=f"best F1 for {rarer} on the val split of "
+                                                   f"{dataset_name(meta, data)}", samples=len(scores), f1=f1)
+
+
+def _normal_f1(scores: np.ndarray, anomalous: np.ndarray, value: float) -> float | None:
+    """F1 of finding the normal samples (error at or below the threshold)."""
+    found = scores <= value
+    hits = int((found & ~anomalous).sum())
+    if not hits:
+        return 0.0 if found.any() else None
+    precision, recall = hits / int(found.sum()), hits / int((~anomalous).sum())
+    return 2 * precision * recall / (precision + recall)
 
 
 def refresh(model: nn.Module, data: DataSection, device: torch.device) -> str | None:

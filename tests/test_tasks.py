@@ -228,3 +228,26 @@ def test_a_label_the_data_does_not_hold_is_one_error_listing_the_labels(labels: 
 
     with pytest.raises(DatasetError, match="is not one of the data's labels"):
         normal_positions(labels, classes)
+
+
+def test_with_anomalies_in_the_majority_the_threshold_finds_the_normal_samples() -> None:
+    """Nine anomalies for every normal sample: flagging all scores F1 0.95 on the anomalies, so best-F1
+    picked a threshold that flags (nearly) every normal sample too. The rarer group, the normal samples,
+    is found best instead."""
+    from sklearn.metrics import precision_recall_curve
+
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(1.0, 0.3, 100), rng.normal(1.6, 0.6, 900)])
+    anomalous = np.r_[np.zeros(100, bool), np.ones(900, bool)]
+    precision, recall, cuts = precision_recall_curve(anomalous, scores)
+    naive = cuts[np.argmax(2 * precision[:-1] * recall[:-1] / (precision[:-1] + recall[:-1]))]
+    assert threshold_metrics(scores, anomalous, naive - 1e-12)["false_positive_rate"] > 0.9  # the old rule
+
+    def f1_normal(cut: float) -> float:  # 2 TP / (predicted + actual), normal predicted at or below the cut
+        found = scores <= cut
+        return 2 * int((found & ~anomalous).sum()) / (int(found.sum()) + 100)
+
+    threshold = choose_threshold(scores, anomalous)
+    assert f1_normal(threshold) == pytest.approx(max(f1_normal(cut) for cut in scores))
+    at = threshold_metrics(scores, anomalous, threshold)
+    assert at["false_positive_rate"] < 0.5 and at["recall"] > 0.7  # it tells the two groups apart
