@@ -48,7 +48,7 @@ def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> 
     scores, flags = torch.cat(errors).numpy(), torch.cat(anomalous).numpy().astype(np.bool_)
     value = choose_threshold(scores, flags)
     f1 = threshold_metrics(scores, flags, value)["f1"]
-    rarer = "anomalies" if anomalies_are_rarer(flags) else "normal samples, the rarer group"
+    rarer = "anomalies" if anomalies_are_rarer(flags) else "normal samples (the rarer group)"
     f1 = f1 if anomalies_are_rarer(flags) else _normal_f1(scores, flags, value)
     return AnomalyThreshold(value=value, chosen_on=f"best F1 for {rarer} on the val split of "
                                                    f"{dataset_name(meta, data)}", samples=len(scores), f1=f1)
