@@ -4,8 +4,9 @@
 
 `@command("prune")` wraps such a function: it fills in the defaults (no data section, the CPU,
 a silent observer), and when the command changed the model it chooses an anomaly detector's
-threshold again (`thresholds`) and appends a lineage entry to the model's metadata (command, the sha256 of the recipe parts it used, the report's key metrics,
-the parent checkpoint's sha256), so a later `save` records the step.
+threshold again (`thresholds`) and appends a lineage entry to the model's metadata (command, the
+sha256 of the recipe parts it used, the report's key metrics, the parent checkpoint's sha256), so a
+later `save` records the step.
 """
 
 from __future__ import annotations
@@ -38,41 +39,41 @@ def command(name: str, *, lineage: bool = True) -> Callable[[CommandFn[R]], Comm
     """Register `name` as a library command; `lineage=False` for commands that only measure.
 
     The caller's world is left as it was: the model comes back in the mode (train/eval) and on the
-    device it was passed in, with the same parameters frozen, and the global random generators and cuDNN flags a run seeds or sets are
-    restored. Commands that rebuild the model (accuracy-aware pruning works on copies) may return
-    another object than the one passed in: use the returned model."""
+    device it was passed in, with the same parameters frozen, and the global random generators and
+    cuDNN flags a run seeds or sets are restored. Commands that rebuild the model (accuracy-aware
+    pruning works on copies) may return another object than the one passed in: use the returned model."""
 
     def decorator(function: CommandFn[R]) -> CommandFn[R]:
         @functools.wraps(function)
         def wrapper(model: nn.Module, section: BaseModel, *, data: DataSection | None = None,
                     device: torch.device | str = "cpu", observer: Observer | None = None,
                     **extra: Any) -> tuple[nn.Module, R]:
-            _check_section(function, name, section)
-            if data is not None and not isinstance(data, DataSection):
-                raise DnnpruneError(f"{name}: data must be a dnnprune.recipe.DataSection, not {type(data).__name__}")
-            meta_of(model)  # a model without metadata cannot be run through a command: say so up front
-            check_plain_model(model)
-            data_section, device_name = data or DataSection(), resolve_device(device)
-            was_training, home = model.training, next(model.parameters(), torch.empty(0)).device
-            frozen = {key for key, parameter in model.named_parameters() if not parameter.requires_grad}
-            with _caller_state_kept(), torch.inference_mode(False), torch.enable_grad():
+            _check_arguments(function, name, model, section, data)
+            data_section, device_name, observer = data or DataSection(), resolve_device(device), observer or NULL_OBSERVER
+            with _caller_state_kept(model) as keep:
                 result_model, report = function(model, section, data=data_section, device=device_name,
-                                                observer=observer or NULL_OBSERVER, **extra)
+                                                observer=observer, **extra)
                 if lineage:
                     dropped = thresholds.refresh(result_model, data_section, device_name)
                     if dropped:
-                        (observer or NULL_OBSERVER).log(f"note: {dropped}")
+                        observer.log(f"note: {dropped}")
                     meta_of(result_model).add_lineage(name, sections_sha256(section, data), report.lineage_metrics())
-            result_model.train(was_training).to(home)
-            for key, parameter in result_model.named_parameters():  # surgery makes new Parameters: freeze again
-                if key in frozen:
-                    parameter.requires_grad_(False)
+                keep(result_model)
             return result_model, report
 
         wrapper.command_name = name  # type: ignore[attr-defined]
         return wrapper
 
     return decorator
+
+
+def _check_arguments(function: Callable[..., Any], name: str, model: nn.Module, section: Any, data: Any) -> None:
+    """Wrong arguments fail here in one line, not deep inside the command."""
+    _check_section(function, name, section)
+    if data is not None and not isinstance(data, DataSection):
+        raise DnnpruneError(f"{name}: data must be a dnnprune.recipe.DataSection, not {type(data).__name__}")
+    meta_of(model)  # a model without metadata cannot be run through a command: say so up front
+    check_plain_model(model)
 
 
 def _check_section(function: Callable[..., Any], name: str, section: Any) -> None:
@@ -87,15 +88,27 @@ def _check_section(function: Callable[..., Any], name: str, section: Any) -> Non
 
 
 @contextlib.contextmanager
-def _caller_state_kept() -> Iterator[None]:
-    """Runs seed the global generators (and, on CUDA, ask cuDNN for deterministic kernels); a library
-    caller's own random streams and settings must not change because a command ran."""
+def _caller_state_kept(model: nn.Module) -> Iterator[Callable[[nn.Module], None]]:
+    """Runs seed the global generators (and, on CUDA, ask cuDNN for deterministic kernels) and change the
+    model's mode and device; a library caller's streams and settings must not change because a command
+    ran. Autograd is on inside, even under a caller's no_grad. Yields `keep(result)`, which gives the
+    result the model's mode, device and frozen parameters (surgery makes new Parameters)."""
     python_state, torch_state = random.getstate(), torch.random.get_rng_state()
     numpy_state = np.random.get_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    was_training, home = model.training, next(model.parameters(), torch.empty(0)).device
+    frozen = {key for key, parameter in model.named_parameters() if not parameter.requires_grad}
+
+    def keep(result: nn.Module) -> None:
+        result.train(was_training).to(home)
+        for key, parameter in result.named_parameters():
+            if key in frozen:
+                parameter.requires_grad_(False)
+
     try:
-        yield
+        with torch.inference_mode(False), torch.enable_grad():
+            yield keep
     finally:
         random.setstate(python_state)
         torch.random.set_rng_state(torch_state)
