@@ -147,11 +147,33 @@ class ChannelGraph:
             return None
         features_last = isinstance(module, nn.Linear)
         mixer = next((_op_name(d.target) for d, _ in group if _mixes_channels(d.target, features_last)), None)
+        merged = next((self._names.get(d.target.module, type(d.target.module).__name__) for d, idxs in group
+                       if isinstance(d.target.module, nn.Module) and not self._fits(d, idxs, width)), None)
+        if mixer is None and merged is not None:  # several channels onto one: cutting one cuts the others too
+            self.locked[name] = (f"its {width} channels map onto fewer of {merged}'s (e.g. a Linear's features "
+                                 "viewed as one channel, or halves multiplied together as in a GLU)")
+            return None
         if mixer is not None:
             self.locked[name] = (f"its channels pass through {mixer} (a reshape or transpose that moves channels "
                                  "out of place, e.g. a channel shuffle or attention heads)")
             return None
         return group
+
+    def _fits(self, dep: Any, idxs: Any, width: int) -> bool:
+        """Each of the group's channels maps to channels of its own in this dependency, within the layer's
+        count (a Linear's features unsqueezed into one conv channel mapped 16 onto 1, past its end)."""
+        if type(dep.target.module).__name__ == "_OutputOp":  # the model's output: nothing there is cut
+            return True
+        mapped = {int(i) for i in idxs}
+        if len(mapped) < width:
+            return False
+        module = dep.target.module
+        pruner = self.graph.get_pruner_of_module(module)
+        if pruner is None:
+            return True
+        outgoing = self.graph.is_out_channel_pruning_fn(dep.handler)
+        count = pruner.get_out_channels(module) if outgoing else pruner.get_in_channels(module)
+        return count is None or not mapped or max(mapped) < count
 
     def _outputs(self, group: Any, position: dict[str, int]) -> list[str]:
         names = [self._names[d.target.module] for d, _ in group

@@ -227,3 +227,41 @@ def test_convnext_channels_last_mlps_stay_prunable_and_exact() -> None:
     graph = ChannelGraph(model, (3, 32, 32))
     assert len(graph.groups) == 18 and all(isinstance(model.get_submodule(g.name), nn.Linear) for g in graph.groups)
     _masked_equals_pruned(model, graph, torch.randn(2, 3, 32, 32))
+
+
+class _LinearIntoConv1d(nn.Module):
+    """A Linear's 16 features unsqueezed into one channel of 16 steps for a Conv1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 16)
+        self.conv = nn.Conv1d(1, 4, 3)
+        self.head = nn.Linear(4 * 14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(self.fc(x.flatten(1)).unsqueeze(1)).flatten(1))
+
+
+class _GatedLinearUnit(nn.Module):
+    """GLU: one Linear's two halves multiplied together, so channel i and i + 16 go as a pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 32)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.fc1(x.flatten(1)).chunk(2, dim=1)
+        return self.fc2(value * torch.sigmoid(gate))
+
+
+@pytest.mark.parametrize("model_class, locked", [(_LinearIntoConv1d, "fc"), (_GatedLinearUnit, "fc1")])
+def test_channels_that_map_many_to_one_lock_their_group(model_class: type, locked: str) -> None:
+    """Torch-Pruning cut the Conv1d's only input channel (a traceback at the next forward), and cut the
+    GLU's partner channels too, so masking analysed another model than pruning made."""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    graph = ChannelGraph(model, (1, 1, 4))
+    assert locked in graph.locked and "map onto fewer" in graph.locked[locked]
+    assert locked not in {g.name for g in graph.groups}
+    _masked_equals_pruned(model, graph, torch.randn(3, 1, 1, 4))
