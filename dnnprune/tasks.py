@@ -319,11 +319,24 @@ def choose_threshold(scores: np.ndarray, anomalous: np.ndarray) -> float:
         return float(np.percentile(normal, 95))
     if anomalies_are_rarer(anomalous):
         precision, recall, thresholds = precision_recall_curve(anomalous, scores)
-        best = int(np.argmax(_f1(precision, recall)))
-        # precision_recall_curve flags scores >= t; threshold_metrics flags scores > t: step just below.
-        return float(np.nextafter(thresholds[best], -math.inf))
+        lowest_flagged = float(thresholds[int(np.argmax(_f1(precision, recall)))])
+        below = scores[scores < lowest_flagged]
+        return _between(float(below.max()) if below.size else None, lowest_flagged)
     precision, recall, thresholds = precision_recall_curve(~anomalous, -scores)  # normal: scores <= t
-    return float(-thresholds[int(np.argmax(_f1(precision, recall)))])
+    highest_normal = float(-thresholds[int(np.argmax(_f1(precision, recall)))])
+    above = scores[scores > highest_normal]
+    return _between(highest_normal, float(above.min()) if above.size else None)
+
+
+def _between(kept: float | None, flagged: float | None) -> float:
+    """A cut halfway between the highest score left unflagged and the lowest one flagged: one just below
+    the flagged score rounds onto it in float32, and a float32 deployment (the ONNX export) then
+    misses that sample."""
+    if kept is None:
+        return float(np.nextafter(flagged, -math.inf))
+    if flagged is None:
+        return kept
+    return (kept + flagged) / 2
 
 
 def anomalies_are_rarer(anomalous: np.ndarray) -> bool:

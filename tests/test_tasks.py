@@ -146,8 +146,10 @@ def test_choose_threshold_gives_the_best_f1_and_threshold_metrics_measure_it() -
     at = threshold_metrics(SCORES, ANOMALOUS, threshold)
     assert at["f1"] == pytest.approx(best) == pytest.approx(6 / 7)
     assert (at["precision"], at["recall"], at["threshold"]) == (1.0, 0.75, threshold)
-    # The threshold sits just below the lowest flagged score (0.80), so that score itself is flagged.
-    assert 0.80 > threshold > 0.50 and 0.80 - threshold < 1e-12
+    # The threshold sits halfway between the lowest flagged score (0.80) and the next one down (0.50), so
+    # that a float32 copy of it (an exported detector) flags the same samples.
+    assert threshold == pytest.approx(0.65)
+    assert (SCORES.astype(np.float32) > np.float32(threshold)).tolist() == flagged.tolist()
     manual = threshold_metrics(SCORES, ANOMALOUS, 0.42)  # flags 0.95, 0.9, 0.8 (anomalies), 0.5, 0.45 (normal)
     assert manual["precision"] == pytest.approx(3 / 5) and manual["recall"] == pytest.approx(3 / 4)
     assert manual["f1"] == pytest.approx(2 * 0.6 * 0.75 / 1.35)
