@@ -775,13 +775,14 @@ def _known_labels(path: Path, raw: list[str], known: tuple[str, ...], label_colu
     index = {name: i for i, name in enumerate(known)}
     strange = [name for name in names if name not in index]
     if strange:
-        raise DatasetError(f"{path}: the label column {label_column!r} holds {_quoted(strange)}, which the model was "
-                           f"not trained on (its classes: {_quoted(list(known))}); give rows of those classes only")
+        raise DatasetError(f"{path}: the label column {label_column!r} holds {listed_names(strange)}, which the model was "
+                           f"not trained on (its classes: {listed_names(list(known))}); give rows of those classes only")
     mapping = torch.tensor([index[name] for name in names], dtype=torch.long)
     return list(known), mapping[positions]
 
 
-def _quoted(names: list[str], most: int = 6) -> str:
+def listed_names(names: list[str], most: int = 6) -> str:
+    """Names for a one-line message: the first few, and how many in all."""
     shown = ", ".join(repr(n) for n in names[:most])
     return f"[{shown}, ...] ({len(names)})" if len(names) > most else f"[{shown}]"
 

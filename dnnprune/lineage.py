@@ -39,8 +39,7 @@ def command(name: str, *, lineage: bool = True) -> Callable[[CommandFn[R]], Comm
     """Register `name` as a library command; `lineage=False` for commands that only measure.
 
     The caller's world is left as it was: the model comes back in the mode (train/eval) and on the
-    device it was passed in, with the same parameters frozen, and the global random generators and
-    cuDNN flags a run seeds or sets are restored. Commands that rebuild the model (accuracy-aware
+    device it was passed in, and the global random generators and cuDNN flags a run seeds or sets are restored. Commands that rebuild the model (accuracy-aware
     pruning works on copies) may return another object than the one passed in: use the returned model."""
 
     def decorator(function: CommandFn[R]) -> CommandFn[R]:
@@ -92,19 +91,15 @@ def _caller_state_kept(model: nn.Module) -> Iterator[Callable[[nn.Module], None]
     """Runs seed the global generators (and, on CUDA, ask cuDNN for deterministic kernels) and change the
     model's mode and device; a library caller's streams and settings must not change because a command
     ran. Autograd is on inside, even under a caller's no_grad. Yields `keep(result)`, which gives the
-    result the model's mode, device and frozen parameters (surgery makes new Parameters)."""
+    result the model's mode and device (frozen parameters stay frozen in surgery itself)."""
     python_state, torch_state = random.getstate(), torch.random.get_rng_state()
     numpy_state = np.random.get_state()
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     was_training, home = model.training, next(model.parameters(), torch.empty(0)).device
-    frozen = {key for key, parameter in model.named_parameters() if not parameter.requires_grad}
 
     def keep(result: nn.Module) -> None:
         result.train(was_training).to(home)
-        for key, parameter in result.named_parameters():
-            if key in frozen:
-                parameter.requires_grad_(False)
 
     try:
         with torch.inference_mode(False), torch.enable_grad():

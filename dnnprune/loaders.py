@@ -17,6 +17,7 @@ from dnnprune.data import (
     Splits,
     collate,
     dataset_targets,
+    listed_names,
     load_splits,
     make_loader,
     stratified_subset,
@@ -63,8 +64,8 @@ def check_fits(meta: CheckpointMeta, splits: Splits, name: str) -> None:
     classes = list(splits.classes)
     if meta.task.kind == "classification" and classes:
         if meta.classes and name == meta.dataset and list(meta.classes) != classes:
-            raise DatasetError(f"this {name} data has classes {_listed(classes)} but the model was trained on "
-                               f"{_listed(list(meta.classes))}; use data labelled the same way")
+            raise DatasetError(f"this {name} data has classes {listed_names(classes)} but the model was trained on "
+                               f"{listed_names(list(meta.classes))}; use data labelled the same way")
         outputs = meta.arch_args.get("num_classes")
         if isinstance(outputs, int) and outputs < len(classes):
             raise DatasetError(f"the model has {outputs} outputs but {name} has {len(classes)} classes; use data with "
@@ -72,7 +73,7 @@ def check_fits(meta: CheckpointMeta, splits: Splits, name: str) -> None:
     normal = set(meta.task.normal_classes)
     if normal and classes and normal >= set(range(len(classes))):
         raise DatasetError(f"model.task.normal_classes {sorted(normal)} covers every class of {name} "
-                           f"({_listed(classes)}), so nothing is left to detect; leave at least one class out")
+                           f"({listed_names(classes)}), so nothing is left to detect; leave at least one class out")
 
 
 def _different_columns(trained: list[str], given: list[str], name: str) -> None:
@@ -82,11 +83,6 @@ def _different_columns(trained: list[str], given: list[str], name: str) -> None:
     raise DatasetError(f"this {name} file's feature columns differ from the model's: column {position + 1} is {have}, "
                        f"the model's is {want} ({len(given)} columns against {len(trained)}); give the columns in the "
                        "order the model was trained on")
-
-
-def _listed(names: list[str], most: int = 6) -> str:
-    shown = ", ".join(repr(n) for n in names[:most])
-    return f"[{shown}, ...] ({len(names)})" if len(names) > most else f"[{shown}]"
 
 
 @lru_cache(maxsize=4)
@@ -109,9 +105,10 @@ def split_dataset(meta: CheckpointMeta, section: DataSection, split: SplitName, 
     return stratified_subset(dataset, samples, seed) if samples else dataset
 
 
-def dataset_size(meta: CheckpointMeta, section: DataSection) -> int:
-    """Samples in the three splits together, whatever `train_limit` says: what `--split all` scores."""
-    splits = splits_for(meta, _unlimited(section), whole=True)
+def dataset_size(meta: CheckpointMeta, section: DataSection, *, whole: bool = False) -> int:
+    """Samples in the three splits together, whatever `train_limit` says: what `--split all` scores.
+    `whole` counts a table read unsplit (as `--split all` reads it), else the split read already cached."""
+    splits = splits_for(meta, _unlimited(section), whole=whole)
     return len(splits.train) + len(splits.val) + len(splits.test)
 
 

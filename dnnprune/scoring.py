@@ -67,7 +67,7 @@ def score(model: nn.Module, section: ScoreSection, *, data: DataSection, device:
     disk_bytes = checkpoint_path.stat().st_size if checkpoint_path is not None else None
     report = ScoreReport(
         checkpoint=str(checkpoint_path) if checkpoint_path else None, arch=meta.arch, dataset=dataset_name(meta, data), split=split,
-        dataset_samples=dataset_size(meta, data), split_samples=len(split_dataset(meta, data, split)),
+        dataset_samples=dataset_size(meta, data, whole=split == "all"), split_samples=len(split_dataset(meta, data, split)),
         task=meta.task.model_dump(mode="json"), threshold_source=source, primary_metric=task.primary, metrics=metrics.as_dict(), **size,
         disk_bytes=disk_bytes,
         bits_per_weight=(disk_bytes * 8 / size["params"]) if disk_bytes and size["params"] else None,

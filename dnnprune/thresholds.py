@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from dnnprune.checkpoint import AnomalyThreshold, meta_of
-from dnnprune.errors import DatasetError
+from dnnprune.errors import DatasetError, DnnpruneError
 from dnnprune.loaders import dataset_name, eval_loader
 from dnnprune.recipe import DataSection
 from dnnprune.tasks import (
@@ -35,7 +35,9 @@ def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> 
     """The threshold with the best F1 on the validation split (never on test)."""
     meta = meta_of(model)
     task = make_task(meta.task)
-    assert isinstance(task, Reconstruction)
+    if not isinstance(task, Reconstruction) or not task.spec.normal_classes:
+        raise DnnpruneError(f"{meta.arch} is no anomaly detector (its task is {meta.task.kind} without normal "
+                            "classes), so it has no threshold to choose; set model.task.normal_classes")
     errors, anomalous = [], []
     was_training, home = model.training, next(model.parameters(), torch.empty(0)).device
     model.to(device).eval()
@@ -47,9 +49,10 @@ def choose_on_val(model: nn.Module, data: DataSection, device: torch.device) -> 
     model.train(was_training).to(home)
     scores, flags = torch.cat(errors).numpy(), torch.cat(anomalous).numpy().astype(np.bool_)
     value = choose_threshold(scores, flags)
-    f1 = threshold_metrics(scores, flags, value)["f1"]
-    rarer = "anomalies" if anomalies_are_rarer(flags) else "normal samples (the rarer group)"
-    f1 = f1 if anomalies_are_rarer(flags) else _normal_f1(scores, flags, value)
+    if anomalies_are_rarer(flags):
+        rarer, f1 = "anomalies", threshold_metrics(scores, flags, value)["f1"]
+    else:
+        rarer, f1 = "normal samples (the rarer group)", _normal_f1(scores, flags, value)
     return AnomalyThreshold(value=value, chosen_on=f"best F1 for {rarer} on the val split of "
                                                    f"{dataset_name(meta, data)}", samples=len(scores), f1=f1)
 

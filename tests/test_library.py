@@ -240,3 +240,10 @@ def test_a_byte_identical_copy_of_the_source_may_be_replaced(tmp_path: Path) -> 
     link.symlink_to(source)
     with pytest.raises(OutputError, match="is the checkpoint this model was loaded from"):
         dnnprune.save(model, link, force=True)
+
+
+def test_choosing_a_threshold_for_a_classifier_is_a_typed_error() -> None:
+    from dnnprune.thresholds import choose_on_val
+
+    with pytest.raises(DnnpruneError, match="is no anomaly detector"):
+        choose_on_val(_lenet(), DataSection(), torch.device("cpu"))
