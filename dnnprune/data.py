@@ -17,10 +17,12 @@ so `InputSpec.shape` is (1, 1, F) and flattening gives the F features back.
 from __future__ import annotations
 
 import csv
+import decimal
 import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 import warnings
@@ -752,17 +754,25 @@ def _check_labelled(path: Path, labels: np.ndarray, label_column: str) -> None:
                            f"is data row {missing[0] + 1}); label them or drop them")
 
 
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def _label_key(value: str) -> str:
+    """One spelling per number, so '1', '1.0' and '01' are one class and '0.5' matches '0.50'. Only plain
+    ASCII numbers count: float() would also read '1_0' as 10 and other scripts' digits as digits."""
+    if not _NUMBER.fullmatch(value):
+        return value
+    number = decimal.Decimal(value)
+    if number == number.to_integral_value() and number.adjusted() < 30:
+        return str(int(number))
+    return str(number.normalize())
+
+
 def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
     """Class names sorted numerically when they are numbers ('0','1',... so 'Class' 1 stays class 1)."""
-    def norm(v: str) -> str:
-        try:
-            f = float(v)
-            return str(int(f)) if f.is_integer() else v
-        except ValueError:
-            return v
-    labels = [norm(v.strip()) for v in raw]
+    labels = [_label_key(v.strip()) for v in raw]
     uniq = set(labels)
-    numeric = all(u.lstrip("-").isdigit() for u in uniq)
+    numeric = all(re.fullmatch(r"-?[0-9]+", u) for u in uniq)
     classes = sorted(uniq, key=(lambda u: int(u)) if numeric else None)
     index = {c: i for i, c in enumerate(classes)}
     return classes, torch.tensor([index[v] for v in labels], dtype=torch.long)
@@ -772,7 +782,7 @@ def _known_labels(path: Path, raw: list[str], known: tuple[str, ...], label_colu
                   ) -> tuple[list[str], torch.Tensor]:
     """Labels as positions in a trained model's class list; a label it was not trained on is refused."""
     names, positions = _label_names(raw)
-    index = {name: i for i, name in enumerate(known)}
+    index = {_label_key(name): i for i, name in enumerate(known)}
     strange = [name for name in names if name not in index]
     if strange:
         raise DatasetError(f"{path}: the label column {label_column!r} holds {listed_names(strange)}, which the model was "
@@ -794,6 +804,10 @@ def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.
         missing = [classes[c] for c in range(len(classes)) if c not in present]
         if missing:
             count = int((y == classes.index(missing[0])).sum())
+            if count == 0:
+                raise DatasetError(f"{path} holds no row of class {missing[0]!r}, one of the model's classes "
+                                   f"({listed_names(classes)}); score such a file whole (`score --split all`) "
+                                   "or add rows of that class")
             raise DatasetError(f"{path}: class {missing[0]!r} has {count} row(s), too few to put one in the {split} "
                                "split; add rows of that class or use a file with more of them")
 

@@ -264,3 +264,30 @@ def test_a_cifar_download_that_is_not_the_published_archive_is_refused_before_it
     with pytest.raises(DatasetError, match=r"cannot download cifar10 into .*(corrupt|not found)"):
         load_splits("cifar10", None, data_root=root, download=True)
     assert not (tmp_path / "escaped.bin").exists() and not (root / "cifar-10-batches-bin").exists()
+
+
+def _labelled(labels: list[str]) -> str:
+    return "a,b,Class\n" + "".join(f"{i % 7},{(i * 3) % 5},{labels[i % len(labels)]}\n" for i in range(60))
+
+
+def test_table_labels_match_the_models_classes_by_number_however_written(tmp_path: Path) -> None:
+    """'0.50' in a hold-out file is the model's class '0.5', as '01' is '1'; a file's labels were once refused
+    as unseen for a decimal spelled another way."""
+    trained = load_splits("csv", None, path=_csv(tmp_path, _labelled(["0.5", "1.5", "2"])))
+    assert trained.classes == ["0.5", "1.5", "2"]
+    holdout = load_splits("csv", None, path=_csv(tmp_path, _labelled(["2.0", "0.50", "1.50"]), "h.csv"),
+                          known_classes=tuple(trained.classes), whole=True)
+    assert holdout.classes == ["0.5", "1.5", "2"]
+    assert [holdout.train[i][1] for i in range(3)] == [2, 0, 1]
+
+
+def test_only_plain_ascii_numbers_are_read_as_numbers(tmp_path: Path) -> None:
+    """float() reads '1_0' as 10 and Arabic-Indic digits as digits; isdigit() takes '²', which int() refuses."""
+    splits = load_splits("csv", None, path=_csv(tmp_path, _labelled(["1_0", "10", "\u0661", "1", "\u00b2"])))
+    assert splits.classes == sorted(["1_0", "10", "\u0661", "1", "\u00b2"])
+
+
+def test_a_holdout_split_three_ways_that_lacks_a_class_names_it_and_split_all(tmp_path: Path) -> None:
+    text = _labelled(["0", "1"])
+    with pytest.raises(DatasetError, match=r"holds no row of class '2', one of the model's classes .*score --split all"):
+        load_splits("csv", None, path=_csv(tmp_path, text), known_classes=("0", "1", "2"))

@@ -69,7 +69,7 @@ def _threshold_row(report: InfoReport) -> list[tuple[str, str]]:
     held = report.anomaly_threshold
     if held is None:
         return [("anomaly threshold", "none stored (written before dnnprune stored one, or without its data)")]
-    f1 = f", F1 {held['f1'] * 100:.2f} %" if held.get("f1") is not None else ""
+    f1 = f", that group's val F1 {held['f1'] * 100:.2f} %" if held.get("f1") is not None else ""
     return [("anomaly threshold", f"{held['value']:.6g} ({held['chosen_on']}, {held['samples']:,} samples{f1})")]
 
 

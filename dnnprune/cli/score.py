@@ -31,7 +31,8 @@ from dnnprune.scoring import ScoreReport, score
 
 _LABELS = {"top1": "top-1", "top5": "top-5", "loss": "loss", "mse": "MSE", "roc_auc": "ROC-AUC",
            "pr_auc": "PR-AUC (average precision)", "anomaly_rate": "anomaly rate", "mse_normal": "MSE of normal samples",
-           "threshold": "threshold", "precision": "precision", "recall": "recall", "f1": "F1",
+           "threshold": "threshold", "precision": "precision (of flagged)", "recall": "recall (anomalies flagged)",
+           "f1": "F1 (finding anomalies)",
            "flagged_rate": "flagged (above the threshold)", "false_positive_rate": "normal samples flagged"}
 _PERCENT = {"top1", "top5", "roc_auc", "pr_auc", "anomaly_rate", "precision", "recall", "f1", "flagged_rate",
             "false_positive_rate"}

@@ -58,6 +58,7 @@ from dnnprune.pruning.structured import (
     Plan,
     TargetSolution,
     apply_plan,
+    give_back,
     latency_widths,
     layer_macs,
     model_size,
@@ -117,6 +118,8 @@ class PruneReport(Report):
     def lineage_metrics(self) -> dict[str, Any]:
         metrics = {"params": self.after["params"], "macs": self.after["macs"], "macs_reduction": self.reduction["macs"],
                    "params_reduction": self.reduction["params"]}
+        if "nonzero_params" in self.after:  # a sparse input: what its stored encoding keeps
+            metrics["nonzero_params"] = self.after["nonzero_params"]
         if self.after.get("test"):
             metrics[f"test_{self.primary_metric}"] = self.after["test"].get(self.primary_metric)
         return metrics
@@ -315,8 +318,23 @@ class _Job:
                 lambda plan, repeats: self._measured_speedup(scores, plan, repeats), plan_at, config.target_factor,
                 repeats=config.latency_repeats, tolerance=config.latency_tolerance)
             return solution
-        measure = lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude)  # noqa: E731
-        return solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
+        measure = self._size_of(scores)
+        solution = solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
+        if config.latency_widths:  # widths already moved to the fastest nearby; giving back would undo it
+            return solution
+        return give_back(solution, measure, config.target, config.target_factor, self.base_size, scores,
+                         config.round_to, held=self.fixed)
+
+    def _size_of(self, scores: dict[str, torch.Tensor]) -> Callable[[Plan], dict[str, int]]:
+        """A plan's size, measured on a really pruned copy, once per plan."""
+        cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
+
+        def measure(plan: Plan) -> dict[str, int]:
+            key = tuple(sorted(plan.items()))
+            if key not in cache:
+                cache[key] = pruned_size(self.model, self.shape, scores, plan, self.config.exclude)
+            return cache[key]
+        return measure
 
     @functools.cached_property
     def layer_table(self) -> LayerTable:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Collection, Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -210,6 +210,34 @@ def solve_target(measure: Callable[[Plan], dict[str, int]], plan_at: Callable[[f
             low = middle
     reached, size = reduction(plan_at(high))
     return TargetSolution(plan_at(high), high, reached, size)
+
+
+def give_back(solution: TargetSolution, measure: Callable[[Plan], dict[str, int]], metric: Metric, factor: float,
+              base: dict[str, int], scores: dict[str, torch.Tensor], round_to: int, *, held: Collection[str] = (),
+              slack: float = 1.01) -> TargetSolution:
+    """Give channels back, `round_to` at a time, while the target still holds: the knob's plan passes it
+    by up to a whole width step in every layer at once (a depth-pruned resnet18 asked for 1.45x fewer
+    MACs in multiples of 16 got 2.49x). Each step restores the group whose best removed channels score
+    highest per unit of size added; `held` groups (pinned ratios) keep their cuts."""
+    plan, size = dict(solution.plan), solution.size
+    ranked = {name: torch.sort(values / values.abs().mean().clamp_min(1e-12)).values for name, values in scores.items()}
+    while base[metric] / max(1, size[metric]) > slack * factor:
+        best: tuple[float, Plan, dict[str, int]] | None = None
+        for name, cut in plan.items():
+            if cut == 0 or name in held or name not in ranked:
+                continue
+            trial = {**plan, name: cut - min(cut, max(1, round_to))}
+            trial_size = measure(trial)
+            if base[metric] / max(1, trial_size[metric]) < factor:
+                continue
+            restored = float(ranked[name][trial[name]:cut].sum())
+            value = restored / max(trial_size[metric] - size[metric], 1)
+            if best is None or value > best[0]:
+                best = (value, trial, trial_size)
+        if best is None:
+            break
+        _, plan, size = best
+    return TargetSolution(plan, solution.knob, base[metric] / max(1, size[metric]), size)
 
 
 def parse_target(text: str) -> tuple[Metric, float]:

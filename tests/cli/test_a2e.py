@@ -523,7 +523,10 @@ def test_train_stores_the_validation_threshold_and_score_and_info_use_it(runner:
     assert scored["metrics"]["threshold"] == held.value and scored["threshold_source"].startswith("the checkpoint's")
     info = json.loads(_invoke(runner, "info", trained.checkpoint, "--json").stdout)
     assert info["anomaly_threshold"]["value"] == held.value
-    assert "anomaly threshold" in _invoke(runner, "info", trained.checkpoint).stdout
+    shown = _invoke(runner, "info", trained.checkpoint).stdout
+    assert "anomaly threshold" in shown and "best F1 for anomalies" in shown and "that group's val F1" in shown
+    assert "F1 (finding anomalies)" in _invoke(runner, "score", trained.checkpoint, "-r", RECIPE, "--data-root",
+                                              trained.data, "--no-latency", "--report", tmp_path / "t.json").stdout
 
 
 def test_a_hold_out_file_is_scored_at_the_stored_threshold_not_one_chosen_on_its_labels(
