@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Mapping
 
 from rich.console import Console
@@ -20,14 +21,22 @@ from dnnprune.observe import Observer
 RowFormatter = Callable[[str, Mapping[str, Any]], str | None]
 
 
+LOG_EVERY_S = 30.0
+"""In a log (not a terminal) rich draws bars only when they stop: a 30-minute train showed nothing until its
+first epoch ended, so a plain progress line is printed at most this often per task instead."""
+
+
 class RichObserver(Observer):
     """Bars appear with the first task (so a bad input prints only its error line) and stop on close."""
 
-    def __init__(self, console: Console, *, formatter: RowFormatter | None = None, enabled: bool = True) -> None:
+    def __init__(self, console: Console, *, formatter: RowFormatter | None = None, enabled: bool = True,
+                 log_every_s: float = LOG_EVERY_S) -> None:
         self.console = console
         self.formatter = formatter
         self.enabled = enabled
         self.progress: Progress | None = None
+        self.log_every_s = log_every_s
+        self._last_line: dict[int, float] = {}
 
     def _bars(self) -> Progress:
         if self.progress is None:
@@ -40,7 +49,9 @@ class RichObserver(Observer):
     def begin(self, description: str, total: float) -> int:
         if not self.enabled:
             return 0
-        return int(self._bars().add_task(description, total=total, info=""))
+        task = int(self._bars().add_task(description, total=total, info=""))
+        self._last_line[task] = time.monotonic()
+        return task
 
     def update(self, task: int, *, advance: float = 0.0, completed: float | None = None,
                total: float | None = None, info: str = "") -> None:
@@ -52,6 +63,23 @@ class RichObserver(Observer):
         if total is not None:
             kwargs["total"] = total
         self.progress.update(TaskID(task), **kwargs)
+        if not self.console.is_interactive:
+            self._progress_line(task)
+
+    def _progress_line(self, task: int) -> None:
+        """One plain line for a log, when this task's last one is `log_every_s` old."""
+        now = time.monotonic()
+        if self.progress is None or now - self._last_line.get(task, now) < self.log_every_s:
+            return
+        self._last_line[task] = now
+        state = next((t for t in self.progress.tasks if t.id == task), None)
+        if state is None:
+            return
+        total = f"/{state.total:,.0f}" if state.total else ""
+        eta = f", eta {state.time_remaining:,.0f} s" if state.time_remaining is not None else ""
+        info = f"  {state.fields['info']}" if state.fields.get("info") else ""
+        self.console.print(f"{state.description}: {state.completed:,.0f}{total} ({state.elapsed or 0:,.0f} s{eta}){info}",
+                           highlight=False, markup=False)
 
     def end(self, task: int, *, keep: bool = False) -> None:
         if self.enabled and self.progress is not None and not keep:

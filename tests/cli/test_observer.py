@@ -43,3 +43,21 @@ def test_a_run_that_fails_mid_bar_prints_nothing_before_its_error() -> None:
             observer.begin("analyze", 10)
             raise RuntimeError("data went bad")
     assert buffer.getvalue() == ""
+
+
+def test_a_long_task_prints_a_plain_progress_line_in_a_log_at_most_once_per_interval(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """rich draws bars in a log only when they stop: a 30-minute train printed nothing until its first epoch."""
+    clock = iter([0.0, 10.0, 31.0, 40.0, 62.0])
+    monkeypatch.setattr("dnnprune.cli._observer.time.monotonic", lambda: next(clock))
+    console, buffer = _log_console()
+    with RichObserver(console, log_every_s=30.0) as observer:
+        task = observer.begin("train", 844)       # t = 0
+        observer.update(task, advance=100)         # t = 10: too soon
+        observer.update(task, advance=200, info="loss 0.41")  # t = 31: a line
+        observer.update(task, advance=100)         # t = 40: too soon after the last line
+        observer.update(task, advance=100)         # t = 62: a line
+        observer.end(task)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("train: 300/844 (") and lines[0].endswith("loss 0.41")
+    assert lines[1].startswith("train: 500/844 (")
