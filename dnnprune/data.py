@@ -17,7 +17,6 @@ so `InputSpec.shape` is (1, 1, F) and flattening gives the F features back.
 from __future__ import annotations
 
 import csv
-import decimal
 import gzip
 import hashlib
 import json
@@ -42,6 +41,7 @@ from dnnprune.cifar import LAYOUTS, has_files, missing_files, refuse_pickled
 from dnnprune.cifar import read_split as read_cifar
 from dnnprune.errors import DatasetError
 from dnnprune.files import check_regular
+from dnnprune.tasks import label_key
 
 Kind = Literal["image", "tabular"]
 
@@ -754,23 +754,9 @@ def _check_labelled(path: Path, labels: np.ndarray, label_column: str) -> None:
                            f"is data row {missing[0] + 1}); label them or drop them")
 
 
-_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
-
-
-def _label_key(value: str) -> str:
-    """One spelling per number, so '1', '1.0' and '01' are one class and '0.5' matches '0.50'. Only plain
-    ASCII numbers count: float() would also read '1_0' as 10 and other scripts' digits as digits."""
-    if not _NUMBER.fullmatch(value):
-        return value
-    number = decimal.Decimal(value)
-    if number == number.to_integral_value() and number.adjusted() < 30:
-        return str(int(number))
-    return str(number.normalize())
-
-
 def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
     """Class names sorted numerically when they are numbers ('0','1',... so 'Class' 1 stays class 1)."""
-    labels = [_label_key(v.strip()) for v in raw]
+    labels = [label_key(v.strip()) for v in raw]
     uniq = set(labels)
     numeric = all(re.fullmatch(r"-?[0-9]+", u) for u in uniq)
     classes = sorted(uniq, key=(lambda u: int(u)) if numeric else None)
@@ -782,7 +768,7 @@ def _known_labels(path: Path, raw: list[str], known: tuple[str, ...], label_colu
                   ) -> tuple[list[str], torch.Tensor]:
     """Labels as positions in a trained model's class list; a label it was not trained on is refused."""
     names, positions = _label_names(raw)
-    index = {_label_key(name): i for i, name in enumerate(known)}
+    index = {label_key(name): i for i, name in enumerate(known)}
     strange = [name for name in names if name not in index]
     if strange:
         raise DatasetError(f"{path}: the label column {label_column!r} holds {listed_names(strange)}, which the model was "

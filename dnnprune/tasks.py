@@ -13,7 +13,9 @@ goes through a `Task`, so a reconstruction model is pruned by the same code as a
 
 from __future__ import annotations
 
+import decimal
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from statistics import NormalDist
@@ -50,12 +52,11 @@ def normal_positions(labels: list[int | str], classes: list[str], *, numbered: b
 
 def _position(label: int | str, classes: list[str], numeric: bool, numbered: bool) -> int:
     text = str(label).strip()
+    keys = [label_key(name) for name in classes]
     if text in classes:
         return classes.index(text)
-    if numeric and _as_int(text) is not None:
-        matches = [i for i, name in enumerate(classes) if _as_int(name) == _as_int(text)]
-        if matches:
-            return matches[0]
+    if label_key(text) in keys:  # '0.50' names the file's '0.5', '1.0' its '1'
+        return keys.index(label_key(text))
     number = None if isinstance(label, bool) else _as_int(text)
     if numbered and not numeric and number is not None and (not classes or 0 <= number < len(classes)):
         return number
@@ -64,12 +65,23 @@ def _position(label: int | str, classes: list[str], numeric: bool, numbered: boo
                         "the normal labels as the data holds them")
 
 
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def label_key(value: str) -> str:
+    """One spelling per number, so '1', '1.0' and '01' are one class and '0.5' matches '0.50'. Only plain
+    ASCII numbers count: float() would also read '1_0' as 10 and other scripts' digits as digits."""
+    if not _NUMBER.fullmatch(value):
+        return value
+    number = decimal.Decimal(value)
+    if number == number.to_integral_value() and number.adjusted() < 30:
+        return str(int(number))
+    return str(number.normalize())
+
+
 def _as_int(text: str) -> int | None:
-    try:
-        value = float(text)
-    except ValueError:
-        return None
-    return int(value) if value.is_integer() else None
+    key = label_key(text.strip())
+    return int(key) if re.fullmatch(r"-?[0-9]+", key) else None
 
 
 @dataclass

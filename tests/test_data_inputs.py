@@ -291,3 +291,13 @@ def test_a_holdout_split_three_ways_that_lacks_a_class_names_it_and_split_all(tm
     text = _labelled(["0", "1"])
     with pytest.raises(DatasetError, match=r"holds no row of class '2', one of the model's classes .*score --split all"):
         load_splits("csv", None, path=_csv(tmp_path, text), known_classes=("0", "1", "2"))
+
+
+def test_normal_classes_name_a_decimal_label_however_written(tmp_path: Path) -> None:
+    from dnnprune.tasks import normal_positions
+
+    splits = load_splits("csv", None, path=_csv(tmp_path, _labelled(["0.5", "1.5"])))
+    assert normal_positions(["0.50"], splits.classes) == normal_positions(["0.5"], splits.classes) == (0,)
+    assert normal_positions([" 1.50"], splits.classes) == (1,)
+    with pytest.raises(DatasetError, match="is not one of the data's labels"):
+        normal_positions(["1_5"], splits.classes)

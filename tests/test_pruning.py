@@ -21,12 +21,12 @@ from dnnprune.pruning.schedule import StepEnvironment, accuracy_aware, layer_ord
 from dnnprune.pruning.structured import (
     GlobalRanking,
     Limits,
+    give_back,
     model_size,
     parse_target,
     pattern_ratios,
     pruned_size,
     ratio_plan,
-    give_back,
     score_groups,
     solve_target,
     uniform_ratios,
