@@ -792,8 +792,8 @@ def _check_every_split_has_every_class(path: Path, classes: list[str], y: torch.
             count = int((y == classes.index(missing[0])).sum())
             if count == 0:
                 raise DatasetError(f"{path} holds no row of class {missing[0]!r}, one of the model's classes "
-                                   f"({listed_names(classes)}); score such a file whole (`score --split all`) "
-                                   "or add rows of that class")
+                                   f"({listed_names(classes)}); add rows of that class (`score --split all` scores a "
+                                   "file that lacks some classes whole)")
             raise DatasetError(f"{path}: class {missing[0]!r} has {count} row(s), too few to put one in the {split} "
                                "split; add rows of that class or use a file with more of them")
 

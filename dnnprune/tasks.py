@@ -74,7 +74,9 @@ def label_key(value: str) -> str:
     if not _NUMBER.fullmatch(value):
         return value
     number = decimal.Decimal(value)
-    if number == number.to_integral_value() and number.adjusted() < 30:
+    if not -30 <= number.adjusted() <= 30:  # keep 1e999999999 as written: normalize() overflows on it
+        return value
+    if number == number.to_integral_value():
         return str(int(number))
     return str(number.normalize())
 

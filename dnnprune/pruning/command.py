@@ -104,6 +104,7 @@ class PruneReport(Report):
     locked: dict[str, str]
     mode: str
     knob: float | None = None
+    channels_given_back: int | None = None  # after the knob's plan passed a size target by far
     removed: dict[str, int] = Field(default_factory=dict)
     unit_metrics: dict[str, Any] = Field(default_factory=dict)
     latency: dict[str, Any] | None = None
@@ -294,7 +295,8 @@ class _Job:
         solution = self._plan(scores)
         removed = apply_plan(self.graph, scores, solution.plan)
         self.seconds["plan_and_surgery"] = time.perf_counter() - started
-        return {"mode": self._mode(), "knob": solution.knob, "removed": {k: len(v) for k, v in removed.items()}}
+        return {"mode": self._mode(), "knob": solution.knob, "channels_given_back": solution.given_back,
+                "removed": {k: len(v) for k, v in removed.items()}}
 
     def _mode(self) -> str:
         if self.config.target is not None:

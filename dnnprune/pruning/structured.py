@@ -180,6 +180,8 @@ class TargetSolution:
     knob: float
     factor: float
     size: dict[str, int]
+    given_back: int = 0
+    """Channels restored after the knob's plan (`give_back`): the widths then differ from the knob's."""
 
 
 def solve_target(measure: Callable[[Plan], dict[str, int]], plan_at: Callable[[float], Plan], metric: Metric,
@@ -249,7 +251,8 @@ def give_back(solution: TargetSolution, measure: Callable[[Plan], dict[str, int]
             del values[name]
         else:
             values[name] = offer
-    return TargetSolution(plan, solution.knob, base[metric] / max(1, size[metric]), size)
+    given = sum(solution.plan.values()) - sum(plan.values())
+    return TargetSolution(plan, solution.knob, base[metric] / max(1, size[metric]), size, given_back=given)
 
 
 def parse_target(text: str) -> tuple[Metric, float]:
