@@ -75,11 +75,12 @@ class RichObserver(Observer):
         state = next((t for t in self.progress.tasks if t.id == task), None)
         if state is None:
             return
-        total = f"/{state.total:,.0f}" if state.total else ""
+        # a percentage: some bars advance by estimated cost (analysis cells) and name the true count in `info`
+        done = f"{100 * state.completed / state.total:.0f} %" if state.total else f"{state.completed:,.0f}"
         eta = f", eta {state.time_remaining:,.0f} s" if state.time_remaining is not None else ""
         info = f"  {state.fields['info']}" if state.fields.get("info") else ""
-        self.console.print(f"{state.description}: {state.completed:,.0f}{total} ({state.elapsed or 0:,.0f} s{eta}){info}",
-                           highlight=False, markup=False)
+        self.console.print(f"{state.description}: {done} ({state.elapsed or 0:,.0f} s{eta}){info}", highlight=False,
+                           markup=False)
 
     def end(self, task: int, *, keep: bool = False) -> None:
         if self.enabled and self.progress is not None and not keep:
