@@ -21,7 +21,6 @@ import gzip
 import hashlib
 import json
 import os
-import re
 import shutil
 import uuid
 import warnings
@@ -41,7 +40,7 @@ from dnnprune.cifar import LAYOUTS, has_files, missing_files, refuse_pickled
 from dnnprune.cifar import read_split as read_cifar
 from dnnprune.errors import DatasetError
 from dnnprune.files import check_regular
-from dnnprune.tasks import label_key
+from dnnprune.tasks import label_key, whole_number
 
 Kind = Literal["image", "tabular"]
 
@@ -758,8 +757,8 @@ def _label_names(raw: list[str]) -> tuple[list[str], torch.Tensor]:
     """Class names sorted numerically when they are numbers ('0','1',... so 'Class' 1 stays class 1)."""
     labels = [label_key(v.strip()) for v in raw]
     uniq = set(labels)
-    numeric = all(re.fullmatch(r"-?[0-9]+", u) for u in uniq)
-    classes = sorted(uniq, key=(lambda u: int(u)) if numeric else None)
+    numeric = all(whole_number(u) is not None for u in uniq)
+    classes = sorted(uniq, key=whole_number if numeric else None)
     index = {c: i for i, c in enumerate(classes)}
     return classes, torch.tensor([index[v] for v in labels], dtype=torch.long)
 

@@ -46,7 +46,7 @@ def normal_positions(labels: list[int | str], classes: list[str], *, numbered: b
     first (a file labelled 1 and 2 has `1` at position 0). `numbered`: the dataset defines label numbers
     (fashion-mnist's 0 is 'T-shirt/top'), so a number that names no label is that label number; a file's
     word labels have no numbers, and a number there is refused rather than guessed."""
-    numeric = bool(classes) and all(_as_int(name) is not None for name in classes)
+    numeric = bool(classes) and all(whole_number(name) is not None for name in classes)
     return tuple(sorted({_position(label, classes, numeric, numbered or not classes) for label in labels}))
 
 
@@ -57,7 +57,7 @@ def _position(label: int | str, classes: list[str], numeric: bool, numbered: boo
         return classes.index(text)
     if label_key(text) in keys:  # '0.50' names the file's '0.5', '1.0' its '1'
         return keys.index(label_key(text))
-    number = None if isinstance(label, bool) else _as_int(text)
+    number = None if isinstance(label, bool) else whole_number(text)
     if numbered and not numeric and number is not None and (not classes or 0 <= number < len(classes)):
         return number
     shown = ", ".join(repr(name) for name in classes[:20]) + (f" and {len(classes) - 20} more" if len(classes) > 20 else "")
@@ -81,7 +81,8 @@ def label_key(value: str) -> str:
     return str(number.normalize())
 
 
-def _as_int(text: str) -> int | None:
+def whole_number(text: str) -> int | None:
+    """The integer a label spells ('1', '1.0', '01'), or None."""
     key = label_key(text.strip())
     return int(key) if re.fullmatch(r"-?[0-9]+", key) else None
 

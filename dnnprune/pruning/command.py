@@ -61,6 +61,7 @@ from dnnprune.pruning.structured import (
     give_back,
     latency_widths,
     layer_macs,
+    measured_once,
     model_size,
     pattern_ratios,
     pruned_size,
@@ -320,23 +321,12 @@ class _Job:
                 lambda plan, repeats: self._measured_speedup(scores, plan, repeats), plan_at, config.target_factor,
                 repeats=config.latency_repeats, tolerance=config.latency_tolerance)
             return solution
-        measure = self._size_of(scores)
+        measure = measured_once(lambda plan: pruned_size(self.model, self.shape, scores, plan, config.exclude))
         solution = solve_target(measure, plan_at, config.target, config.target_factor, self.base_size)
         if config.latency_widths:  # widths already moved to the fastest nearby; giving back would undo it
             return solution
         return give_back(solution, measure, config.target, config.target_factor, self.base_size, scores,
                          config.round_to, held=self.fixed)
-
-    def _size_of(self, scores: dict[str, torch.Tensor]) -> Callable[[Plan], dict[str, int]]:
-        """A plan's size, measured on a really pruned copy, once per plan."""
-        cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
-
-        def measure(plan: Plan) -> dict[str, int]:
-            key = tuple(sorted(plan.items()))
-            if key not in cache:
-                cache[key] = pruned_size(self.model, self.shape, scores, plan, self.config.exclude)
-            return cache[key]
-        return measure
 
     @functools.cached_property
     def layer_table(self) -> LayerTable:

@@ -184,20 +184,29 @@ class TargetSolution:
     """Channels restored after the knob's plan (`give_back`): the widths then differ from the knob's."""
 
 
+def measured_once(measure: Callable[[Plan], dict[str, int]]) -> Callable[[Plan], dict[str, int]]:
+    """`measure` (a surgery on a copy) run once per distinct plan: bisection and give-back revisit plans."""
+    cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
+
+    def cached(plan: Plan) -> dict[str, int]:
+        key = tuple(sorted(plan.items()))
+        if key not in cache:
+            cache[key] = measure(plan)
+        return cache[key]
+    return cached
+
+
 def solve_target(measure: Callable[[Plan], dict[str, int]], plan_at: Callable[[float], Plan], metric: Metric,
                  factor: float, base: dict[str, int], *, tolerance: float = 1e-3) -> TargetSolution:
     """Smallest knob in [0, 1] (a ratio or a global fraction) whose plan is `factor` times smaller.
 
     Size falls monotonically with the knob, so bisection on real measurements finds it. Raises when
-    even the knob at 1 (every layer at its cap) falls short, naming the best reachable factor.
+    even the knob at 1 (every layer at its cap) falls short, naming the best reachable factor. Pass a
+    `measured_once` measure: the bisection revisits plans (nearby knobs round to the same widths).
     """
-    cache: dict[tuple[tuple[str, int], ...], dict[str, int]] = {}
-
     def reduction(plan: Plan) -> tuple[float, dict[str, int]]:
-        key = tuple(sorted(plan.items()))
-        if key not in cache:
-            cache[key] = measure(plan)
-        return base[metric] / max(1, cache[key][metric]), cache[key]
+        size = measure(plan)
+        return base[metric] / max(1, size[metric]), size
 
     best, size = reduction(plan_at(1.0))
     if best < factor:
